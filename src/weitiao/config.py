@@ -1,0 +1,358 @@
+"""The one typed config of a weitiao run: YAML file + command-line overrides, validated at load.
+
+Every key, its default and its meaning is documented here (and rendered in docs/config.md).
+Training hyper-parameters keep the names users know from transformers' TrainingArguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from weitiao.errors import ConfigError
+
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "qa", "text")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "default"
+    """'default' (bundled SmolLM2-135M-Instruct), a local HF model dir, a hub id, or a .gguf file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype. auto: bfloat16 on a GPU that supports it, float32 otherwise."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    """e.g. sdpa, eager, flex_attention; None lets transformers choose."""
+
+
+class DataSource(_Section):
+    path: str
+    """A file (json, jsonl, csv, parquet), a directory of them, or a glob pattern."""
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "qa", "text"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map a format's fields to this file's column names, e.g. {prompt: dialogue, response: summary}."""
+    prompt_template: str | None = None
+    """Python format string over the record's columns that builds the user turn, e.g. '{dialogue}\\n\\nSummarize.'"""
+    system: str | None = None
+    """System prompt for records that carry none."""
+    weight: float = Field(1.0, gt=0)
+    """Share of this source: 0.5 keeps a random half of its records, 2 uses each twice."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class CustomTemplate(_Section):
+    """A prompt template for base models: format strings with {content} (and {eos} for the EOS token)."""
+    system: str = "{content}\n\n"
+    user: str = "{content}"
+    assistant: str = "{content}{eos}"
+    default_system: str = ""
+    generation_prompt: str = ""
+    """Text appended after the last user turn at inference time (usually empty: put it in `user`)."""
+
+    @field_validator("user", "assistant", "system")
+    @classmethod
+    def _has_content(cls, value: str) -> str:
+        if "{content}" not in value:
+            raise ValueError("must contain the placeholder {content}")
+        return value
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(default_factory=list)
+    eval: list[DataSource] = Field(default_factory=list)
+    val_size: float = Field(0.0, ge=0)
+    """Held out from train when no eval data is given: a fraction (< 1) or a record count (>= 1)."""
+    template: str = "auto"
+    """auto (the tokenizer's chat template), alpaca, qa, dolly, chatml, or custom (see custom_template)."""
+    custom_template: CustomTemplate | None = None
+    max_length: int = Field(1024, gt=0)
+    truncation: Literal["right", "left", "drop"] = "right"
+    """Examples longer than max_length: cut the end (right), cut the start (left), or drop them."""
+    train_on: Literal["responses", "all"] = "responses"
+    """Loss on assistant replies only (SFT), or on every token."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad records stop the run with a precise error (raise) or are skipped and counted (skip)."""
+    num_proc: int = Field(1, ge=1)
+    cache: bool = True
+    """Cache the tokenized data (keyed by file contents, data config and tokenizer)."""
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return value if isinstance(value, list) else [value]
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.template == "custom" and self.custom_template is None:
+            raise ValueError("template: custom needs a custom_template section")
+        if self.custom_template is not None and self.template not in ("custom", "auto"):
+            raise ValueError(f"custom_template is set but template is '{self.template}'; set template: custom")
+        if self.custom_template is not None:
+            self.template = "custom"
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    """'all-linear' (every linear layer but the output head) or a list of module names."""
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class TrainConfig(_Section):
+    output_dir: str = "outputs/run"
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    """Optimizer steps; > 0 overrides num_train_epochs."""
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
+                               "cosine_with_restarts", "polynomial", "inverse_sqrt"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    per_device_train_batch_size: int = Field(8, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    """0 disables clipping."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: Literal["adamw_torch", "sgd"] = "adamw_torch"
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(0, ge=0)
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    save_steps: int = Field(0, ge=0)
+    """Write a resumable checkpoint every N optimizer steps (0: none)."""
+    save_total_limit: int = Field(2, ge=1)
+    eval_on_start: bool = True
+    """Evaluate the untrained model first, so every run shows its starting point."""
+    overwrite_output_dir: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both set; choose one")
+        return self
+
+
+class EvalConfig(_Section):
+    """What `weitiao eval` and the end of `weitiao train` measure, for the base and the tuned model."""
+    compare: bool = True
+    """After training, evaluate base and tuned side by side on the eval split and write report.md/json/png."""
+    generation: bool = True
+    """Generate replies for the eval split and score them (exact match, ROUGE, BLEU-4); loss is always measured."""
+    max_examples: int = Field(200, gt=0)
+    """Generation metrics use at most this many eval examples (the first ones)."""
+    extractor: Literal["none", "last_number", "gsm8k", "json", "label", "regex"] = "none"
+    """How exact match reads an answer: whole reply, last number, GSM8K '#### N', JSON value, label word, regex."""
+    regex: str | None = None
+    labels: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_samples: int = Field(5, ge=0)
+    """Prompts shown in the report with the base answer, the tuned answer and the reference."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if self.extractor == "regex" and not self.regex:
+            raise ValueError("extractor: regex needs eval.regex (a pattern with one group)")
+        if self.extractor == "label" and not self.labels:
+            raise ValueError("extractor: label needs eval.labels, e.g. [neg, pos]")
+        return self
+
+
+class Config(_Section):
+    stage: Literal["sft", "pt"] = "sft"
+    """sft: supervised fine-tuning on conversations; pt: continued pre-training on plain text."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.stage == "pt" and self.data.train_on == "responses":
+            self.data.train_on = "all"
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML file + overrides, with readable errors.
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config section class behind an annotation such as `LoraConfig` or `CustomTemplate | None`."""
+    candidates = (annotation,) + typing.get_args(annotation)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is not None and section is not DataSource:
+            paths.extend(_leaf_paths(section, prefix + (name,)))
+        else:
+            paths.append(prefix + (name,))
+    return paths
+
+
+def _resolve_key(key: str) -> tuple[str, ...]:
+    """'train.learning_rate', or a unique leaf name such as 'learning_rate'; '--model X' sets the model path."""
+    parts = tuple(key.replace("-", "_").split("."))
+    if parts == ("model",):
+        return ("model", "name_or_path")
+    leaves = _leaf_paths(Config)
+    if parts in leaves:
+        return parts
+    matches = [leaf for leaf in leaves if leaf[-len(parts):] == parts]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"override '{key}' is ambiguous: " + ", ".join(".".join(m) for m in matches))
+    names = [".".join(leaf) for leaf in leaves]
+    hint = difflib.get_close_matches(key, names + [leaf[-1] for leaf in leaves], n=1)
+    raise ConfigError(f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--train.learning_rate', '1e-4', '--method=full'] -> nested dict. Values are parsed as YAML."""
+    result: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --key value or --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} has no value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        node = result
+        path = _resolve_key(key)
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    return result
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            section: type[BaseModel] | None = Config
+            for part in item["loc"][:-1]:
+                if isinstance(part, int):  # an index into a list of sections
+                    continue
+                field = section.model_fields.get(str(part)) if section else None
+                section = _section_type(field.annotation) if field else None
+            known = list(section.model_fields) if section else []
+            hint = difflib.get_close_matches(str(item["loc"][-1]), known, n=1)
+            message = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        lines.append(f"{loc or '(top level)'}: {message}")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (relative data paths resolve against the file's folder) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "(overrides)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
+        raw = _resolve_paths(raw, path.parent)
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = _merge(raw, extra)
+    return config_from_dict(raw, source)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Data paths in a config file are relative to that file, so examples run from any directory."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    for split in ("train", "eval"):
+        sources = data.get(split)
+        if sources is None:
+            continue
+        listed = sources if isinstance(sources, list) else [sources]
+        resolved = []
+        for source in listed:
+            if isinstance(source, str):
+                source = {"path": source}
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                candidate = base / source["path"]
+                if not Path(source["path"]).is_absolute() and (candidate.exists() or any(base.glob(source["path"]))):
+                    source = {**source, "path": str(candidate)}
+            resolved.append(source)
+        data[split] = resolved
+    return {**raw, "data": data}
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,245 @@
+"""From the config's data sources to tokenized train/eval datasets, with every record accounted for.
+
+read files -> detect format -> normalise (errors raise, or are skipped and counted) -> hold out a
+validation split -> apply source weights -> tokenize + mask + truncate (datasets.map, cached) -> stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weitiao.config import DataConfig, DataSource
+from weitiao.data.encode import IGNORE_INDEX, TemplateMismatch, encode_example, truncate
+from weitiao.data.formats import Normalizer, detect_format, field_map
+from weitiao.data.readers import expand_paths, read_records
+from weitiao.errors import DataError
+from weitiao.paths import cache_dir
+
+
+@dataclass
+class SourceStats:
+    path: str
+    format: str = ""
+    files: int = 0
+    records: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)
+    weight: float = 1.0
+    used: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "files": self.files, "records": self.records,
+                "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped),
+                "skipped_examples": self.skipped_examples, "notes": dict(self.notes), "weight": self.weight,
+                "examples_used": self.used}
+
+
+def load_source(source: DataSource, on_error: str = "raise") -> tuple[list[dict[str, Any]], SourceStats]:
+    """Read and normalise one source. Each example carries `_source`/`_record` for later error messages."""
+    stats = SourceStats(path=source.path, weight=source.weight)
+    examples: list[dict[str, Any]] = []
+    for path in expand_paths(source.path):
+        stats.files += 1
+        normalizer = None
+        for record in read_records(path):
+            stats.records += 1
+            if normalizer is None:
+                if source.format == "auto":
+                    fmt, fields = detect_format(record.data, source.columns, str(path))
+                else:
+                    try:
+                        fmt, fields = source.format, field_map(source.format, source.columns)
+                    except DataError as error:
+                        raise DataError(error.reason, path=str(path)) from None
+                stats.format = fmt if stats.format in ("", fmt) else "mixed"
+                normalizer = Normalizer(fmt, fields, source.prompt_template, source.system)
+            try:
+                example = normalizer(record)
+            except DataError as error:
+                if on_error == "raise":
+                    raise
+                stats.skipped[error.reason] += 1
+                if len(stats.skipped_examples) < 5:
+                    stats.skipped_examples.append(str(error))
+                continue
+            examples.append({"messages": example.get("messages"), "text": example.get("text"),
+                             "_source": str(path), "_record": record.number})
+        if normalizer is not None:
+            stats.notes.update(normalizer.notes)
+    return examples, stats
+
+
+def apply_weight(examples: list[dict[str, Any]], weight: float, rng: random.Random) -> list[dict[str, Any]]:
+    """weight 2.5 -> every example twice plus a random half of them once more."""
+    whole, fraction = int(weight), weight - int(weight)
+    extra = rng.sample(examples, round(len(examples) * fraction)) if fraction else []
+    return examples * whole + extra
+
+
+def _length_summary(lengths: list[int]) -> dict[str, Any]:
+    if not lengths:
+        return {}
+    values = np.asarray(lengths)
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 1),
+            **{f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 95, 99)}, "max": int(values.max())}
+
+
+def encode_examples(examples: list[dict[str, Any]], tokenizer, data: DataConfig, stage: str,
+                    keep_source: bool = False):
+    """Tokenize with datasets.map; return the kept rows and a summary of lengths, truncations and drops.
+    With keep_source the rows keep their messages/text (references for generation metrics)."""
+    import datasets
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        example = {"text": row["text"]} if stage == "pt" and row["text"] is not None else row
+        if stage == "pt" and row["messages"] is not None:  # chat data mixed into pre-training: all tokens
+            example = {"messages": row["messages"]}
+        try:
+            encoded = encode_example(tokenizer, example, "all" if stage == "pt" else data.train_on)
+        except TemplateMismatch as error:
+            raise DataError(str(error), path=row["_source"], record=row["_record"]) from None
+        kept, event = truncate(encoded, data.max_length, data.truncation)
+        return {"input_ids": kept.input_ids if kept else [], "labels": kept.labels if kept else [],
+                "full_length": len(encoded.input_ids), "event": event or ""}
+
+    dataset = datasets.Dataset.from_list(examples)
+    dataset = dataset.map(encode, num_proc=data.num_proc if len(examples) > 1000 else None,
+                          remove_columns=[] if keep_source else ["messages", "text", "_source", "_record"],
+                          desc="tokenizing")
+    events = Counter(e for e in dataset["event"] if e)
+    full_lengths = dataset["full_length"]
+    dataset = dataset.filter(lambda row: len(row["input_ids"]) > 0, desc="dropping")
+    label_tokens = sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in dataset["labels"])
+    summary = {
+        "examples_in": len(examples), "examples": len(dataset),
+        "truncated": events.pop("truncated", 0), "dropped": dict(events),
+        "tokens": int(sum(len(ids) for ids in dataset["input_ids"])), "label_tokens": int(label_tokens),
+        "length_before_truncation": _length_summary(full_lengths), "max_length": data.max_length,
+    }
+    return dataset.remove_columns(["full_length", "event"]), summary
+
+
+def _cache_key(data: DataConfig, tokenizer, stage: str, seed: int) -> str:
+    files = []
+    for source in data.train + data.eval:
+        for path in expand_paths(source.path):
+            stat = path.stat()
+            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    payload = json.dumps({"data": data.model_dump(mode="json", exclude={"num_proc", "cache"}), "files": files,
+                          "stage": stage, "seed": seed, "tokenizer": tokenizer.name_or_path,
+                          "vocab": len(tokenizer), "template": tokenizer.chat_template,
+                          "eos": tokenizer.eos_token, "version": 1}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 42):
+    """Tokenized (train, eval or None, stats). Cached on disk when data.cache is set."""
+    import datasets
+
+    if not data.train:
+        raise DataError("no training data: set data.train to a file, a directory or a list of sources")
+    key = _cache_key(data, tokenizer, stage, seed)
+    folder = cache_dir("data") / key
+    if data.cache and (folder / "stats.json").is_file():
+        stats = json.loads((folder / "stats.json").read_text())
+        train = datasets.load_from_disk(str(folder / "train"))
+        evaluation = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
+        stats["cached"] = str(folder)
+        return train, evaluation, stats
+
+    rng = random.Random(seed)
+    train_parts, eval_examples, source_stats = [], [], []
+    for source in data.train:
+        examples, stats = load_source(source, data.on_error)
+        _check_stage(examples, source, stage)
+        train_parts.append((examples, stats))
+        source_stats.append(stats)
+    for source in data.eval:
+        examples, stats = load_source(source, data.on_error)
+        _check_stage(examples, source, stage)
+        eval_examples += examples
+        source_stats.append(stats)
+
+    held_out = 0
+    if not data.eval and data.val_size > 0:
+        total = sum(len(examples) for examples, _ in train_parts)
+        held_out = int(data.val_size) if data.val_size >= 1 else max(1, round(total * data.val_size))
+        if held_out >= total:
+            raise DataError(f"val_size {data.val_size} leaves no training data ({total} examples)")
+        order = list(range(total))
+        rng.shuffle(order)
+        chosen = set(order[:held_out])
+        position, split_parts = 0, []
+        for examples, stats in train_parts:
+            keep = []
+            for example in examples:
+                (eval_examples if position in chosen else keep).append(example)
+                position += 1
+            split_parts.append((keep, stats))
+        train_parts = split_parts
+
+    train_examples = []
+    for examples, stats in train_parts:
+        weighted = apply_weight(examples, stats.weight, rng)
+        stats.used = len(weighted)
+        train_examples += weighted
+    if not train_examples:
+        raise DataError("no training examples left after reading and skipping bad records")
+
+    train, train_summary = encode_examples(train_examples, tokenizer, data, stage)
+    evaluation, eval_summary = (encode_examples(eval_examples, tokenizer, data, stage, keep_source=True)
+                                if eval_examples else (None, None))
+    if len(train) == 0:
+        raise DataError(f"every training example was dropped ({train_summary['dropped']}); "
+                        f"raise data.max_length (now {data.max_length}) or use truncation: right/left")
+    stats = {"sources": [s.to_dict() for s in source_stats], "held_out_for_eval": held_out,
+             "train": train_summary, "eval": eval_summary}
+    if data.cache:
+        folder.mkdir(parents=True, exist_ok=True)
+        train.save_to_disk(str(folder / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(folder / "eval"))
+        (folder / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    return train, evaluation, stats
+
+
+def _check_stage(examples: list[dict[str, Any]], source: DataSource, stage: str) -> None:
+    if stage == "sft" and any(example["text"] is not None for example in examples):
+        raise DataError("this source is plain text; plain text trains with stage: pt (continued pre-training)",
+                        path=source.path)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """Human summary of what was read, skipped, truncated and dropped."""
+    lines = []
+    for source in stats["sources"]:
+        line = f"  {source['path']}: {source['records']} records ({source['format']})"
+        if source["skipped"]:
+            line += f", {source['skipped']} skipped: " + ", ".join(
+                f"{n} {reason}" for reason, n in source["skipped_by_reason"].items())
+        if source["notes"]:
+            line += "; " + ", ".join(f"{n} {note}" for note, n in source["notes"].items())
+        lines.append(line)
+    if stats.get("held_out_for_eval"):
+        lines.append(f"  held out for evaluation: {stats['held_out_for_eval']} examples")
+    for split in ("train", "eval"):
+        summary = stats.get(split)
+        if not summary:
+            continue
+        dropped = sum(summary["dropped"].values())
+        lengths = summary["length_before_truncation"]
+        lines.append(f"  {split}: {summary['examples']} examples, {summary['tokens']} tokens "
+                     f"({summary['label_tokens']} trained), length p50 {lengths.get('p50')} / p95 {lengths.get('p95')}"
+                     f" / max {lengths.get('max')}; truncated to {summary['max_length']}: {summary['truncated']}; "
+                     f"dropped: {dropped}" + (f" ({', '.join(f'{n} {r}' for r, n in summary['dropped'].items())})"
+                                              if dropped else ""))
+    return "\n".join(lines)

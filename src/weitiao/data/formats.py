@@ -1,0 +1,238 @@
+"""The data formats people have, detected and normalised to one shape.
+
+Every chat format becomes {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]};
+plain text (continued pre-training) becomes {"text": str}. `to_format` writes a normalised example back
+out in any format, which is what `weitiao data convert` does.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from weitiao.data.readers import Record
+from weitiao.errors import DataError
+
+# Each format's fields and the column each reads by default; `columns` in the config renames them.
+FORMAT_FIELDS: dict[str, dict[str, str]] = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
+               "history": "history"},
+    "sharegpt": {"conversations": "conversations", "system": "system"},
+    "openai": {"messages": "messages"},
+    "qa": {"prompt": "question", "response": "answer", "system": "system"},
+    "text": {"text": "text"},
+}
+REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "openai": ("messages",),
+                   "qa": ("prompt", "response"), "text": ("text",)}
+# Column pairs that mean "question/answer" in the wild.
+QA_COLUMN_PAIRS = (("question", "answer"), ("prompt", "response"), ("prompt", "completion"), ("query", "response"))
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                "model": "assistant", "chatgpt": "assistant", "system": "system"}
+
+
+def detect_format(record: dict[str, Any], columns: dict[str, str], path: str) -> tuple[str, dict[str, str]]:
+    """Pick the format from the columns mapping and the first record's keys; return it with its field map."""
+    if columns:  # the mapping names the format: {prompt: dialogue, response: summary} is qa
+        for name, fields in FORMAT_FIELDS.items():
+            mapped = {**fields, **columns}
+            if set(columns) <= set(fields) and all(mapped[f] in record for f in REQUIRED_FIELDS[name]):
+                return name, mapped
+    keys = set(record)
+    if "messages" in keys:
+        return "openai", {**FORMAT_FIELDS["openai"], **columns}
+    if "conversations" in keys:
+        return "sharegpt", {**FORMAT_FIELDS["sharegpt"], **columns}
+    if {"instruction", "output"} <= keys:
+        return "alpaca", {**FORMAT_FIELDS["alpaca"], **columns}
+    for prompt, response in QA_COLUMN_PAIRS:
+        if {prompt, response} <= keys:
+            return "qa", {**FORMAT_FIELDS["qa"], "prompt": prompt, "response": response, **columns}
+    if "text" in keys:
+        return "text", {**FORMAT_FIELDS["text"], **columns}
+    raise DataError(
+        f"cannot tell the data format from the columns {sorted(keys)}; expected one of: alpaca "
+        "(instruction/input/output), sharegpt (conversations), openai (messages), qa (question/answer) or "
+        "text; or set `format` and `columns` for this source (e.g. columns: {prompt: dialogue, response: summary})",
+        path=path, record=1)
+
+
+def field_map(fmt: str, columns: dict[str, str]) -> dict[str, str]:
+    unknown = set(columns) - set(FORMAT_FIELDS[fmt])
+    if unknown:
+        raise DataError(f"columns {sorted(unknown)} are not fields of format '{fmt}' "
+                        f"(its fields: {', '.join(FORMAT_FIELDS[fmt])})")
+    return {**FORMAT_FIELDS[fmt], **columns}
+
+
+class Normalizer:
+    """Turns raw records of one source into normalised examples, counting every repair it makes."""
+
+    def __init__(self, fmt: str, fields: dict[str, str], prompt_template: str | None = None,
+                 system: str | None = None):
+        self.fmt, self.fields, self.prompt_template, self.system = fmt, fields, prompt_template, system
+        self.notes: Counter[str] = Counter()
+
+    def __call__(self, record: Record) -> dict[str, Any]:
+        if self.fmt == "text":
+            return {"text": self._string(record, "text", allow_empty=False)}
+        messages = getattr(self, f"_{self.fmt}")(record)
+        return {"messages": self._validate(messages, record)}
+
+    # -- field access ------------------------------------------------------------------------
+    def _error(self, record: Record, message: str, field: str | None = None) -> DataError:
+        return DataError(message, path=record.path, record=record.number, field=field, line=record.line)
+
+    def _get(self, record: Record, name: str, required: bool = True) -> Any:
+        column = self.fields[name]
+        value = record.data.get(column)
+        if value is None and required:
+            raise self._error(record, "missing field" if column not in record.data else "value is null", column)
+        return value
+
+    def _string(self, record: Record, name: str, allow_empty: bool = True, required: bool = True) -> str:
+        value = self._get(record, name, required)
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # numeric answers in csv/parquet files are fine as text
+        if not isinstance(value, str):
+            raise self._error(record, f"expected a string, got {type(value).__name__}", self.fields[name])
+        if not allow_empty and not value.strip():
+            raise self._error(record, "empty text", self.fields[name])
+        return value
+
+    def _user_turn(self, record: Record, text: str) -> str:
+        if self.prompt_template is None:
+            return text
+        try:
+            return self.prompt_template.format(**{k: "" if v is None else v for k, v in record.data.items()})
+        except KeyError as error:
+            raise self._error(record, f"prompt_template uses {{{error.args[0]}}} but the record has no such column "
+                                      f"(columns: {', '.join(record.data)})") from None
+        except (IndexError, ValueError) as error:
+            raise self._error(record, f"bad prompt_template: {error}") from None
+
+    def _system(self, record: Record) -> list[dict[str, str]]:
+        system = self._string(record, "system", required=False) if "system" in self.fields else ""
+        system = system or self.system or ""
+        return [{"role": "system", "content": system}] if system else []
+
+    # -- formats -----------------------------------------------------------------------------
+    def _alpaca(self, record: Record) -> list[dict[str, str]]:
+        instruction = self._string(record, "instruction")
+        extra = self._string(record, "input", required=False)
+        prompt = self._user_turn(record, f"{instruction}\n{extra}" if extra.strip() else instruction)
+        messages = self._system(record)
+        history = self._get(record, "history", required=False) or []
+        column = self.fields["history"]
+        if not isinstance(history, list):
+            raise self._error(record, f"expected a list of [prompt, response] pairs, got {type(history).__name__}",
+                              column)
+        for index, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise self._error(record, "expected a [prompt, response] pair of strings", f"{column}[{index}]")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        return messages + [{"role": "user", "content": prompt},
+                           {"role": "assistant", "content": self._string(record, "output")}]
+
+    def _qa(self, record: Record) -> list[dict[str, str]]:
+        prompt = self._user_turn(record, self._string(record, "prompt"))
+        return self._system(record) + [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": self._string(record, "response")}]
+
+    def _turns(self, record: Record, name: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]):
+        column = self.fields[name]
+        turns = self._get(record, name)
+        if not isinstance(turns, list):
+            raise self._error(record, f"expected a list of turns, got {type(turns).__name__}", column)
+        messages = []
+        for index, turn in enumerate(turns):
+            where = f"{column}[{index}]"
+            if not isinstance(turn, dict):
+                raise self._error(record, f"expected an object, got {type(turn).__name__}", where)
+            role_key = next((k for k in role_keys if k in turn), None)
+            content_key = next((k for k in content_keys if k in turn), None)
+            if role_key is None or content_key is None:
+                raise self._error(record, f"a turn needs {'/'.join(role_keys)} and {'/'.join(content_keys)} keys",
+                                  where)
+            role = ROLE_ALIASES.get(str(turn[role_key]).lower())
+            if role is None:
+                raise self._error(record, f"unknown role '{turn[role_key]}' (expected one of "
+                                          f"{', '.join(sorted(ROLE_ALIASES))})", f"{where}.{role_key}")
+            content = turn[content_key]
+            if isinstance(content, list):  # openai content parts
+                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                    raise self._error(record, "only text content parts are supported", f"{where}.{content_key}")
+                content = "".join(p.get("text", "") for p in content)
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise self._error(record, f"expected a string, got {type(content).__name__}", f"{where}.{content_key}")
+            messages.append({"role": role, "content": content, "_where": f"{where}.{content_key}"})
+        if messages and messages[0]["role"] == "system":
+            return messages
+        return [dict(m, _where="") for m in self._system(record)] + messages
+
+    def _sharegpt(self, record: Record):
+        return self._turns(record, "conversations", ("from", "role"), ("value", "content"))
+
+    def _openai(self, record: Record):
+        return self._turns(record, "messages", ("role", "from"), ("content", "value"))
+
+    # -- checks shared by every chat format ---------------------------------------------------
+    def _validate(self, messages: list[dict[str, str]], record: Record) -> list[dict[str, str]]:
+        body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+        for index, message in enumerate(body):
+            where = message.get("_where") or None
+            if message["role"] == "system":
+                raise self._error(record, "a system turn may only come first", where)
+            expected = "user" if index % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise self._error(record, f"expected a {expected} turn here (turns must alternate user/assistant, "
+                                          f"starting with user), got {message['role']}", where)
+            if message["role"] == "assistant" and not message["content"].strip():
+                raise self._error(record, "empty response", where or self.fields.get("output")
+                                  or self.fields.get("response"))
+            if message["role"] == "user" and not message["content"].strip():
+                self.notes["empty user turns kept"] += 1
+        while body and body[-1]["role"] == "user":
+            body = body[:-1]
+            self.notes["trailing user turns removed"] += 1
+        if not body:
+            raise self._error(record, "no assistant reply to train on")
+        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        return [{"role": m["role"], "content": m["content"]} for m in head + body]
+
+
+def to_format(example: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """Write a normalised example in `fmt` (the inverse of Normalizer), for `weitiao data convert`."""
+    if "text" in example:
+        if fmt != "text":
+            raise DataError(f"plain text cannot be converted to '{fmt}'")
+        return {"text": example["text"]}
+    messages = example["messages"]
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    body = messages[1:] if system is not None else messages
+    if fmt == "openai":
+        return {"messages": messages}
+    if fmt == "sharegpt":
+        roles = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in messages]}
+    if fmt == "alpaca":
+        pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 2, 2)]
+        result = {"instruction": body[-2]["content"], "input": "", "output": body[-1]["content"]}
+        if system is not None:
+            result["system"] = system
+        if pairs:
+            result["history"] = pairs
+        return result
+    if fmt == "qa":
+        if len(body) != 2:
+            raise DataError(f"a conversation of {len(body) // 2} exchanges cannot be written as one question/answer "
+                            "pair; use alpaca, sharegpt or openai")
+        result = {"question": body[0]["content"], "answer": body[1]["content"]}
+        if system is not None:
+            result["system"] = system
+        return result
+    raise DataError(f"cannot convert a conversation to '{fmt}'")

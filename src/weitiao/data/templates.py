@@ -1,0 +1,82 @@
+"""Prompt templates. Every template is a Jinja chat template installed on the tokenizer, so training,
+evaluation, chat and serving all render prompts through the one `apply_chat_template` path, and the
+tokenizer saved next to a trained model carries the template it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from weitiao.config import CustomTemplate, DataConfig
+from weitiao.errors import ConfigError
+
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+
+# Named templates for base models that ship without a chat template.
+NAMED_TEMPLATES: dict[str, CustomTemplate] = {
+    "alpaca": CustomTemplate(default_system=ALPACA_SYSTEM, user="### Instruction:\n{content}\n\n### Response:\n",
+                             assistant="{content}{eos}\n\n"),
+    "qa": CustomTemplate(user="### Question:\n{content}\n\n### Answer:\n", assistant="{content}{eos}\n\n"),
+    "dolly": CustomTemplate(default_system=ALPACA_SYSTEM, user="### Instruction:\n{content}\n\n### Response:\n",
+                            assistant="{content}\n\n### End{eos}\n\n"),
+    "chatml": CustomTemplate(system="<|im_start|>system\n{content}<|im_end|>\n",
+                             user="<|im_start|>user\n{content}<|im_end|>\n",
+                             assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
+                             generation_prompt="<|im_start|>assistant\n"),
+}
+# Text that ends an assistant turn besides the tokenizer's EOS; generation stops on it.
+TEMPLATE_STOPS = {"dolly": ["### End"], "chatml": ["<|im_end|>"]}
+
+
+def _jinja_expr(fmt: str, content: str) -> str:
+    """'### Q:\\n{content}{eos}' -> '"### Q:\\n" ~ message['content'] ~ eos_token' (a Jinja expression)."""
+    parts = []
+    for piece in re.split(r"(\{content\}|\{eos\})", fmt):
+        if piece == "{content}":
+            parts.append(content)
+        elif piece == "{eos}":
+            parts.append("eos_token")
+        elif piece:
+            parts.append(json.dumps(piece, ensure_ascii=False))
+    return " ~ ".join(parts) or '""'
+
+
+def build_chat_template(template: CustomTemplate) -> str:
+    content = "message['content']"
+    system = _jinja_expr(template.system, "system_message")
+    user = _jinja_expr(template.user, content)
+    assistant = _jinja_expr(template.assistant, content)
+    generation = _jinja_expr(template.generation_prompt, '""')
+    default_system = json.dumps(template.default_system, ensure_ascii=False)
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set system_message = " + default_system + " -%}{%- set loop_messages = messages -%}"
+        "{%- endif -%}"
+        "{%- if system_message -%}{{ " + system + " }}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ " + user + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ " + assistant + " }}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + generation + " }}{%- endif -%}"
+    )
+
+
+def install_template(tokenizer, data: DataConfig) -> list[str]:
+    """Set the tokenizer's chat template from the config; return the stop strings that end a reply."""
+    name = data.template
+    if name == "auto":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("this model's tokenizer has no chat template (a base model?); set data.template to "
+                              f"one of {', '.join(NAMED_TEMPLATES)} or custom")
+        return []
+    if name == "custom":
+        assert data.custom_template is not None  # checked by the config
+        tokenizer.chat_template = build_chat_template(data.custom_template)
+        return []
+    if name not in NAMED_TEMPLATES:
+        raise ConfigError(f"unknown data.template '{name}'; choose auto, {', '.join(NAMED_TEMPLATES)} or custom")
+    tokenizer.chat_template = build_chat_template(NAMED_TEMPLATES[name])
+    return list(TEMPLATE_STOPS.get(name, []))

@@ -1,0 +1,113 @@
+"""Base vs fine-tuned, same data, same prompts: the numbers that show what a fine-tune changed."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from weitiao.config import Config, load_config
+from weitiao.data.collate import PadCollator
+from weitiao.data.dataset import build_datasets
+from weitiao.data.templates import TEMPLATE_STOPS
+from weitiao.errors import ConfigError, DataError
+from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
+from weitiao.eval.loss import evaluate_loss
+from weitiao.eval.metrics import generation_metrics
+from weitiao.eval.report import write_report
+from weitiao.models import load_model, load_tokenizer, pick_dtype
+
+LOSS_KEYS = ("loss", "perplexity", "loss_all_tokens", "perplexity_all_tokens")
+
+
+def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "") -> dict[str, Any]:
+    """Loss metrics on the whole eval split; generation metrics on its first eval.max_examples conversations."""
+    settings = config.eval
+    loader = DataLoader(eval_set.select_columns(["input_ids", "labels"]),
+                        batch_size=config.train.per_device_eval_batch_size,
+                        collate_fn=PadCollator(tokenizer.pad_token_id))
+    started = time.time()
+    losses = evaluate_loss(model, loader)
+    metrics = {key: losses[key] for key in LOSS_KEYS}
+    result: dict[str, Any] = {"metrics": metrics, "predictions": [], "seconds": {"loss": time.time() - started}}
+    if settings.generation and "messages" in eval_set.column_names and eval_set[0]["messages"] is not None:
+        rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
+        prompts, references = zip(*(prompt_messages(m) for m in rows["messages"]))
+        started = time.time()
+        predictions = generate(model, tokenizer, prompts, GenerationSettings(
+            settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature, settings.top_p),
+            stop_strings=TEMPLATE_STOPS.get(config.data.template, []), desc=f"generating ({desc})")
+        result["seconds"]["generation"] = time.time() - started
+        metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
+                                          settings.labels))
+        result.update(predictions=predictions, prompts=list(prompts), references=list(references))
+    return result
+
+
+def compare_run(run_dir: str | Path, config: Config | None = None, write: bool = True) -> dict[str, Any]:
+    """Evaluate the run's base model and the run's result (adapter or full model) on the run's eval split."""
+    run_dir = Path(run_dir)
+    if config is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a weitiao run folder (no config.yaml)")
+        config = load_config(run_dir / "config.yaml")
+    is_adapter = (run_dir / "adapter_config.json").is_file()
+    if not is_adapter and not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} holds neither a PEFT adapter nor a model")
+
+    tokenizer = load_tokenizer(str(run_dir))  # carries the chat template the run trained with
+    _, eval_set, _ = build_datasets(config.data, tokenizer, config.stage, config.train.seed)
+    if eval_set is None or len(eval_set) == 0:
+        raise DataError("no evaluation data: set data.eval or data.val_size in the config")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, _, base_path = load_model(config.model)
+    base.to(device)
+    if is_adapter:
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(base, str(run_dir))
+        with tuned.disable_adapter():
+            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base")
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned")
+    else:
+        base_result = evaluate_model(base, tokenizer, eval_set, config, "base")
+        del base
+        gc.collect()
+        from transformers import AutoModelForCausalLM
+
+        tuned = AutoModelForCausalLM.from_pretrained(run_dir, dtype=pick_dtype(config.model.dtype)).to(device)
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned")
+
+    report = build_report(config, base_path, run_dir, base_result, tuned_result, len(eval_set))
+    if write:
+        write_report(run_dir, report)
+    return report
+
+
+def build_report(config: Config, base_path: str, run_dir: Path, base: dict[str, Any], tuned: dict[str, Any],
+                 eval_examples: int) -> dict[str, Any]:
+    metrics = {}
+    for name, base_value in base["metrics"].items():
+        tuned_value = tuned["metrics"][name]
+        metrics[name] = {"base": base_value, "tuned": tuned_value, "delta": tuned_value - base_value}
+    samples = []
+    for index in range(len(tuned.get("predictions", []))):
+        samples.append({"prompt": tuned["prompts"][index][-1]["content"], "reference": tuned["references"][index],
+                        "base": base["predictions"][index], "tuned": tuned["predictions"][index]})
+    curves = []
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return {
+        "run": str(run_dir), "base_model": config.model.name_or_path, "base_model_path": base_path,
+        "method": config.method, "eval_examples": eval_examples,
+        "generation_examples": len(samples), "extractor": config.eval.extractor,
+        "metrics": metrics, "seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
+        "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": curves,
+    }

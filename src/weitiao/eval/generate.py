@@ -1,0 +1,66 @@
+"""Batched generation for evaluation: the same chat template as training, left padding, greedy by default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def prompt_messages(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """Split a conversation into the prompt (everything before the last reply) and that reply (the reference)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,
+             stop_strings: Sequence[str] = (), desc: str = "generating") -> list[str]:
+    """Reply to each prompt conversation. Prompts are sorted by length so batches waste little padding."""
+    from tqdm.auto import tqdm
+
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    results: list[str] = [""] * len(texts)
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)  # the template's end of turn, whatever the base model's config says
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos_ids}
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:  # greedy: clear sampling knobs a model's generation_config may carry, to avoid warnings
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    try:
+        for start in tqdm(range(0, len(order), settings.batch_size), desc=desc, leave=False):
+            batch = [order[i] for i in range(start, min(start + settings.batch_size, len(order)))]
+            encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+            output = model.generate(**encoded, **kwargs)
+            for index, row in zip(batch, output[:, encoded["input_ids"].shape[1]:]):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                for stop in stop_strings:  # generation stops after the stop string; the reply ends before it
+                    text = text.split(stop)[0]
+                results[index] = text.strip()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return results

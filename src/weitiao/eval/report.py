@@ -1,0 +1,138 @@
+"""The comparison report: report.json (the numbers), report.md (the same numbers, readable) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# name in report.json -> (label, lower is better, format)
+METRIC_LABELS = {
+    "loss": ("eval loss (response tokens)", True, "{:.4f}"),
+    "perplexity": ("perplexity (response tokens)", True, "{:.2f}"),
+    "loss_all_tokens": ("eval loss (all tokens)", True, "{:.4f}"),
+    "perplexity_all_tokens": ("perplexity (all tokens)", True, "{:.2f}"),
+    "exact_match": ("exact match %", False, "{:.1f}"),
+    "json_valid": ("valid JSON %", False, "{:.1f}"),
+    "json_field_accuracy": ("JSON field accuracy %", False, "{:.1f}"),
+    "rouge-1": ("ROUGE-1", False, "{:.2f}"),
+    "rouge-2": ("ROUGE-2", False, "{:.2f}"),
+    "rouge-l": ("ROUGE-L", False, "{:.2f}"),
+    "bleu-4": ("BLEU-4", False, "{:.2f}"),
+}
+
+
+def _fmt(name: str, value: float) -> str:
+    return METRIC_LABELS.get(name, (name, False, "{:.4f}"))[2].format(value)
+
+
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, values in report["metrics"].items():
+        label = METRIC_LABELS.get(name, (name,))[0]
+        delta = values["delta"]
+        rows.append((label, _fmt(name, values["base"]), _fmt(name, values["tuned"]),
+                     ("+" if delta >= 0 else "") + _fmt(name, delta)))
+    return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The metric table as aligned plain text, for the terminal."""
+    header = ("metric", "base", "tuned", "change")
+    rows = [header] + metric_rows(report)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_samples(report: dict[str, Any], count: int | None = None, width: int = 300) -> str:
+    count = report.get("num_samples_shown", 5) if count is None else count
+
+    def clip(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    blocks = []
+    for sample in report["samples"][:count]:
+        blocks.append(f"prompt:    {clip(sample['prompt'])}\nbase:      {clip(sample['base'])}\n"
+                      f"tuned:     {clip(sample['tuned'])}\nreference: {clip(sample['reference'])}")
+    return "\n\n".join(blocks)
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: base vs fine-tuned", "",
+             f"- run: `{report['run']}`", f"- base model: `{report['base_model']}`", f"- method: {report['method']}",
+             f"- eval examples: {report['eval_examples']} (loss); {report['generation_examples']} generated "
+             f"(extractor for exact match: {report['extractor']})", "",
+             "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(report)]
+    lines += ["", "![training and validation loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
+    if report["samples"]:
+        lines += ["## Samples", "", "| prompt | base | tuned | reference |", "|---|---|---|---|"]
+        for sample in report["samples"][: report.get("num_samples_shown", 5)]:
+            lines.append("| " + " | ".join(_markdown_cell(sample[k]) for k in ("prompt", "base", "tuned", "reference"))
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss_curves(log: list[dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train:
+        axis.plot(*zip(*train), label="training loss")
+    if evals:
+        axis.plot(*zip(*evals), marker="o", label="validation loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (response tokens)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def plot_metrics(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["metrics"])
+    figure, axes = plt.subplots(1, len(names), figsize=(max(6, 1.9 * len(names)), 3.6), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        values = report["metrics"][name]
+        bars = axis.bar(["base", "tuned"], [values["base"], values["tuned"]], color=["#9aa5b1", "#2f80ed"])
+        axis.bar_label(bars, labels=[_fmt(name, values["base"]), _fmt(name, values["tuned"])], fontsize=8)
+        axis.set_title(METRIC_LABELS.get(name, (name,))[0], fontsize=8)
+        axis.tick_params(labelsize=8)
+        axis.margins(y=0.2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    plot_loss_curves(report.get("training_log", []), folder / "loss_curves.png")
+    plot_metrics(report, folder / "metrics.png")
+    (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    with (folder / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        for sample in report["samples"]:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -1,0 +1,321 @@
+"""The training recipe, top to bottom: supervised fine-tuning (stage sft) and continued pre-training (stage pt).
+
+One loop on accelerate, so the same code runs on a CPU, one GPU or many (DDP / DeepSpeed / FSDP).
+The loss of each optimizer step is the mean over every label token of its gradient-accumulation window
+on every process, so the objective does not depend on how examples are split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from weitiao.config import Config, dump_config
+from weitiao.data.collate import PadCollator, count_label_tokens
+from weitiao.data.dataset import build_datasets, format_stats
+from weitiao.data.templates import install_template
+from weitiao.errors import ConfigError
+from weitiao.eval.loss import evaluate_loss
+from weitiao.models import load_model
+from weitiao.train.methods import apply_method, parameter_counts
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    base_model: str
+    steps: int
+    epochs: float
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss: float | None
+    seconds: float
+    tokens: int
+    trainable_params: int
+    total_params: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    args = config.train
+    out = Path(args.output_dir)
+    _check_output_dir(out, resume, args.overwrite_output_dir)
+
+    # 1. Engine: precision and gradient accumulation are accelerate's; the seeded sampler makes the data
+    #    order a function of (seed, epoch), which is what lets --resume reproduce an uninterrupted run.
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    is_main = accelerator.is_main_process
+    _check_precision(args, accelerator)
+    set_seed(args.seed)
+
+    # 2. Model and tokenizer. Full fine-tuning keeps fp32 master weights (mixed precision does the speed).
+    dtype = torch.float32 if config.method == "full" and config.model.dtype == "auto" else None
+    model, tokenizer, base_path = load_model(config.model, dtype=dtype)
+    stops = install_template(tokenizer, config.data)
+
+    # 3. Data: read, check, tokenize, mask, truncate; every drop counted (main process first fills the cache).
+    with accelerator.main_process_first():
+        train_set, eval_set, data_stats = build_datasets(config.data, tokenizer, config.stage, args.seed)
+    if is_main:
+        print("Data:\n" + format_stats(data_stats))
+
+    # 4. Method: which weights train.
+    set_seed(args.seed)  # adapter initialisation does not depend on how much randomness data loading used
+    model = apply_method(model, config)
+    trainable, total = parameter_counts(model)
+    if is_main:
+        print(f"Method: {config.method}; trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.2f}%)")
+
+    collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
+    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
+                              collate_fn=collate, num_workers=args.dataloader_num_workers)
+    eval_loader = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+                   if eval_set is not None and len(eval_set) else None)
+
+    # 5. Schedule: optimizer steps per epoch over this process's share of the batches.
+    accumulation = args.gradient_accumulation_steps
+    batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    optimizer = _make_optimizer(model, config)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    # Not prepared (accelerate would step it once per process); still saved and restored with checkpoints.
+    accelerator.register_for_checkpointing(scheduler)
+    _keep_only_trainable_weights_in_checkpoints(accelerator)
+
+    # 6. Resume: restore weights, optimizer, scheduler and RNG states, then skip the batches already seen.
+    state = {"global_step": 0, "epoch": 0, "batches_done_in_epoch": 0, "tokens": 0, "eval_loss_before": None}
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS} (set train.save_steps to write them)")
+        accelerator.load_state(str(checkpoint), strict=False)
+        state.update(json.loads((checkpoint / "trainer_state.json").read_text()))
+        if is_main:
+            print(f"Resuming from {checkpoint} (step {state['global_step']} of {total_steps})")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        (out / "data_stats.json").write_text(json.dumps(data_stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    metrics_file = out / "metrics.jsonl"
+
+    def log(record: dict[str, Any]) -> None:
+        if not is_main:
+            return
+        with metrics_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if on_log:
+            on_log(record)
+
+    def evaluate(step: int) -> float | None:
+        if eval_loader is None:
+            return None
+        result = evaluate_loss(model, eval_loader, accelerator)
+        log({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+             "eval_tokens": result["tokens"]})
+        return result["loss"]
+
+    if state["global_step"] == 0 and eval_loader is not None and args.eval_on_start:
+        state["eval_loss_before"] = evaluate(0)
+        if is_main:
+            print(f"eval loss before training: {state['eval_loss_before']:.4f}")
+
+    # 7. The loop.
+    model.train()
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="training", disable=not is_main,
+                    dynamic_ncols=True)
+    started = time.time()
+    window_losses: list[float] = []
+    last_train_loss = None
+    interval_tokens, interval_start = 0, time.time()
+    while state["global_step"] < total_steps:
+        train_loader.set_epoch(state["epoch"])
+        skip = state["batches_done_in_epoch"]
+        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
+        while state["global_step"] < total_steps:
+            window = list(islice(batches, accumulation))
+            if not window:
+                break
+            # Loss normaliser: label tokens in this window on all processes.
+            window_tokens = accelerator.reduce(
+                sum(count_label_tokens(b["labels"]) for b in window).to(accelerator.device), reduction="sum")
+            scale = accumulation * accelerator.num_processes  # undoes accelerate's /accumulation and DDP's mean
+            step_loss = torch.zeros((), device=accelerator.device)
+            for batch in window:
+                with accelerator.accumulate(model):
+                    loss = model(**batch, use_cache=False, num_items_in_batch=window_tokens).loss
+                    accelerator.backward(loss * scale)
+                    step_loss += loss.detach()
+                    grad_norm = None
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["global_step"] += 1
+            state["batches_done_in_epoch"] += len(window)
+            real_tokens = int(accelerator.reduce(
+                sum(b["attention_mask"].sum() for b in window).to(accelerator.device), reduction="sum"))
+            state["tokens"] += real_tokens
+            interval_tokens += real_tokens
+            window_losses.append(float(accelerator.reduce(step_loss, reduction="sum")))
+            progress.update(1)
+            step = state["global_step"]
+
+            if step % args.logging_steps == 0 or step == total_steps:
+                last_train_loss = sum(window_losses) / len(window_losses)
+                elapsed = time.time() - interval_start
+                record = {"step": step, "epoch": round(state["epoch"] + state["batches_done_in_epoch"]
+                                                       / max(1, batches_per_epoch), 3),
+                          "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
+                          "tokens_per_s": round(interval_tokens / max(elapsed, 1e-9), 1)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                log(record)
+                progress.set_postfix(loss=f"{last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}")
+                window_losses, interval_tokens, interval_start = [], 0, time.time()
+            if args.eval_steps and step % args.eval_steps == 0 and step != total_steps:
+                evaluate(step)
+            if args.save_steps and step % args.save_steps == 0 and step != total_steps:
+                _save_checkpoint(accelerator, out, state, args.save_total_limit)
+        if state["global_step"] < total_steps:
+            state["epoch"] += 1
+            state["batches_done_in_epoch"] = 0
+    progress.close()
+    seconds = time.time() - started
+
+    # 8. Final evaluation and the artefacts other tools load.
+    eval_loss = evaluate(state["global_step"])
+    accelerator.wait_for_everyone()
+    _save_final(accelerator, model, tokenizer, out, stops)
+    result = TrainResult(
+        output_dir=str(out), base_model=base_path, steps=state["global_step"],
+        epochs=round(state["epoch"] + state["batches_done_in_epoch"] / max(1, batches_per_epoch), 3),
+        train_loss=last_train_loss, eval_loss_before=state["eval_loss_before"], eval_loss=eval_loss,
+        seconds=round(seconds, 1), tokens=state["tokens"], trainable_params=trainable, total_params=total,
+        data={"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set is not None else 0})
+    if is_main:
+        (out / "train_result.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+        print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s"
+              + (f", eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}" if eval_loss is not None
+                 and result.eval_loss_before is not None else "") + ")")
+    accelerator.end_training()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume or not out.exists():
+        return
+    finished = (out / "adapter_config.json").exists() or (out / "config.json").exists()
+    if overwrite:
+        for name in ("metrics.jsonl", CHECKPOINTS):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return
+    if (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()):
+        raise ConfigError(f"{out} holds checkpoints of an unfinished run: pass --resume to continue it, or "
+                          "--overwrite_output_dir true to start again")
+    if finished:
+        raise ConfigError(f"{out} already holds a trained model: choose another train.output_dir, or pass "
+                          "--overwrite_output_dir true")
+
+
+def _check_precision(args, accelerator) -> None:
+    if args.fp16 and accelerator.device.type == "cpu":
+        raise ConfigError("fp16 training needs a GPU; on the CPU use bf16 or neither")
+
+
+def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    args = config.train
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            # Biases and norm weights are not decayed (as in transformers' Trainer).
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon)
+
+
+def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:
+    """Checkpoints of an adapter run hold the adapter, not another copy of the frozen base model."""
+
+    def hook(models, weights, _output_dir):
+        for index, (model, state) in enumerate(zip(models, weights)):
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            weights[index] = {name: tensor for name, tensor in state.items() if name in trainable}
+
+    accelerator.register_save_state_pre_hook(hook)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    folder = out / CHECKPOINTS
+    found = [p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _save_checkpoint(accelerator, out: Path, state: dict[str, Any], limit: int) -> None:
+    target = out / CHECKPOINTS / f"step-{state['global_step']}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        (target / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        older = sorted((p for p in (out / CHECKPOINTS).glob("step-*") if p != target),
+                       key=lambda p: int(p.name.split("-")[1]))
+        for stale in older[: max(0, len(older) - (limit - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator, model, tokenizer, out: Path, stops: list[str]) -> None:
+    """A PEFT adapter folder or a full model folder, plus tokenizer (with the chat template trained on) and a
+    generation config whose EOS list includes the template's end-of-turn token."""
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    generation = copy.deepcopy(getattr(unwrapped, "generation_config", None))
+    if generation is not None:
+        eos = generation.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        vocab = tokenizer.get_vocab()
+        for token in [tokenizer.eos_token] + stops:
+            if token in vocab and vocab[token] not in eos_ids:
+                eos_ids.append(vocab[token])
+        generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.save_pretrained(out)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
