@@ -182,26 +182,29 @@ class Normalizer:
 
     # -- checks shared by every chat format ---------------------------------------------------
     def _validate(self, messages: list[dict[str, str]], record: Record) -> list[dict[str, str]]:
-        body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        body = messages[len(head):]
+        notes: Counter[str] = Counter()  # counted only if the record is kept
         for index, message in enumerate(body):
             where = message.get("_where") or None
             if message["role"] == "system":
                 raise self._error(record, "a system turn may only come first", where)
             expected = "user" if index % 2 == 0 else "assistant"
             if message["role"] != expected:
-                raise self._error(record, f"expected a {expected} turn here (turns must alternate user/assistant, "
-                                          f"starting with user), got {message['role']}", where)
+                article = "an" if expected == "assistant" else "a"
+                raise self._error(record, f"expected {article} {expected} turn here (turns alternate user/assistant,"
+                                          f" starting with user), got {message['role']}", where)
             if message["role"] == "assistant" and not message["content"].strip():
                 raise self._error(record, "empty response", where or self.fields.get("output")
                                   or self.fields.get("response"))
             if message["role"] == "user" and not message["content"].strip():
-                self.notes["empty user turns kept"] += 1
+                notes["empty user turns kept"] += 1
         while body and body[-1]["role"] == "user":
             body = body[:-1]
-            self.notes["trailing user turns removed"] += 1
+            notes["trailing user turns removed"] += 1
         if not body:
             raise self._error(record, "no assistant reply to train on")
-        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        self.notes.update(notes)
         return [{"role": m["role"], "content": m["content"]} for m in head + body]
 
 

@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +46,11 @@ class TrainResult:
     trainable_params: int
     total_params: int
     data: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)
+    """The trained model in memory (PEFT-wrapped for adapter methods)."""
+
+    def summary(self) -> dict[str, Any]:
+        return {key: value for key, value in vars(self).items() if key != "model"}
 
 
 def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -88,8 +93,11 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
               f"({100 * trainable / total:.2f}%)")
 
     collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
+    # The loader gets its own generator: starting an epoch's iterator then leaves the global RNG (dropout) alone,
+    # which a resumed run relies on to replay the same random numbers.
     train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate, num_workers=args.dataloader_num_workers)
+                              collate_fn=collate, num_workers=args.dataloader_num_workers,
+                              generator=torch.Generator().manual_seed(args.seed))
     eval_loader = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
                    if eval_set is not None and len(eval_set) else None)
 
@@ -118,6 +126,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS} (set train.save_steps to write them)")
         accelerator.load_state(str(checkpoint), strict=False)
         state.update(json.loads((checkpoint / "trainer_state.json").read_text()))
+        if is_main:  # forget what was logged after the checkpoint: those steps run again
+            _truncate_log(out / "metrics.jsonl", state["global_step"])
         if is_main:
             print(f"Resuming from {checkpoint} (step {state['global_step']} of {total_steps})")
     if is_main:
@@ -220,9 +230,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         epochs=round(state["epoch"] + state["batches_done_in_epoch"] / max(1, batches_per_epoch), 3),
         train_loss=last_train_loss, eval_loss_before=state["eval_loss_before"], eval_loss=eval_loss,
         seconds=round(seconds, 1), tokens=state["tokens"], trainable_params=trainable, total_params=total,
-        data={"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set is not None else 0})
+        data={"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set is not None else 0},
+        model=accelerator.unwrap_model(model))
     if is_main:
-        (out / "train_result.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+        (out / "train_result.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
         print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s"
               + (f", eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}" if eval_loss is not None
                  and result.eval_loss_before is not None else "") + ")")
@@ -278,6 +289,12 @@ def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:
             weights[index] = {name: tensor for name, tensor in state.items() if name in trainable}
 
     accelerator.register_save_state_pre_hook(hook)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def latest_checkpoint(out: Path) -> Path | None:

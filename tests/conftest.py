@@ -1,0 +1,80 @@
+"""Shared fixtures: the default model's tokenizer, a tiny random model with that tokenizer, real data paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout (WEITIAO_SHARED_DATA overrides); absent on a user's fresh clone."""
+    return Path(os.environ.get("WEITIAO_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    folder = shared_data_dir()
+    if not folder.is_dir():
+        pytest.skip(f"real data not available at {folder}")
+    return folder
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from weitiao.models import resolve_model
+
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from weitiao.models import load_tokenizer
+
+    return load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir, tokenizer) -> str:
+    """A 2-layer Llama with the default model's tokenizer: trains in seconds, exercises the real code paths."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig.from_model_config(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_cache(tmp_path, monkeypatch):
+    """Tokenized-data cache per test (models stay in the shared cache: converting them is slow)."""
+    from weitiao import paths
+
+    real = paths.cache_dir
+
+    def cache_dir(*parts: str) -> Path:
+        if parts and parts[0] == "data":
+            folder = tmp_path.joinpath("cache", *parts)
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        return real(*parts)
+
+    monkeypatch.setattr("weitiao.data.dataset.cache_dir", cache_dir)
