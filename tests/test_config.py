@@ -69,3 +69,12 @@ def test_custom_template_needs_content_placeholder():
 
 def test_pretraining_trains_on_all_tokens():
     assert load_config(None, ["--stage", "pt"]).data.train_on == "all"
+
+
+def test_config_docs_are_current():
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "make_config_docs.py"))
+    assert script["TARGET"].read_text(encoding="utf-8") == script["render"](), \
+        "docs/config.md is stale: run python scripts/make_config_docs.py"

@@ -16,12 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weitiao.errors import ConfigError
 
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "qa", "text")
-
-
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
@@ -30,7 +27,9 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bfloat16 on a GPU that supports it, float32 otherwise."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
     trust_remote_code: bool = False
+    """Allow model code from the hub (needed by some architectures, e.g. ChatGLM, Baichuan)."""
     attn_implementation: str | None = None
     """e.g. sdpa, eager, flex_attention; None lets transformers choose."""
 
@@ -39,6 +38,7 @@ class DataSource(_Section):
     path: str
     """A file (json, jsonl, csv, parquet), a directory of them, or a glob pattern."""
     format: Literal["auto", "alpaca", "sharegpt", "openai", "qa", "text"] = "auto"
+    """Data format; auto detects it from the columns of the first record."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map a format's fields to this file's column names, e.g. {prompt: dialogue, response: summary}."""
     prompt_template: str | None = None
@@ -57,9 +57,13 @@ class DataSource(_Section):
 class CustomTemplate(_Section):
     """A prompt template for base models: format strings with {content} (and {eos} for the EOS token)."""
     system: str = "{content}\n\n"
+    """How a system prompt is written; {content} is the prompt."""
     user: str = "{content}"
+    """How a user turn is written, including what precedes the reply (e.g. '### Response:\\n')."""
     assistant: str = "{content}{eos}"
+    """How a reply is written; {eos} is the tokenizer's EOS token, which teaches the model to stop."""
     default_system: str = ""
+    """System prompt used when a conversation has none."""
     generation_prompt: str = ""
     """Text appended after the last user turn at inference time (usually empty: put it in `user`)."""
 
@@ -73,13 +77,16 @@ class CustomTemplate(_Section):
 
 class DataConfig(_Section):
     train: list[DataSource] = Field(default_factory=list)
+    """Training data: a path, or a list of paths / sources (see data.train[] below)."""
     eval: list[DataSource] = Field(default_factory=list)
+    """Evaluation data, same forms as train. Without it, val_size holds some training records out."""
     val_size: float = Field(0.0, ge=0)
     """Held out from train when no eval data is given: a fraction (< 1) or a record count (>= 1)."""
     template: str = "auto"
     """auto (the tokenizer's chat template), alpaca, qa, dolly, chatml, or custom (see custom_template)."""
     custom_template: CustomTemplate | None = None
     max_length: int = Field(1024, gt=0)
+    """Longest example in tokens (prompt + response); longer ones follow `truncation`."""
     truncation: Literal["right", "left", "drop"] = "right"
     """Examples longer than max_length: cut the end (right), cut the start (left), or drop them."""
     train_on: Literal["responses", "all"] = "responses"
@@ -87,8 +94,9 @@ class DataConfig(_Section):
     on_error: Literal["raise", "skip"] = "raise"
     """Bad records stop the run with a precise error (raise) or are skipped and counted (skip)."""
     num_proc: int = Field(1, ge=1)
+    """Processes for tokenization (used above 1000 examples)."""
     cache: bool = True
-    """Cache the tokenized data (keyed by file contents, data config and tokenizer)."""
+    """Cache the tokenized data (keyed by each file's size and modification time, the data config and the tokenizer)."""
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -110,49 +118,77 @@ class DataConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(8, gt=0)
+    """LoRA rank."""
     alpha: float = 16
+    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
     dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """'all-linear' (every linear layer but the output head) or a list of module names."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA scaling."""
     use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
     modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full next to the adapter, e.g. [embed_tokens, lm_head] after extending the vocabulary."""
 
 
 class TrainConfig(_Section):
     output_dir: str = "outputs/run"
+    """Where the adapter or model, tokenizer, config.yaml, metrics.jsonl and reports are written."""
     num_train_epochs: float = Field(3.0, gt=0)
+    """Passes over the training data (fractions allowed)."""
     max_steps: int = -1
     """Optimizer steps; > 0 overrides num_train_epochs."""
     learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
                                "cosine_with_restarts", "polynomial", "inverse_sqrt"] = "cosine"
+    """Learning-rate schedule after warm-up (transformers' get_scheduler)."""
     warmup_ratio: float = Field(0.0, ge=0, le=1)
+    """Warm-up as a share of all steps (warmup_steps wins when set)."""
     warmup_steps: int = Field(0, ge=0)
+    """Warm-up steps (linear from 0 to learning_rate)."""
     per_device_train_batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch on each device."""
     per_device_eval_batch_size: int = Field(8, gt=0)
+    """Examples per batch when measuring eval loss."""
     gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step; the loss is averaged over all their label tokens."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norm weights)."""
     max_grad_norm: float = Field(1.0, ge=0)
     """0 disables clipping."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     optim: Literal["adamw_torch", "sgd"] = "adamw_torch"
+    """Optimizer: AdamW, or SGD with momentum 0.9."""
     seed: int = 42
+    """Seed for initialisation, data order, dropout and the validation split."""
     logging_steps: int = Field(10, gt=0)
+    """Log the training loss (metrics.jsonl, progress bar) every N optimizer steps."""
     eval_steps: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only at the end)."""
     save_steps: int = Field(0, ge=0)
     """Write a resumable checkpoint every N optimizer steps (0: none)."""
     save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted. Checkpoints are removed when the run finishes."""
     eval_on_start: bool = True
     """Evaluate the untrained model first, so every run shows its starting point."""
     overwrite_output_dir: bool = False
+    """Allow training into an output_dir that holds a finished run (or checkpoints of an unfinished one)."""
     bf16: bool = False
+    """bfloat16 mixed precision (GPUs since Ampere; also works on CPUs)."""
     fp16: bool = False
+    """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
     dataloader_num_workers: int = Field(0, ge=0)
+    """Worker processes that collate batches."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -172,12 +208,19 @@ class EvalConfig(_Section):
     extractor: Literal["none", "last_number", "gsm8k", "json", "label", "regex"] = "none"
     """How exact match reads an answer: whole reply, last number, GSM8K '#### N', JSON value, label word, regex."""
     regex: str | None = None
+    """Pattern for extractor: regex; its first group is the answer."""
     labels: list[str] = Field(default_factory=list)
+    """Label words for extractor: label (the first one found in the reply is the answer)."""
     max_new_tokens: int = Field(256, gt=0)
+    """Longest generated reply."""
     batch_size: int = Field(16, gt=0)
+    """Prompts generated together."""
     do_sample: bool = False
+    """Sample instead of greedy decoding (with temperature and top_p)."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (with do_sample)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (with do_sample)."""
     num_samples: int = Field(5, ge=0)
     """Prompts shown in the report with the base answer, the tuned answer and the reference."""
 
@@ -196,6 +239,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal["lora", "full"] = "lora"
+    """lora: train a LoRA adapter (settings in `lora`); full: train every weight."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

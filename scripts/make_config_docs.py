@@ -1,0 +1,53 @@
+"""Writes docs/config.md from the config classes (their field docstrings are the documentation).
+Run: python scripts/make_config_docs.py   (tests/test_config.py checks the file is current)"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from weitiao.config import Config, DataSource, _section_type
+
+TARGET = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation).replace("typing.", "").replace("weitiao.config.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def _section(model: type[BaseModel], prefix: str) -> list[str]:
+    lines = [f"## `{prefix}`" if prefix else "## top level", "", "| key | type | default | meaning |",
+             "|---|---|---|---|"]
+    nested = []
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is not None and section is not DataSource and typing.get_origin(field.annotation) is not list:
+            nested.append((section, f"{prefix}.{name}" if prefix else name))
+            continue
+        default = "" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        description = (field.description or "").replace("\n", " ").replace("|", "\\|")
+        lines.append(f"| `{name}` | `{_type_name(field.annotation)}` | `{default}` | {description} |")
+    lines.append("")
+    for section, path in nested:
+        lines += _section(section, path)
+    return lines
+
+
+def render() -> str:
+    intro = ["# Configuration", "",
+             "One YAML file configures a run; any key can be overridden on the command line: "
+             "`--train.learning_rate 1e-4`, `--learning_rate=1e-4` (a unique key name is enough) or "
+             "`--model PATH`. Unknown keys are errors (with a suggestion). Relative data paths are relative to the "
+             "config file. Each entry of `data.train` / `data.eval` is a path or a source:", ""]
+    source = _section(DataSource, "data.train[]")
+    return "\n".join(intro + _section(Config, "") + source) + "\n"
+
+
+if __name__ == "__main__":
+    TARGET.parent.mkdir(exist_ok=True)
+    TARGET.write_text(render(), encoding="utf-8")
+    print(f"wrote {TARGET}", file=sys.stderr)
