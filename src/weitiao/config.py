@@ -133,6 +133,47 @@ class LoraConfig(_Section):
     """Modules trained in full next to the adapter, e.g. [embed_tokens, lm_head] after extending the vocabulary."""
 
 
+class FreezeConfig(_Section):
+    """method: freeze trains a few whole layers and keeps the rest of the model fixed."""
+    trainable_layers: int = 2
+    """Train the last N decoder layers (a negative N: the first N)."""
+    trainable_modules: list[str] = Field(default_factory=lambda: ["all"])
+    """Within those layers, what trains: all, or module names such as mlp, self_attn."""
+    extra_modules: list[str] = Field(default_factory=list)
+    """Modules outside the decoder layers that train too, e.g. [lm_head] or [embed_tokens]."""
+
+
+class QuantizationConfig(_Section):
+    """How method: qlora quantizes the frozen base model (bitsandbytes)."""
+    bits: Literal[4, 8] = 4
+    """4-bit (QLoRA) or 8-bit (LLM.int8) base weights."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is the QLoRA paper's."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bits per weight)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the 4-bit weights are dequantized to for each matrix product."""
+
+
+class PromptLearningConfig(_Section):
+    """method: prefix (P-Tuning v2), ptuning (prompt encoder) and prompt (soft prompt tuning)."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """Length of the learned prefix / prompt."""
+    prefix_projection: bool = False
+    """prefix: reparameterize the prefix through a two-layer MLP (P-Tuning v2's projection)."""
+    encoder_hidden_size: int = Field(512, gt=0)
+    """Hidden size of the MLP of prefix_projection and of the ptuning prompt encoder."""
+    init_text: str | None = None
+    """prompt: initialise the soft prompt from the embeddings of this text (else randomly)."""
+
+
+class IA3Settings(_Section):
+    target_modules: list[str] | None = None
+    """Modules whose activations IA3 rescales (None: PEFT's choice for the architecture)."""
+    feedforward_modules: list[str] | None = None
+    """Which of them are feed-forward (scaled on their input rather than output)."""
+
+
 class TrainConfig(_Section):
     output_dir: str = "outputs/run"
     """Where the adapter or model, tokenizer, config.yaml, metrics.jsonl and reports are written."""
@@ -165,8 +206,8 @@ class TrainConfig(_Section):
     """AdamW beta2."""
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
-    optim: Literal["adamw_torch", "sgd"] = "adamw_torch"
-    """Optimizer: AdamW, or SGD with momentum 0.9."""
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = "adamw_torch"
+    """AdamW (torch), 8-bit AdamW or paged 8-bit AdamW (bitsandbytes, CUDA), Adafactor, or SGD with momentum 0.9."""
     seed: int = 42
     """Seed for initialisation, data order, dropout and the validation split."""
     logging_steps: int = Field(10, gt=0)
@@ -187,6 +228,8 @@ class TrainConfig(_Section):
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    tf32: bool = True
+    """Let float32 matrix products use TF32 tensor cores on NVIDIA GPUs (Ampere and newer)."""
     dataloader_num_workers: int = Field(0, ge=0)
     """Worker processes that collate batches."""
 
@@ -238,9 +281,15 @@ class Config(_Section):
     """sft: supervised fine-tuning on conversations; pt: continued pre-training on plain text."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["lora", "full"] = "lora"
-    """lora: train a LoRA adapter (settings in `lora`); full: train every weight."""
+    method: Literal["lora", "qlora", "full", "freeze", "prefix", "ptuning", "prompt", "ia3"] = "lora"
+    """lora: a LoRA adapter (settings in `lora`; DoRA and rsLoRA are switches there); qlora: LoRA on a 4-/8-bit
+    base (`quantization`, CUDA only); full: every weight; freeze: the last layers (`freeze`); prefix (P-Tuning v2),
+    ptuning, prompt: learned virtual tokens (`prompt_learning`); ia3: learned activation scales (`ia3`)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    prompt_learning: PromptLearningConfig = Field(default_factory=PromptLearningConfig)
+    ia3: IA3Settings = Field(default_factory=IA3Settings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -248,6 +297,10 @@ class Config(_Section):
     def _check(self) -> "Config":
         if self.stage == "pt" and self.data.train_on == "responses":
             self.data.train_on = "all"
+        if "quantization" in self.model_fields_set and self.method != "qlora":
+            raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
+                             "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "
+                             "possible)")
         return self
 
 

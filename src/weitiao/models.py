@@ -137,8 +137,8 @@ def load_tokenizer(source: str, config: ModelConfig | None = None):
     return tokenizer
 
 
-def load_model(config: ModelConfig, dtype: torch.dtype | None = None):
-    """(model, tokenizer, resolved path). The model is on the CPU; callers move it."""
+def load_model(config: ModelConfig, dtype: torch.dtype | None = None, quantization=None, device_map=None):
+    """(model, tokenizer, resolved path). Without a device_map the model is on the CPU; callers move it."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(config.name_or_path, config.revision)
@@ -147,6 +147,8 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None):
               "dtype": dtype or pick_dtype(config.dtype)}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map=device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:

@@ -72,12 +72,15 @@ def make_extractor(name: str, pattern: str | None = None, labels: Sequence[str] 
     if name == "label":
         if not labels:
             raise ConfigError("extractor 'label' needs eval.labels, e.g. [neg, pos]")
-        by_length = sorted(labels, key=len, reverse=True)
+        # A label counts as a whole word against ASCII letters and digits ("pos" is not in "purpose"); CJK labels
+        # have no word boundaries, so they match anywhere.
+        patterns = [(label, re.compile(rf"(?<![A-Za-z0-9]){re.escape(label)}(?![A-Za-z0-9])", re.IGNORECASE))
+                    for label in labels]
 
         def first_label(text: str) -> str | None:
-            lowered = text.strip().lower()
-            hits = [(lowered.find(label.lower()), label) for label in by_length if label.lower() in lowered]
-            return min(hits)[1] if hits else None
+            hits = [(match.start(), -len(label), label) for label, pattern in patterns
+                    if (match := pattern.search(text))]
+            return min(hits)[2] if hits else None
 
         return first_label
     if name == "regex":

@@ -1,55 +1,176 @@
-"""Fine-tuning methods: decide which weights train. Adapters come from PEFT, never home-made layers."""
+"""Fine-tuning methods: which weights train. Adapters come from PEFT and quantization from bitsandbytes,
+never home-made layers.
+
+| method   | trains                                   | saved as          | mergeable |
+|----------|------------------------------------------|-------------------|-----------|
+| full     | every weight                             | model             | -         |
+| freeze   | the last N decoder layers (+ extras)     | model             | -         |
+| lora     | low-rank updates (rsLoRA, DoRA switches) | PEFT adapter      | yes       |
+| qlora    | LoRA on a 4-/8-bit quantized base        | PEFT adapter      | yes       |
+| ia3      | per-channel activation scales            | PEFT adapter      | yes       |
+| prefix   | per-layer key/value prefixes (P-Tuning v2)| PEFT adapter     | no        |
+| ptuning  | virtual tokens from a prompt encoder     | PEFT adapter      | no        |
+| prompt   | virtual token embeddings                 | PEFT adapter      | no        |
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from weitiao.config import Config
 from weitiao.errors import ConfigError
 
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "prefix", "ptuning", "prompt")
+PROMPT_LEARNING_METHODS = ("prefix", "ptuning", "prompt")
+CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def check_device(config: Config, device: torch.device) -> None:
+    """Reject, before any loading, what this machine cannot run, saying what to do instead."""
+    needs_bnb = config.method == "qlora" or config.train.optim in CUDA_ONLY_OPTIMIZERS
+    what = f"method {config.method}" if config.method == "qlora" else f"optim {config.train.optim}"
+    if needs_bnb and device.type != "cuda":
+        raise ConfigError(f"{what} needs a CUDA GPU (bitsandbytes kernels) and this machine has none; on a CPU use "
+                          "method: lora and optim: adamw_torch")
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{what} needs bitsandbytes: pip install bitsandbytes")
+    if config.train.fp16 and device.type != "cuda":
+        raise ConfigError("fp16 training needs a GPU; on the CPU use bf16 or neither")
+
+
+def quantization_config(config: Config):
+    """The transformers BitsAndBytesConfig for method qlora (None otherwise)."""
+    if config.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    settings = config.quantization
+    if settings.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type,
+                              bnb_4bit_use_double_quant=settings.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype))
+
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Short names of the linear layers LoRA can target (what 'all-linear' expands to, plus the head)."""
+    """Short names of the linear layers adapters can target (what 'all-linear' chooses from)."""
+    linear_types = (torch.nn.Linear,)
+    if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)})
+                   if isinstance(module, linear_types)})
+
+
+def _check_targets(model: torch.nn.Module, targets, section: str) -> None:
+    if not isinstance(targets, list):
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in targets if target not in names]
+    if missing:
+        raise ConfigError(f"{section}.target_modules {missing} match no module of this model; its linear layers "
+                          f"are: {', '.join(linear_module_names(model))} (or use 'all-linear')")
 
 
 def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     """Wrap or freeze `model` for the configured method and switch on training-time options."""
     model.config.use_cache = False  # the KV cache is useless in training and disables packed-sequence detection
-    if config.train.gradient_checkpointing:
+    checkpointing = config.train.gradient_checkpointing
+    if config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and makes the frozen embeddings' output require grad (for checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method in ADAPTER_METHODS or config.method == "freeze":
+            # With frozen embeddings no input needs a gradient, so checkpointed blocks would get none either.
+            model.enable_input_require_grads()
     if config.method == "full":
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+        model.requires_grad_(True)
         return model
-    if config.method == "lora":
-        return _apply_lora(model, config)
-    raise ConfigError(f"unknown method '{config.method}'")
+    if config.method == "freeze":
+        return _freeze(model, config)
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(model, config))
 
 
-def _apply_lora(model: torch.nn.Module, config: Config) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
+def peft_config(model: torch.nn.Module, config: Config):
+    """The PEFT config of an adapter method."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    settings = config.lora
-    targets = settings.target_modules
-    if isinstance(targets, list):
-        available = linear_module_names(model)
-        missing = [t for t in targets if t not in available and not any(t in n for n, _ in model.named_modules())]
-        if missing:
-            raise ConfigError(f"lora.target_modules {missing} match no module of this model; its linear layers are: "
-                              f"{', '.join(available)} (or use 'all-linear')")
-    peft_config = LoraConfig(
-        task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=targets, use_rslora=settings.use_rslora, use_dora=settings.use_dora,
-        modules_to_save=settings.modules_to_save or None)
-    if config.train.gradient_checkpointing:
-        # With frozen embeddings no input needs a gradient, and checkpointed blocks would get none either.
-        model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    method = config.method
+    if method in ("lora", "qlora"):
+        settings = config.lora
+        _check_targets(model, settings.target_modules, "lora")
+        return LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha,
+                          lora_dropout=settings.dropout, target_modules=settings.target_modules,
+                          use_rslora=settings.use_rslora, use_dora=settings.use_dora,
+                          modules_to_save=settings.modules_to_save or None)
+    if method == "ia3":
+        _check_targets(model, config.ia3.target_modules, "ia3")
+        return IA3Config(task_type="CAUSAL_LM", target_modules=config.ia3.target_modules,
+                         feedforward_modules=config.ia3.feedforward_modules)
+    prompt = config.prompt_learning
+    if method == "prefix":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens,
+                                  prefix_projection=prompt.prefix_projection,
+                                  encoder_hidden_size=prompt.encoder_hidden_size)
+    if method == "ptuning":
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens,
+                                   encoder_hidden_size=prompt.encoder_hidden_size)
+    if method == "prompt":
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": prompt.init_text,
+                "tokenizer_name_or_path": model.config._name_or_path} if prompt.init_text else {}
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens, **init)
+    raise ConfigError(f"unknown method '{method}'")
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The longest ModuleList of the model: its stack of transformer blocks."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)]
+    if not lists:
+        raise ConfigError("method freeze: this model has no list of layers to choose from")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def _freeze(model: torch.nn.Module, config: Config) -> torch.nn.Module:
+    settings = config.freeze
+    prefix, layers = decoder_layers(model)
+    count = settings.trainable_layers
+    if count == 0 or abs(count) > len(layers):
+        raise ConfigError(f"freeze.trainable_layers must be between -{len(layers)} and {len(layers)} (not 0) for "
+                          f"this model of {len(layers)} layers")
+    chosen = range(len(layers) - count, len(layers)) if count > 0 else range(-count)
+    layer_prefixes = [f"{prefix}.{index}." for index in chosen]
+    modules = settings.trainable_modules
+    model.requires_grad_(False)
+    matched_extra = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):  # a tied lm_head has its own name
+        in_layer = any(name.startswith(p) for p in layer_prefixes)
+        if in_layer and ("all" in modules or any(f".{m}." in name for m in modules)):
+            parameter.requires_grad_(True)
+        for extra in settings.extra_modules:
+            if f"{extra}." in name or name.startswith(f"{extra}."):
+                parameter.requires_grad_(True)
+                matched_extra.add(extra)
+    unmatched = set(settings.extra_modules) - matched_extra
+    if unmatched:
+        raise ConfigError(f"freeze.extra_modules {sorted(unmatched)} match no module of this model")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"freeze.trainable_modules {modules} match nothing in the chosen layers; use all, or "
+                          "names such as mlp, self_attn")
+    return model
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT counts packed 4-bit weights correctly
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

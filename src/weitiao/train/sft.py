@@ -27,7 +27,7 @@ from weitiao.data.templates import install_template
 from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
-from weitiao.train.methods import apply_method, parameter_counts
+from weitiao.train.methods import apply_method, check_device, parameter_counts, quantization_config
 
 CHECKPOINTS = "checkpoints"
 
@@ -70,12 +70,18 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     is_main = accelerator.is_main_process
-    _check_precision(args, accelerator)
+    check_device(config, accelerator.device)
     set_seed(args.seed)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
-    # 2. Model and tokenizer. Full fine-tuning keeps fp32 master weights (mixed precision does the speed).
-    dtype = torch.float32 if config.method == "full" and config.model.dtype == "auto" else None
-    model, tokenizer, base_path = load_model(config.model, dtype=dtype)
+    # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
+    #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
+    trains_base = config.method in ("full", "freeze")
+    dtype = torch.float32 if trains_base and config.model.dtype == "auto" else None
+    quantization = quantization_config(config)
+    model, tokenizer, base_path = load_model(config.model, dtype=dtype, quantization=quantization,
+                                             device_map={"": accelerator.device})
     stops = install_template(tokenizer, config.data)
 
     # 3. Data: read, check, tokenize, mask, truncate; every drop counted (main process first fills the cache).
@@ -107,6 +113,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    if quantization is None:  # quantized weights were placed at load; bitsandbytes models cannot be moved
+        model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device tensors
     optimizer = _make_optimizer(model, config)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
@@ -126,9 +134,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS} (set train.save_steps to write them)")
         accelerator.load_state(str(checkpoint), strict=False)
         state.update(json.loads((checkpoint / "trainer_state.json").read_text()))
-        if is_main:  # forget what was logged after the checkpoint: those steps run again
-            _truncate_log(out / "metrics.jsonl", state["global_step"])
         if is_main:
+            _truncate_log(out / "metrics.jsonl", state["global_step"])  # those steps run again
             print(f"Resuming from {checkpoint} (step {state['global_step']} of {total_steps})")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -261,11 +268,6 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
                           "--overwrite_output_dir true")
 
 
-def _check_precision(args, accelerator) -> None:
-    if args.fp16 and accelerator.device.type == "cpu":
-        raise ConfigError("fp16 training needs a GPU; on the CPU use bf16 or neither")
-
-
 def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     args = config.train
     decay, no_decay = [], []
@@ -274,10 +276,20 @@ def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
             # Biases and norm weights are not decayed (as in transformers' Trainer).
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon)
+    if args.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=args.learning_rate, scale_parameter=False, relative_step=False)
+    if args.optim in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.PagedAdamW8bit if args.optim.startswith("paged") else bnb.optim.AdamW8bit
+        return optimizer_class(groups, **adam)
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
 
 
 def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:

@@ -1,0 +1,88 @@
+"""Every method trains a tiny model, lowers its loss, and saves what plain PEFT / transformers reload exactly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.test_sft import logits, make_config
+from weitiao.config import load_config
+from weitiao.errors import ConfigError
+from weitiao.train.methods import ADAPTER_METHODS, check_device
+from weitiao.train.sft import run
+
+SETTINGS = {
+    "full": {"train__learning_rate": 3e-3},
+    "freeze": {"freeze__trainable_layers": 1, "freeze__extra_modules": ["lm_head"]},
+    "lora": {"lora__use_rslora": True},
+    "dora": {"lora__use_dora": True},
+    "ia3": {"train__learning_rate": 3e-2},
+    "prefix": {"train__learning_rate": 3e-2, "prompt_learning__prefix_projection": True,
+               "prompt_learning__encoder_hidden_size": 32},
+    "ptuning": {"train__learning_rate": 3e-2, "prompt_learning__encoder_hidden_size": 32},
+    "prompt": {"train__learning_rate": 3e-2, "prompt_learning__init_text": "Extract the details as JSON."},
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_method_trains_saves_and_reloads(name, tmp_path, tiny_model_dir, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    method = "lora" if name == "dora" else name
+    result = run(make_config(tmp_path, tiny_model_dir, method=method, train__max_steps=8, **SETTINGS[name]))
+    assert result.eval_loss < result.eval_loss_before, (result.eval_loss_before, result.eval_loss)
+    assert 0 < result.trainable_params <= result.total_params
+    out = Path(result.output_dir)
+    if method in ADAPTER_METHODS:
+        assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(reloaded.eval(), tokenizer), logits(result.model.eval(), tokenizer),
+                               rtol=0, atol=1e-5)
+
+
+def test_freeze_trains_only_the_chosen_layers(tmp_path, tiny_model_dir):
+    result = run(make_config(tmp_path, tiny_model_dir, method="freeze", train__max_steps=1,
+                             freeze__trainable_layers=-1, freeze__trainable_modules=["mlp"]))
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("model.layers.0.mlp.") for n in trainable)
+
+
+def test_freeze_rejects_names_that_match_nothing(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="freeze.extra_modules \\['lm_hed'\\] match no module"):
+        run(make_config(tmp_path, tiny_model_dir, method="freeze", freeze__extra_modules=["lm_hed"]))
+    with pytest.raises(ConfigError, match="trainable_layers must be between -2 and 2"):
+        run(make_config(tmp_path, tiny_model_dir, method="freeze", freeze__trainable_layers=5))
+
+
+def test_quantized_full_fine_tuning_is_rejected_at_load():
+    with pytest.raises(ConfigError, match="use method: qlora"):
+        load_config(None, {"method": "full", "quantization": {"bits": 4}})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--method", "qlora"], "method qlora needs a CUDA GPU"),
+    (["--optim", "paged_adamw_8bit"], "optim paged_adamw_8bit needs a CUDA GPU"),
+    (["--fp16", "true"], "fp16 training needs a GPU"),
+])
+def test_gpu_only_choices_are_rejected_on_a_cpu(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_device(load_config(None, overrides), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("optim", ["adafactor", "sgd"])
+def test_cpu_optimizers(optim, tmp_path, tiny_model_dir):
+    result = run(make_config(tmp_path, tiny_model_dir, method="full", train__optim=optim, train__max_steps=6,
+                             train__learning_rate=1e-2 if optim == "adafactor" else 0.5))
+    assert result.eval_loss < result.eval_loss_before
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_model_dir):
+    plain = run(make_config(tmp_path / "a", tiny_model_dir, train__max_steps=2, train__optim="sgd"))
+    checkpointed = run(make_config(tmp_path / "b", tiny_model_dir, train__max_steps=2, train__optim="sgd",
+                                   train__gradient_checkpointing=True))
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
