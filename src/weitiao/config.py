@@ -89,6 +89,11 @@ class DataConfig(_Section):
     """Longest example in tokens (prompt + response); longer ones follow `truncation`."""
     truncation: Literal["right", "left", "drop"] = "right"
     """Examples longer than max_length: cut the end (right), cut the start (left), or drop them."""
+    packing: bool | None = None
+    """Pack several whole examples into each row (no padding, attention kept within each example).
+    None: on with a CUDA GPU, off on a CPU. A packed micro-batch is one row of up to packing_length tokens."""
+    packing_length: int = Field(8192, gt=0)
+    """Tokens per packed row: the token budget of a micro-batch when packing (must be >= max_length)."""
     train_on: Literal["responses", "all"] = "responses"
     """Loss on assistant replies only (SFT), or on every token."""
     on_error: Literal["raise", "skip"] = "raise"
@@ -230,6 +235,9 @@ class TrainConfig(_Section):
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     tf32: bool = True
     """Let float32 matrix products use TF32 tensor cores on NVIDIA GPUs (Ampere and newer)."""
+    liger: bool | None = None
+    """Liger's fused kernels (linear + cross-entropy without materialised logits, RMSNorm, SwiGLU, RoPE).
+    None: on with a CUDA GPU when liger-kernel is installed and supports the model."""
     dataloader_num_workers: int = Field(0, ge=0)
     """Worker processes that collate batches."""
 

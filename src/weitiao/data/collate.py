@@ -11,7 +11,7 @@ from weitiao.data.encode import IGNORE_INDEX
 
 class PadCollator:
     """Pad a list of {input_ids, labels} to the longest row (right padding); pads are masked out of attention
-    and loss."""
+    and loss. `num_tokens` (real tokens, for throughput) is not a model input: the training loop pops it."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
@@ -28,7 +28,8 @@ class PadCollator:
             input_ids[i, :n] = torch.as_tensor(row["input_ids"])
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "num_tokens": attention_mask.sum()}
 
 
 def count_label_tokens(labels: torch.Tensor) -> torch.Tensor:

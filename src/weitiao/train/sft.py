@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader
 from weitiao.config import Config, dump_config
 from weitiao.data.collate import PadCollator, count_label_tokens
 from weitiao.data.dataset import build_datasets, format_stats
+from weitiao.data.packing import PackedBatchSampler, PackedCollator
 from weitiao.data.templates import install_template
 from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
+from weitiao.train.kernels import apply_liger
 from weitiao.train.methods import apply_method, check_device, parameter_counts, quantization_config
 
 CHECKPOINTS = "checkpoints"
@@ -77,10 +79,19 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
 
     # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
     #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
+    on_gpu = accelerator.device.type == "cuda"
+    packing = config.data.packing if config.data.packing is not None else on_gpu
+    if packing and config.data.max_length > config.data.packing_length:
+        raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
+                          f"({config.data.packing_length}): an example must fit in a packed row")
+    model_config = config.model
+    if packing and on_gpu and model_config.attn_implementation is None:
+        # Flex attention skips the empty blocks of a packed row's block-diagonal mask; sdpa would compute them.
+        model_config = model_config.model_copy(update={"attn_implementation": "flex_attention"})
     trains_base = config.method in ("full", "freeze")
     dtype = torch.float32 if trains_base and config.model.dtype == "auto" else None
     quantization = quantization_config(config)
-    model, tokenizer, base_path = load_model(config.model, dtype=dtype, quantization=quantization,
+    model, tokenizer, base_path = load_model(model_config, dtype=dtype, quantization=quantization,
                                              device_map={"": accelerator.device})
     stops = install_template(tokenizer, config.data)
 
@@ -90,21 +101,35 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     if is_main:
         print("Data:\n" + format_stats(data_stats))
 
-    # 4. Method: which weights train.
+    # 4. Kernels and method: fused kernels patch the base model, then the method decides which weights train.
+    liger = apply_liger(model, args.liger, accelerator.device)
     set_seed(args.seed)  # adapter initialisation does not depend on how much randomness data loading used
     model = apply_method(model, config)
     trainable, total = parameter_counts(model)
     if is_main:
         print(f"Method: {config.method}; trainable parameters {trainable:,} of {total:,} "
-              f"({100 * trainable / total:.2f}%)")
+              f"({100 * trainable / total:.2f}%)" + ("; Liger kernels" if liger else ""))
 
-    collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
+    pad_collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
     # The loader gets its own generator: starting an epoch's iterator then leaves the global RNG (dropout) alone,
     # which a resumed run relies on to replay the same random numbers.
-    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate, num_workers=args.dataloader_num_workers,
-                              generator=torch.Generator().manual_seed(args.seed))
-    eval_loader = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+    generator = torch.Generator().manual_seed(args.seed)
+    packed_sampler = None
+    if packing:
+        packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
+                                            config.data.packing_length, args.seed)
+        # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
+        collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None)
+        train_loader = DataLoader(train_set, batch_sampler=packed_sampler, collate_fn=collate,
+                                  num_workers=args.dataloader_num_workers, generator=generator)
+        if is_main:
+            print(f"Packing: {len(train_set)} examples in {len(packed_sampler)} rows of up to "
+                  f"{config.data.packing_length} tokens ({100 * packed_sampler.fill:.1f}% filled)")
+    else:
+        train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                  collate_fn=pad_collate, num_workers=args.dataloader_num_workers,
+                                  generator=generator)
+    eval_loader = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=pad_collate)
                    if eval_set is not None and len(eval_set) else None)
 
     # 5. Schedule: optimizer steps per epoch over this process's share of the batches.
@@ -174,12 +199,15 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     interval_tokens, interval_start = 0, time.time()
     while state["global_step"] < total_steps:
         train_loader.set_epoch(state["epoch"])
+        if packed_sampler is not None:
+            packed_sampler.set_epoch(state["epoch"])
         skip = state["batches_done_in_epoch"]
         batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
         while state["global_step"] < total_steps:
             window = list(islice(batches, accumulation))
             if not window:
                 break
+            real_tokens = sum(batch.pop("num_tokens") for batch in window)
             # Loss normaliser: label tokens in this window on all processes.
             window_tokens = accelerator.reduce(
                 sum(count_label_tokens(b["labels"]) for b in window).to(accelerator.device), reduction="sum")
@@ -198,8 +226,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             scheduler.step()
             state["global_step"] += 1
             state["batches_done_in_epoch"] += len(window)
-            real_tokens = int(accelerator.reduce(
-                sum(b["attention_mask"].sum() for b in window).to(accelerator.device), reduction="sum"))
+            real_tokens = int(accelerator.reduce(real_tokens.to(accelerator.device), reduction="sum"))
             state["tokens"] += real_tokens
             interval_tokens += real_tokens
             window_losses.append(float(accelerator.reduce(step_loss, reduction="sum")))

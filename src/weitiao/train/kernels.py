@@ -1,0 +1,32 @@
+"""Fused GPU kernels from maintained libraries (Liger): fused linear + cross-entropy, so the vocabulary-sized
+logits are never materialised, plus fused RMSNorm, SwiGLU and RoPE. CUDA only; the CPU path is unchanged."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from weitiao.errors import ConfigError
+
+
+def apply_liger(model: torch.nn.Module, wanted: bool | None, device: torch.device) -> bool:
+    """Patch `model` in place with Liger kernels; return whether it was patched.
+
+    wanted None means: on a CUDA device when liger-kernel is installed and supports the architecture."""
+    if wanted is False:
+        return False
+    available = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    if not available:
+        if wanted:
+            raise ConfigError("train.liger needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
+        return False
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if wanted:
+            raise ConfigError(f"liger-kernel has no kernels for model type '{model_type}'; set train.liger: false")
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
