@@ -239,7 +239,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
                 record = {"step": step, "epoch": round(state["epoch"] + state["batches_done_in_epoch"]
                                                        / max(1, batches_per_epoch), 3),
                           "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
-                          "tokens_per_s": round(interval_tokens / max(elapsed, 1e-9), 1)}
+                          "tokens": state["tokens"], "tokens_per_s": round(interval_tokens / max(elapsed, 1e-9), 1)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 log(record)
