@@ -38,14 +38,17 @@ def default_model_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(default_model_dir):
+def tokenizer(request):
+    """The default model's tokenizer; WEITIAO_TEST_TOKENIZER names a tokenizer folder instead (GPU machines that
+    do not hold the default model)."""
     from weitiao.models import load_tokenizer
 
-    return load_tokenizer(default_model_dir)
+    folder = os.environ.get("WEITIAO_TEST_TOKENIZER") or request.getfixturevalue("default_model_dir")
+    return load_tokenizer(folder)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model_dir, tokenizer) -> str:
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     """A 2-layer Llama with the default model's tokenizer: trains in seconds, exercises the real code paths."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

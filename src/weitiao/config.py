@@ -126,8 +126,8 @@ class LoraConfig(_Section):
     """LoRA rank."""
     alpha: float = 16
     """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
-    dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the LoRA input."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input (0 skips the op: faster, and usual for LLM fine-tuning)."""
     target_modules: list[str] | str = "all-linear"
     """'all-linear' (every linear layer but the output head) or a list of module names."""
     use_rslora: bool = False
@@ -305,6 +305,9 @@ class Config(_Section):
     def _check(self) -> "Config":
         if self.stage == "pt" and self.data.train_on == "responses":
             self.data.train_on = "all"
+        if self.data.packing and self.method in ("prefix", "ptuning", "prompt"):
+            raise ValueError(f"data.packing cannot be used with method {self.method}: its virtual tokens would be "
+                             "shared by every example of a packed row; set data.packing: false")
         if "quantization" in self.model_fields_set and self.method != "qlora":
             raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "

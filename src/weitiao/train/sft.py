@@ -29,7 +29,8 @@ from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
 from weitiao.train.kernels import apply_liger
-from weitiao.train.methods import apply_method, check_device, parameter_counts, quantization_config
+from weitiao.train.methods import (PROMPT_LEARNING_METHODS, apply_method, check_device, parameter_counts,
+                                   quantization_config)
 
 CHECKPOINTS = "checkpoints"
 
@@ -80,7 +81,9 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
     #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
     on_gpu = accelerator.device.type == "cuda"
-    packing = config.data.packing if config.data.packing is not None else on_gpu
+    # Prompt-learning methods prepend virtual tokens to each sequence, which a packed row cannot share.
+    packing = config.data.packing if config.data.packing is not None else (
+        on_gpu and config.method not in PROMPT_LEARNING_METHODS)
     if packing and config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
                           f"({config.data.packing_length}): an example must fit in a packed row")

@@ -1,0 +1,107 @@
+"""Every fine-tuning method on one GPU: trainable parameters, peak memory and real tokens per second.
+
+All methods run through `weitiao.train.sft.run` with weitiao's GPU defaults on a random-weight Llama shape and
+synthetic examples of exactly --length tokens; then LoRA vs QLoRA on the default model with the demo data
+(held-out response loss after the same training), for the quality gap.
+
+  python bench/methods.py --shape 1b --methods full freeze lora dora qlora ia3 prefix ptuning prompt
+  python bench/methods.py --shape 8b --methods lora qlora --length 2048
+  python bench/methods.py --quality          # lora vs qlora eval loss on the default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (PEAK_BF16_FLOPS, build_model_folder, device_name, flops_per_token,  # noqa: E402
+                    reset_memory, write_sft_data)
+from train_speed import run_weitiao  # noqa: E402
+
+# What each row sets besides `method` (dora is LoRA with DoRA).
+METHOD_SETTINGS = {"dora": {"method": "lora", "lora.use_dora": True}, "qlora8": {"method": "qlora",
+                                                                                 "quantization.bits": 8}}
+DEMO = Path(__file__).resolve().parents[1] / "src" / "weitiao" / "demo"
+
+
+def speed_table(args) -> list[dict]:
+    from weitiao.models import load_tokenizer, resolve_model
+
+    workdir = Path(args.workdir)
+    tokenizer = load_tokenizer(args.tokenizer or resolve_model("default"))
+    model_dir = str(build_model_folder(args.shape, workdir / f"llama-{args.shape}", tokenizer))
+    data = write_sft_data(workdir / f"fixed-{args.length}.jsonl", 400, fixed=args.length)
+    rows = []
+    for name in args.methods:
+        settings = METHOD_SETTINGS.get(name, {"method": name})
+        method = settings["method"]
+        reset_memory()
+        try:
+            measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, args.checkpointing,
+                                   args.length + 64, max(8192, args.length + 64),
+                                   extra={k: v for k, v in settings.items() if k != "method"})
+        except torch.cuda.OutOfMemoryError:
+            measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
+        measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, method) / PEAK_BF16_FLOPS
+        rows.append({"method": name, **measured})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\ndevice: {device_name()}  shape: {args.shape}  length: {args.length}  "
+          f"gradient checkpointing: {args.checkpointing}")
+    print(f"{'method':<10}{'trainable':>16}{'peak GiB':>10}{'real tok/s':>12}{'MFU':>8}")
+    for row in rows:
+        print(f"{row['method']:<10}{row.get('trainable_params', 0):>16,}{row['peak_mem_gib']:>10.1f}"
+              f"{row['real_tokens_per_s']:>12,.0f}{100 * row['mfu']:>7.1f}%  {row.get('error', '')}")
+    return rows
+
+
+def quality_gap(args) -> dict:
+    """LoRA and QLoRA with the same settings on the default model and the demo data: eval loss after training."""
+    from weitiao.config import load_config
+    from weitiao.train.sft import run
+
+    results = {}
+    for method in ("lora", "qlora"):
+        config = load_config(DEMO / "demo.yaml", ["--method", method, "--output_dir", tempfile.mkdtemp(),
+                                                  "--compare", "false", "--bf16", "true"])
+        result = run(config)
+        results[method] = {"eval_loss_before": result.eval_loss_before, "eval_loss": result.eval_loss,
+                           "seconds": result.seconds}
+    results["gap"] = results["qlora"]["eval_loss"] - results["lora"]["eval_loss"]
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--methods", nargs="+", default=["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix",
+                                                         "ptuning", "prompt"])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--quality", action="store_true", help="only the lora vs qlora quality comparison")
+    parser.add_argument("--workdir", default=tempfile.gettempdir())
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the default model's)")
+    args = parser.parse_args()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        report = {"device": device_name(), **quality_gap(args)}
+        (results / "lora-vs-qlora-default.json").write_text(json.dumps(report, indent=2) + "\n")
+        return
+    rows = speed_table(args)
+    name = f"methods-{args.shape}-{args.length}{'-ckpt' if args.checkpointing else ''}.json"
+    (results / name).write_text(json.dumps({"device": device_name(), "shape": args.shape, "length": args.length,
+                                            "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Training speed and memory: the common recipe vs weitiao, in one process, on the same synthetic data.
+
+Baseline ("the tutorial recipe"): transformers Trainer + PEFT LoRA r=16 on all linear layers (or full
+fine-tuning), bf16, sdpa attention, batches of 8 padded to the longest. weitiao: `weitiao.train.sft.run` with its
+GPU defaults (packed rows + flex attention, Liger kernels, LoRA dropout 0). Real (non-pad) tokens per second
+after a warm-up, peak GPU memory, MFU = tokens/s x FLOP per token / 989.4 TFLOP/s (FLOP per token: 4N with a
+frozen base, 6N for full fine-tuning, N = weights in linear layers incl. the output head; see common.py).
+
+  python bench/train_speed.py --shape 1b --variants baseline:lora weitiao:lora baseline:full weitiao:full
+  python bench/train_speed.py --shape tiny --steps 3 --warmup 1        # a CPU check of the script itself
+
+Writes bench/results/<shape>-<method>.json per method and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (StepTimer, build_model_folder, device_name, flops_per_token, peak_memory_gib,  # noqa: E402
+                    reset_memory, write_sft_data, PEAK_BF16_FLOPS)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tokenized(model_dir: str, data: Path, max_length: int):
+    """The synthetic data tokenized by weitiao's own pipeline (same masking for both recipes)."""
+    from weitiao.config import DataConfig
+    from weitiao.data.dataset import build_datasets
+    from weitiao.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    train, _, _ = build_datasets(DataConfig(train=[str(data)], max_length=max_length, cache=False), tokenizer)
+    return train, tokenizer
+
+
+def run_baseline(model_dir: str, data: Path, method: str, steps: int, warmup: int, checkpointing: bool,
+                 max_length: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    train, tokenizer = tokenized(model_dir, data, max_length)
+    dtype = torch.bfloat16 if method == "lora" else torch.float32  # full FT: fp32 master weights + bf16 autocast
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules="all-linear"))
+    pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    seen = {"tokens": 0}
+
+    def collate(rows):
+        batch = pad(rows)
+        seen["tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    timer = StepTimer(warmup)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.observe(state.global_step, seen["tokens"])
+
+    arguments = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=warmup + steps, bf16=on_gpu(),
+        learning_rate=1e-4, logging_steps=10, save_strategy="no", report_to=[], remove_unused_columns=False,
+        gradient_checkpointing=checkpointing, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=arguments, train_dataset=train.select_columns(["input_ids", "labels"]),
+                      data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    return {"real_tokens_per_s": timer.tokens_per_second(), "peak_mem_gib": peak_memory_gib()}
+
+
+def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int, checkpointing: bool,
+                max_length: int, packing_length: int, extra: dict | None = None) -> dict:
+    from weitiao.config import load_config
+    from weitiao.train.sft import run
+
+    settings = {
+        "model": {"name_or_path": model_dir},
+        "data": {"train": str(data), "max_length": max_length, "packing_length": packing_length, "cache": False},
+        "method": method, "lora": {"r": 16, "alpha": 32},
+        "train": {"output_dir": tempfile.mkdtemp(), "max_steps": warmup + steps, "bf16": on_gpu(),
+                  "learning_rate": 1e-4, "logging_steps": 1, "gradient_checkpointing": checkpointing,
+                  "overwrite_output_dir": True},
+        "eval": {"compare": False},
+    }
+    for key, value in (extra or {}).items():
+        section, _, name = key.rpartition(".")
+        (settings.setdefault(section, {}) if section else settings)[name] = value
+    timer = StepTimer(warmup)
+    result = run(load_config(None, settings),
+                 on_log=lambda record: timer.observe(record["step"], record["tokens"]) if "loss" in record else None)
+    trainable = result.trainable_params
+    del result
+    return {"real_tokens_per_s": timer.tokens_per_second(), "peak_mem_gib": peak_memory_gib(),
+            "trainable_params": trainable}
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
+                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 16k (16k rows)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--examples", type=int, default=3000)
+    parser.add_argument("--workdir", default=tempfile.gettempdir())
+    parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON results")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the default model's)")
+    args = parser.parse_args()
+
+    from weitiao.models import load_tokenizer, resolve_model
+
+    workdir = Path(args.workdir)
+    tokenizer = load_tokenizer(args.tokenizer or resolve_model("default"))
+    model_dir = str(build_model_folder(args.shape, workdir / f"llama-{args.shape}", tokenizer))
+    data = write_sft_data(workdir / "sft.jsonl", args.examples)
+    rows = []
+    for variant in args.variants:
+        recipe, method, *options = variant.split(":")
+        options = options[0].split(",") if options else []
+        checkpointing = "ckpt" in options
+        packing_length = 16384 if "16k" in options else 8192
+        reset_memory()
+        try:
+            if recipe == "baseline":
+                measured = run_baseline(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048)
+            else:
+                measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048,
+                                       packing_length)
+        except torch.cuda.OutOfMemoryError:
+            measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
+        measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, method) / PEAK_BF16_FLOPS
+        rows.append({"variant": variant, "recipe": recipe, "method": method, "options": options, **measured})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\ndevice: {device_name()}  shape: {args.shape}  steps: {args.steps} after {args.warmup} warm-up")
+    print(f"{'variant':<28}{'real tok/s':>12}{'peak GiB':>10}{'MFU':>8}{'x speed':>9}{'x mem':>8}")
+    baselines = {}  # per method: the first baseline run that did not fail
+    for row in rows:
+        if row["recipe"] == "baseline" and "error" not in row:
+            baselines.setdefault(row["method"], row)
+    for row in rows:
+        base = baselines.get(row["method"])
+        speed = row["real_tokens_per_s"] / base["real_tokens_per_s"] if base and base["real_tokens_per_s"] else None
+        memory = row["peak_mem_gib"] / base["peak_mem_gib"] if base else None
+        print(f"{row['variant']:<28}{row['real_tokens_per_s']:>12,.0f}{row['peak_mem_gib']:>10.1f}"
+              f"{100 * row['mfu']:>7.1f}%" + (f"{speed:>9.2f}{memory:>8.2f}" if speed else "") + "  " +
+              row.get("error", ""))
+        if base and row["recipe"] == "weitiao":
+            results = Path(args.results)
+            results.mkdir(parents=True, exist_ok=True)
+            record = {"device": device_name(), "shape": args.shape, "method": row["method"],
+                      "variant": row["variant"], "real_tokens_per_s": row["real_tokens_per_s"],
+                      "peak_mem_gib": row["peak_mem_gib"], "mfu": row["mfu"],
+                      "baseline_real_tokens_per_s": base["real_tokens_per_s"],
+                      "baseline_peak_mem_gib": base["peak_mem_gib"], "baseline_mfu": base["mfu"],
+                      "steps": args.steps, "warmup": args.warmup}
+            name = f"{args.shape}-{row['variant'].replace(':', '-').replace(',', '-')}.json"
+            (results / name).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

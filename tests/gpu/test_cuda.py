@@ -1,0 +1,81 @@
+"""GPU paths, run on a CUDA machine (skipped elsewhere): flex-attention packing, Liger kernels, QLoRA, 8-bit
+optimizers. CI has no GPU; these run through the device tool and their output is recorded in docs/gpu.md."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _examples():
+    torch.manual_seed(0)
+    examples = []
+    for length in (37, 120, 65, 300, 9):
+        ids = torch.randint(5, 1000, (length,)).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (length // 3) + ids[length // 3:]})
+    return examples
+
+
+def _loss_and_grads(model_dir, batch, attention):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention,
+                                                 dtype=torch.float32).cuda()
+    batch = {k: v.cuda() for k, v in batch.items() if k != "num_tokens"}
+    loss = model(**batch, use_cache=False, num_items_in_batch=1).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_flex_attention_packing_equals_padded_batches(tiny_model_dir):
+    from weitiao.data.collate import PadCollator
+    from weitiao.data.packing import PackedCollator
+
+    examples = _examples()
+    padded_loss, padded_grads = _loss_and_grads(tiny_model_dir, PadCollator(0)(examples), "sdpa")
+    packed_loss, packed_grads = _loss_and_grads(tiny_model_dir, PackedCollator(0, 1024)(examples), "flex_attention")
+    print(f"fp32 summed loss: padded {padded_loss.item():.6f} packed(flex) {packed_loss.item():.6f}")
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-4, atol=1e-3)
+    worst = max(((packed_grads[n] - g).norm() / g.norm()).item() for n, g in padded_grads.items() if g.norm() > 0)
+    print(f"largest relative gradient difference: {worst:.2e}")
+    assert worst < 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_liger_and_packing_train_to_the_same_loss(tmp_path, tiny_model_dir):
+    from tests.train.test_sft import make_config
+    from weitiao.train.sft import run
+
+    settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5)
+    plain = run(make_config(tmp_path / "a", tiny_model_dir, data__packing=False, train__liger=False, **settings))
+    fast = run(make_config(tmp_path / "b", tiny_model_dir, data__packing=False, train__liger=True, **settings))
+    print(f"eval loss: plain {plain.eval_loss:.5f}, liger {fast.eval_loss:.5f}")
+    assert abs(plain.eval_loss - fast.eval_loss) < 2e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_and_plain_peft_reloads_it(bits, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.train.test_sft import make_config
+    from weitiao.train.sft import run
+
+    result = run(make_config(tmp_path, tiny_model_dir, method="qlora", quantization__bits=bits, train__max_steps=8,
+                             train__optim="paged_adamw_8bit", train__bf16=True))
+    print(f"qlora {bits}-bit: eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}, "
+          f"trainable {result.trainable_params} of {result.total_params}")
+    assert result.eval_loss < result.eval_loss_before
+    quantized = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16) if bits == 4 else
+                 BitsAndBytesConfig(load_in_8bit=True))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantized, device_map={"": 0})
+    reloaded = PeftModel.from_pretrained(base, result.output_dir).eval()
+    ids = torch.tensor([[1, 500, 600, 700, 800]], device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits.float(), result.model.eval()(ids).logits.float(),
+                                   rtol=0, atol=5e-2)
+    assert (Path(result.output_dir) / "adapter_model.safetensors").is_file()
