@@ -51,6 +51,7 @@ def speed_table(args) -> list[dict]:
         measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, method) / PEAK_BF16_FLOPS
         rows.append({"method": name, **measured})
         print(json.dumps(rows[-1]), flush=True)
+        save(args, rows)  # after every row: a run stopped by its time limit keeps what it measured
     print(f"\ndevice: {device_name()}  shape: {args.shape}  length: {args.length}  "
           f"gradient checkpointing: {args.checkpointing}")
     print(f"{'method':<10}{'trainable':>16}{'peak GiB':>10}{'real tok/s':>12}{'MFU':>8}")
@@ -83,8 +84,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix",
                                                          "ptuning", "prompt"])
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (a multiple of 5)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before measuring (a multiple of 5)")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--quality", action="store_true", help="only the lora vs qlora quality comparison")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
@@ -97,10 +98,13 @@ def main() -> None:
         report = {"device": device_name(), **quality_gap(args)}
         (results / "lora-vs-qlora-default.json").write_text(json.dumps(report, indent=2) + "\n")
         return
-    rows = speed_table(args)
+    speed_table(args)
+
+
+def save(args, rows: list[dict]) -> None:
     name = f"methods-{args.shape}-{args.length}{'-ckpt' if args.checkpointing else ''}.json"
-    (results / name).write_text(json.dumps({"device": device_name(), "shape": args.shape, "length": args.length,
-                                            "rows": rows}, indent=2) + "\n")
+    (Path(args.results) / name).write_text(json.dumps({"device": device_name(), "shape": args.shape,
+                                                       "length": args.length, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from common import (StepTimer, build_model_folder, device_name, flops_per_token,
                     reset_memory, write_sft_data, PEAK_BF16_FLOPS)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LOG_EVERY = 5  # steps between throughput observations (each one waits for the GPU)
 
 
 def tokenized(model_dir: str, data: Path, max_length: int):
@@ -64,7 +65,8 @@ def run_baseline(model_dir: str, data: Path, method: str, steps: int, warmup: in
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            timer.observe(state.global_step, seen["tokens"])
+            if state.global_step % LOG_EVERY == 0:  # the same observation points (and syncs) as weitiao's
+                timer.observe(state.global_step, seen["tokens"])
 
     arguments = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=warmup + steps, bf16=on_gpu(),
@@ -86,7 +88,7 @@ def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int
         "data": {"train": str(data), "max_length": max_length, "packing_length": packing_length, "cache": False},
         "method": method, "lora": {"r": 16, "alpha": 32},
         "train": {"output_dir": tempfile.mkdtemp(), "max_steps": warmup + steps, "bf16": on_gpu(),
-                  "learning_rate": 1e-4, "logging_steps": 1, "gradient_checkpointing": checkpointing,
+                  "learning_rate": 1e-4, "logging_steps": LOG_EVERY, "gradient_checkpointing": checkpointing,
                   "overwrite_output_dir": True},
         "eval": {"compare": False},
     }
@@ -102,6 +104,18 @@ def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int
             "trainable_params": trainable}
 
 
+def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length)
+    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"profile-{method}.txt").write_text(table)
+    print(table)
+    return measured
+
+
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
@@ -111,7 +125,7 @@ def main() -> None:
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
                         help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 16k (16k rows)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
@@ -135,6 +149,8 @@ def main() -> None:
         try:
             if recipe == "baseline":
                 measured = run_baseline(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048)
+            elif "prof" in options:  # where the GPU time goes: the top kernels of a short run
+                measured = profile_weitiao(model_dir, data, method, packing_length, Path(args.results))
             else:
                 measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048,
                                        packing_length)
@@ -157,7 +173,7 @@ def main() -> None:
         print(f"{row['variant']:<28}{row['real_tokens_per_s']:>12,.0f}{row['peak_mem_gib']:>10.1f}"
               f"{100 * row['mfu']:>7.1f}%" + (f"{speed:>9.2f}{memory:>8.2f}" if speed else "") + "  " +
               row.get("error", ""))
-        if base and row["recipe"] == "weitiao":
+        if base and row["recipe"] == "weitiao" and "prof" not in row["options"]:
             results = Path(args.results)
             results.mkdir(parents=True, exist_ok=True)
             record = {"device": device_name(), "shape": args.shape, "method": row["method"],

@@ -29,7 +29,7 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "num_tokens": attention_mask.sum()}
+                "num_tokens": int(attention_mask.sum())}
 
 
 def count_label_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -88,4 +88,4 @@ class PackedCollator:
             labels += [IGNORE_INDEX] * padding
             positions += range(padding)
         return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]), "num_tokens": torch.tensor(real)}
+                "position_ids": torch.tensor([positions]), "num_tokens": real}

@@ -71,7 +71,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  non_blocking=torch.cuda.is_available()))
     is_main = accelerator.is_main_process
     check_device(config, accelerator.device)
     set_seed(args.seed)
@@ -124,14 +125,14 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
         collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None)
         train_loader = DataLoader(train_set, batch_sampler=packed_sampler, collate_fn=collate,
-                                  num_workers=args.dataloader_num_workers, generator=generator)
+                                  num_workers=args.dataloader_num_workers, generator=generator, pin_memory=on_gpu)
         if is_main:
             print(f"Packing: {len(train_set)} examples in {len(packed_sampler)} rows of up to "
                   f"{config.data.packing_length} tokens ({100 * packed_sampler.fill:.1f}% filled)")
     else:
         train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
                                   collate_fn=pad_collate, num_workers=args.dataloader_num_workers,
-                                  generator=generator)
+                                  generator=generator, pin_memory=on_gpu)
     eval_loader = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=pad_collate)
                    if eval_set is not None and len(eval_set) else None)
 
@@ -192,14 +193,33 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         if is_main:
             print(f"eval loss before training: {state['eval_loss_before']:.4f}")
 
-    # 7. The loop.
+    # 7. The loop. Nothing in a step waits for the GPU (losses and counts stay on the device until a log line),
+    #    so the host queues the next step while the GPU still works on this one.
     model.train()
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="training", disable=not is_main,
                     dynamic_ncols=True)
     started = time.time()
-    window_losses: list[float] = []
-    last_train_loss = None
-    interval_tokens, interval_start = 0, time.time()
+    interval = {"loss": torch.zeros((), device=accelerator.device), "steps": 0, "tokens": 0, "start": time.time()}
+    last_train_loss, grad_norm = None, None
+
+    def flush_log(step: int) -> None:
+        """Sum the interval's losses and tokens over processes (one sync) and write a log line."""
+        nonlocal last_train_loss
+        loss_sum, tokens = accelerator.reduce(torch.stack(
+            [interval["loss"], torch.tensor(float(interval["tokens"]), device=accelerator.device)]), "sum").tolist()
+        state["tokens"] += int(tokens)
+        last_train_loss = loss_sum / interval["steps"]
+        elapsed = time.time() - interval["start"]
+        record = {"step": step, "epoch": round(state["epoch"] + state["batches_done_in_epoch"]
+                                               / max(1, batches_per_epoch), 3),
+                  "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
+                  "tokens": state["tokens"], "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        log(record)
+        progress.set_postfix(loss=f"{last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}")
+        interval.update(loss=torch.zeros((), device=accelerator.device), steps=0, tokens=0, start=time.time())
+
     while state["global_step"] < total_steps:
         train_loader.set_epoch(state["epoch"])
         if packed_sampler is not None:
@@ -210,18 +230,15 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             window = list(islice(batches, accumulation))
             if not window:
                 break
-            real_tokens = sum(batch.pop("num_tokens") for batch in window)
+            interval["tokens"] += sum(batch.pop("num_tokens") for batch in window)
             # Loss normaliser: label tokens in this window on all processes.
-            window_tokens = accelerator.reduce(
-                sum(count_label_tokens(b["labels"]) for b in window).to(accelerator.device), reduction="sum")
+            window_tokens = accelerator.reduce(sum(count_label_tokens(b["labels"]) for b in window), "sum")
             scale = accumulation * accelerator.num_processes  # undoes accelerate's /accumulation and DDP's mean
-            step_loss = torch.zeros((), device=accelerator.device)
             for batch in window:
                 with accelerator.accumulate(model):
                     loss = model(**batch, use_cache=False, num_items_in_batch=window_tokens).loss
                     accelerator.backward(loss * scale)
-                    step_loss += loss.detach()
-                    grad_norm = None
+                    interval["loss"] += loss.detach()
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
@@ -229,28 +246,15 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             scheduler.step()
             state["global_step"] += 1
             state["batches_done_in_epoch"] += len(window)
-            real_tokens = int(accelerator.reduce(real_tokens.to(accelerator.device), reduction="sum"))
-            state["tokens"] += real_tokens
-            interval_tokens += real_tokens
-            window_losses.append(float(accelerator.reduce(step_loss, reduction="sum")))
+            interval["steps"] += 1
             progress.update(1)
             step = state["global_step"]
-
-            if step % args.logging_steps == 0 or step == total_steps:
-                last_train_loss = sum(window_losses) / len(window_losses)
-                elapsed = time.time() - interval_start
-                record = {"step": step, "epoch": round(state["epoch"] + state["batches_done_in_epoch"]
-                                                       / max(1, batches_per_epoch), 3),
-                          "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
-                          "tokens": state["tokens"], "tokens_per_s": round(interval_tokens / max(elapsed, 1e-9), 1)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                log(record)
-                progress.set_postfix(loss=f"{last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}")
-                window_losses, interval_tokens, interval_start = [], 0, time.time()
+            saving = args.save_steps and step % args.save_steps == 0 and step != total_steps
+            if step % args.logging_steps == 0 or step == total_steps or saving:
+                flush_log(step)  # before a checkpoint too, so its state counts every token seen
             if args.eval_steps and step % args.eval_steps == 0 and step != total_steps:
                 evaluate(step)
-            if args.save_steps and step % args.save_steps == 0 and step != total_steps:
+            if saving:
                 _save_checkpoint(accelerator, out, state, args.save_total_limit)
         if state["global_step"] < total_steps:
             state["epoch"] += 1
