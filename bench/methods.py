@@ -36,7 +36,7 @@ def speed_table(args) -> list[dict]:
     workdir = Path(args.workdir)
     tokenizer = load_tokenizer(args.tokenizer or resolve_model("default"))
     model_dir = str(build_model_folder(args.shape, workdir / f"llama-{args.shape}", tokenizer))
-    data = write_sft_data(workdir / f"fixed-{args.length}.jsonl", 400, fixed=args.length)
+    data = write_sft_data(workdir / f"fixed-{args.length}.jsonl", max(16, 409600 // args.length), fixed=args.length)
     rows = []
     for name in args.methods:
         settings = METHOD_SETTINGS.get(name, {"method": name})
