@@ -44,7 +44,7 @@ def speed_table(args) -> list[dict]:
         reset_memory()
         try:
             measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, args.checkpointing,
-                                   args.length + 64, max(8192, args.length + 64),
+                                   args.length + 64, args.row_tokens or max(8192, args.length + 64),
                                    extra={k: v for k, v in settings.items() if k != "method"})
         except torch.cuda.OutOfMemoryError:
             measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5, help="steps before measuring (a multiple of 5)")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--row-tokens", type=int, help="tokens per packed row (default: max(8192, length + 64))")
     parser.add_argument("--quality", action="store_true", help="only the lora vs qlora quality comparison")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
