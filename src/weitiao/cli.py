@@ -108,7 +108,8 @@ def _engine(args: argparse.Namespace, adapters: dict[str, str]):
     from weitiao.serve.engine import Engine
 
     print(f"loading {args.model}...", file=sys.stderr)
-    return Engine.from_model_arg(args.model, adapters, dtype=args.dtype)
+    return Engine.from_model_arg(args.model, adapters, dtype=args.dtype, base_name=getattr(args, "name", None),
+                                 threads=args.threads)
 
 
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -159,6 +160,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         "id, or an adapter run folder (its base is loaded and the adapter attached)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights dtype (auto: bf16 on a GPU that has it, fp32 on the CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for generation (default: PyTorch's choice, one per "
+                        "core; 1 is often faster on a busy machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--adapter", action="append", metavar="NAME=PATH",
                          help="attach an adapter (run folder) under NAME; repeatable")
         sub.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-        sub.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 picks a free one)")
+        sub.add_argument("--port", type=int, default=port, help=f"port (default {port})")
         if name == "serve":
             sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $WEITIAO_API_KEY)")
+            sub.add_argument("--name", help="the base model's name in the API (default: MODEL as given)")
         else:
             sub.add_argument("--runs-dir", default="outputs", help="where the Train tab writes runs and the Eval tab "
                              "looks for them (default outputs)")

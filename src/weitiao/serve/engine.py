@@ -381,8 +381,13 @@ class Engine:
     """A base model with named adapters, answering one request at a time on a worker thread."""
 
     def __init__(self, model: str = "default", adapters: dict[str, str] | None = None, dtype: str = "auto",
-                 device: str | None = None, base_name: str | None = None, max_queue: int = 256):
+                 device: str | None = None, base_name: str | None = None, max_queue: int = 256,
+                 threads: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads:
+            # Decoding one token is many tiny matrix products: on a CPU that other programs share, one thread
+            # can be several times faster than a team of threads waiting for each other (see docs/deploy.md).
+            torch.set_num_threads(threads)
         model_config = ModelConfig(name_or_path=model, dtype=dtype_name(dtype))
         self.model, tokenizer, self.base_path = load_model(model_config)
         self.model.to(self.device).eval()
