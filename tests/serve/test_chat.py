@@ -57,8 +57,8 @@ def test_multi_turn_system_reset_and_streaming(engine):
 
 def test_history_is_trimmed_to_the_context_window(engine):
     recorder, out = Recorder(engine), io.StringIO()
-    long_message = "tell me more " * 40  # ~120 tokens; with 300 for the reply only one exchange fits in 512
-    chat_loop(recorder, "base", SamplingParams(max_tokens=300, temperature=0),
+    long_message = "tell me more " * 80  # 241 tokens: two of them and their replies do not fit in 512
+    chat_loop(recorder, "base", SamplingParams(max_tokens=16, temperature=0),
               read=scripted([long_message, long_message, long_message]), out=out)
     assert [len(c) for c in recorder.conversations] == [1, 1, 1]
     assert "forgot the 2 oldest messages" in out.getvalue()

@@ -177,7 +177,7 @@ def test_training_run_plots_its_loss_live_and_the_eval_tab_shows_its_report(page
     logged_steps = [r["step"] for r in map(json.loads, (runs / "tiny-run" / "metrics.jsonl").read_text().splitlines())
                     if "loss" in r]
     assert logged_steps == [2, 4, 6]
-    assert "Method: lora" in page.input_value("#train-log textarea")  # the log of the `weitiao train` process
+    assert f"Report: {runs / 'tiny-run' / 'report.md'}" in page.input_value("#train-log textarea")  # weitiao train's
     screenshot(page, "train.png")
 
     page.get_by_role("tab", name="Eval").click()

@@ -385,8 +385,9 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
 
         with gr.Tab("Eval"):
             with gr.Row():
-                run_picker = gr.Dropdown(list_runs(runs_dir), label="Run folder", allow_custom_value=True,
-                                         elem_id="run-picker", scale=4)
+                runs = list_runs(runs_dir)
+                run_picker = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run folder",
+                                         allow_custom_value=True, elem_id="run-picker", scale=4)
                 refresh_runs = gr.Button("Refresh list", scale=1)
             report = gr.Markdown(elem_id="report")
             loss_image = gr.Image(label="Training and validation loss", type="pil", interactive=False,
@@ -394,6 +395,7 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
             metrics_image = gr.Image(label="Base vs fine-tuned", type="pil", interactive=False, elem_id="metrics-image")
             samples = gr.Markdown(elem_id="samples")
         run_picker.change(load_report, run_picker, [report, loss_image, metrics_image, samples])
+        app.load(load_report, run_picker, [report, loss_image, metrics_image, samples])  # the preselected run
         refresh_runs.click(lambda: gr.Dropdown(choices=list_runs(runs_dir)), None, run_picker)
     return app
 
