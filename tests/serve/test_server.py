@@ -159,21 +159,25 @@ def test_api_key_is_required(server, key):
             bad_client.models.list()
 
 
-def test_client_disconnecting_mid_stream_cancels_its_generation(server, client):
+def test_clients_that_hang_up_cancel_their_generation(server, client):
     body = {"model": "base", "messages": HELLO, "max_tokens": 400, "seed": 1, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         next(lines)
-    # The connection is closed: the server must cancel and keep serving everyone else.
+    # A client that gives up on a whole (non-streamed) reply hangs up too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False},
+                   timeout=httpx.Timeout(30, read=1.0), headers={"Authorization": f"Bearer {API_KEY}"})
+    # The server must cancel both and keep serving everyone else.
     assert chat(client, seed=7).choices[0].message.content == chat(client, seed=7).choices[0].message.content
     deadline = time.time() + 30
-    while time.time() < deadline and not any("cancelled" in line for line in server.log_lines()):
+    while time.time() < deadline and len([line for line in server.log_lines() if "cancelled" in line]) < 2:
         time.sleep(0.2)
     cancelled = [line for line in server.log_lines() if "cancelled" in line]
-    assert cancelled, "\n".join(server.log_lines())
-    assert int(re.search(r"completion_tokens=(\d+)", cancelled[0]).group(1)) < 400
+    assert len(cancelled) == 2, "\n".join(server.log_lines())
+    assert all(int(re.search(r"completion_tokens=(\d+)", line).group(1)) < 400 for line in cancelled)
 
 
 def test_concurrent_burst_gets_correct_answers(server, client):

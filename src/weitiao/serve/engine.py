@@ -32,7 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 from weitiao.config import ModelConfig
 from weitiao.data.templates import TEMPLATE_STOPS
 from weitiao.errors import ModelLoadError, WeitiaoError
-from weitiao.models import load_model, load_tokenizer, pick_dtype, resolve_model
+from weitiao.models import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger("weitiao.serve")
 
@@ -92,6 +92,13 @@ def dtype_name(short: str) -> str:
     return DTYPES.get(short, short)
 
 
+def check_adapter_name(name: str) -> str:
+    """Names are what clients send as `model` and what log lines show: keep them plain."""
+    if not ADAPTER_NAME.fullmatch(name):
+        raise WeitiaoError(f"adapter name '{name}' may only use letters, digits, '.', '_' and '-'")
+    return name
+
+
 def parse_adapter_specs(specs: list[str] | None) -> dict[str, str]:
     """['tuned=outputs/demo', ...] -> {'tuned': 'outputs/demo'}, checking the NAME=PATH syntax and unique names."""
     adapters: dict[str, str] = {}
@@ -99,8 +106,7 @@ def parse_adapter_specs(specs: list[str] | None) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise WeitiaoError(f"--adapter expects NAME=PATH (e.g. tuned=outputs/demo), got '{spec}'")
-        if not ADAPTER_NAME.fullmatch(name):
-            raise WeitiaoError(f"adapter name '{name}' may only use letters, digits, '.', '_' and '-'")
+        check_adapter_name(name)
         if name in adapters:
             raise WeitiaoError(f"adapter name '{name}' is given twice")
         adapters[name] = path
@@ -137,17 +143,22 @@ def _run_config(folder: Path) -> dict[str, Any]:
 
 
 def adapter_base(path: str | Path) -> str:
-    """The base model an adapter was trained on: the run's config.yaml model (as the user named it, e.g.
-    'default'), else the base_model_name_or_path that PEFT recorded."""
+    """The base model an adapter was trained on: the run's config.yaml model as the user named it (e.g.
+    'default'), else the base_model_name_or_path PEFT recorded (the resolved folder at training time), which
+    is also the fallback when the first one does not resolve here (a path relative to another directory)."""
     folder = check_adapter_folder(path)
-    declared = (_run_config(folder).get("model") or {}).get("name_or_path")
-    if declared:
-        return str(declared)
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path")
-    if not base:
+    peft_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    candidates = [str(name) for name in ((_run_config(folder).get("model") or {}).get("name_or_path"),
+                                         peft_config.get("base_model_name_or_path")) if name]
+    if not candidates:
         raise WeitiaoError(f"{path}: adapter_config.json does not name its base model; pass the base explicitly")
-    return str(base)
+    for candidate in candidates:
+        try:
+            resolve_model(candidate)
+            return candidate
+        except ModelLoadError:
+            continue
+    return candidates[0]
 
 
 def _architecture(model_folder: str) -> dict[str, Any] | None:
@@ -174,8 +185,10 @@ def check_adapter_base(adapter: str | Path, base_path: str) -> None:
         return
     expected, actual = _architecture(declared_path), _architecture(base_path)
     if expected is not None and actual is not None and expected != actual:
+        differences = ", ".join(f"{key} {expected[key]} vs {actual[key]}" for key in expected
+                                if expected[key] != actual[key])
         raise WeitiaoError(f"adapter {adapter} was trained on {declared}, a different model than {base_path} "
-                           f"({', '.join(f'{k} {expected[k]} vs {actual[k]}' for k in expected if expected[k] != actual[k])})")
+                           f"({differences})")
 
 
 def _eos_token_ids(folder: Path | None, tokenizer, fallback: Any) -> list[int]:
@@ -354,9 +367,8 @@ class Generation(BaseStreamer):
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:
-            if not self.done.is_set():
-                self.cancel()
+        finally:  # the reader stopped early (cancelled task, closed generator): stop generating for it
+            self.cancel()
 
     async def result_async(self) -> str:
         async for _ in self.stream_async():
@@ -391,7 +403,6 @@ class Engine:
         model_config = ModelConfig(name_or_path=model, dtype=dtype_name(dtype))
         self.model, tokenizer, self.base_path = load_model(model_config)
         self.model.to(self.device).eval()
-        self.dtype = next(self.model.parameters()).dtype
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
         base_folder = Path(self.base_path) if Path(self.base_path).is_dir() else None
         self.base_name = base_name or model
@@ -444,8 +455,7 @@ class Engine:
         """Attach a PEFT adapter (or a weitiao run folder holding one) under `name`."""
         from peft import PeftModel
 
-        if not ADAPTER_NAME.fullmatch(name):
-            raise WeitiaoError(f"adapter name '{name}' may only use letters, digits, '.', '_' and '-'")
+        check_adapter_name(name)
         if name in self.models:
             raise WeitiaoError(f"the name '{name}' is already taken by another model or adapter")
         folder = check_adapter_folder(path)

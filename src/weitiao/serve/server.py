@@ -8,6 +8,7 @@ Requests queue on the engine's single worker; a client that leaves mid-stream ca
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -131,7 +132,6 @@ def _sse(payload: dict[str, Any] | str) -> str:
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     """The API over `engine`. With `api_key`, /v1/* requires `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="weitiao", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -150,6 +150,11 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return _error_response(APIError(503, str(error), type_="server_error", code="server_busy"))
         code = "context_length_exceeded" if isinstance(error, ContextLengthError) else None
         return _error_response(APIError(400, str(error), code=code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _error_response(APIError(500, f"internal error: {error}", type_="server_error"))
 
     async def check_api_key(request: Request) -> None:
         if api_key is None:
@@ -183,7 +188,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         request.state.model = body.model
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            await generation.result_async()
+            await _replies(request, [generation])
             return {"id": reply_id, "object": "chat.completion", "created": created, "model": body.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                                  "logprobs": None, "finish_reason": generation.finish_reason}],
@@ -223,8 +228,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         request.state.model = body.model
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            for generation in generations:
-                await generation.result_async()
+            await _replies(request, generations)
             return {"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
                     "choices": [{"index": index, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
                                 for index, g in enumerate(generations)],
@@ -251,11 +255,33 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     return app
 
 
+async def _replies(request: Request, generations: list[Generation]) -> None:
+    """Wait for whole replies. A client that hangs up meanwhile (a timeout, a closed program) cancels them,
+    so abandoned requests do not hold the queue."""
+    replies = asyncio.ensure_future(asyncio.gather(*(g.result_async() for g in generations)))
+    try:
+        while not replies.done():
+            await asyncio.wait({replies}, timeout=1.0)
+            if not replies.done() and await request.is_disconnected():
+                break
+    finally:
+        for generation in generations:
+            generation.cancel()
+    if replies.done():
+        replies.result()  # re-raise a generation error
+    else:
+        replies.cancel()
+
+
 def _event_stream(events: AsyncIterator[str], generations: list[Generation]) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield event
+        except Exception as error:  # headers are sent: report in the stream, as OpenAI does
+            log.exception("generation failed mid-stream")
+            yield _sse({"error": {"message": f"internal error: {error}", "type": "server_error", "param": None,
+                                  "code": None}})
         finally:  # the client went away (or the stream ended): nothing more to generate for it
             for generation in generations:
                 generation.cancel()
