@@ -136,10 +136,10 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.serve.server import bind_socket, run_server
 
     adapters = parse_adapter_specs(args.adapter)
-    sock = bind_socket(args.host, args.port)
-    engine = _engine(args, adapters)
-    run_server(engine, sock, api_key=args.api_key or os.environ.get("WEITIAO_API_KEY") or None)
-    engine.close()
+    with bind_socket(args.host, args.port) as sock:  # before loading the model: a taken port fails at once
+        engine = _engine(args, adapters)
+        run_server(engine, sock, api_key=args.api_key or os.environ.get("WEITIAO_API_KEY") or None)
+        engine.close()
 
 
 def cmd_webui(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -9,6 +9,7 @@ Requests queue on the engine's single worker; a client that leaves mid-stream ca
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -338,7 +339,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as error:
         sock.close()
-        reason = "in use" if error.errno == 98 else error.strerror
+        reason = "in use" if error.errno == errno.EADDRINUSE else error.strerror
         raise WeitiaoError(f"cannot listen on {host}:{port}: port {reason}; choose another with --port") from None
     sock.listen(128)
     sock.set_inheritable(True)
