@@ -262,7 +262,7 @@ async def _replies(request: Request, generations: list[Generation]) -> None:
     replies = asyncio.ensure_future(asyncio.gather(*(g.result_async() for g in generations)))
     try:
         while not replies.done():
-            await asyncio.wait({replies}, timeout=1.0)
+            await asyncio.wait({replies}, timeout=0.25)
             if not replies.done() and await request.is_disconnected():
                 break
     finally:

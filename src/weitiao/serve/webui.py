@@ -114,7 +114,7 @@ class TrainingRun:
         steps = [record["step"] for record in self.metrics() if "loss" in record]
         progress = f", step {steps[-1]}" if steps else ""
         if self.running:
-            return f"**Running** `{self.output_dir}` ({elapsed:.0f} s{progress})"
+            return f"**Running** `weitiao train {self.config_path}` → `{self.output_dir}` ({elapsed:.0f} s{progress})"
         if self.stopped:
             return f"**Stopped** after {elapsed:.0f} s{progress}."
         if self.process.returncode == 0:
@@ -263,35 +263,34 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
                 return
             params = SamplingParams(max_tokens=int(limit), temperature=float(temp), top_p=float(nucleus))
             prefix = [_message("system", system_prompt)] if system_prompt else []
-            sides = [(first, conversation_a)] + ([(other, conversation_b)] if both else [])
-            replies: list[tuple[list, Generation | None, str]] = []
-            for model, conversation in sides:  # queue every side first: they run back to back
-                conversation = conversation + [_message("user", message)]
+            conversations = [conversation_a, conversation_b]
+            generations: list[tuple[int, Generation]] = []
+            for side, model in enumerate([first, other] if both else [first]):  # queue all: they run back to back
+                conversation = conversations[side] + [_message("user", message)]
                 try:
                     messages = engine.fit_messages(model, prefix + conversation, params.max_tokens)
-                    generation, error = engine.chat(model, messages, params), ""
-                    running[id(generation)] = generation
-                except WeitiaoError as failure:
-                    generation, error = None, f"⚠️ {failure}"
-                replies.append((conversation + [_message("assistant", error)], generation, error))
-            conversations = [reply[0] for reply in replies] + ([conversation_b] if not both else [])
+                    generation = engine.chat(model, messages, params)
+                except WeitiaoError as error:  # a toast; the conversation stays as it was
+                    gr.Warning(f"{model}: {error}")
+                    continue
+                running[id(generation)] = generation
+                conversations[side] = conversation + [_message("assistant", "")]
+                generations.append((side, generation))
 
             def update():
                 return "", conversations[0], conversations[1], conversations[0], conversations[1]
 
             yield update()
             try:
-                for conversation, generation, _ in replies:
-                    if generation is None:
-                        continue
+                for side, generation in generations:
                     for piece in generation:
-                        conversation[-1] = _message("assistant", conversation[-1]["content"] + piece)
+                        reply = conversations[side][-1]["content"] + piece
+                        conversations[side][-1] = _message("assistant", reply)
                         yield update()
             finally:
-                for _, generation, _ in replies:
-                    if generation is not None:
-                        generation.cancel()
-                        running.pop(id(generation), None)
+                for _, generation in generations:
+                    generation.cancel()
+                    running.pop(id(generation), None)
             yield update()
 
         def stop_generations(running):
@@ -323,8 +322,8 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
         attach.click(attach_adapter, [adapter_path, adapter_name], [attach_status, model_a, model_b])
 
         with gr.Tab("Train"):
-            gr.Markdown("Fine-tune with the main settings; the run is `weitiao train` on the config shown in its "
-                        "log, and its output folder is a run folder like any other.")
+            gr.Markdown("Fine-tune with the main settings: *Start* writes them into a weitiao config and runs "
+                        "`weitiao train` on it, so the output is a run folder like any other.")
             with gr.Row():
                 train_model = gr.Textbox(value=engine.base_name, label="Base model", elem_id="train-model")
                 run_name = gr.Textbox(value=lambda: time.strftime("run-%Y%m%d-%H%M%S"), label="Run name",
