@@ -4,6 +4,7 @@ which is what the tests compare."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ CONTEXT = 512
 def make_tiny_model(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_tokenizer(resolve_model("default"))
+    # As in tests/conftest.py: WEITIAO_TEST_TOKENIZER names a tokenizer folder where the default model is absent.
+    tokenizer = load_tokenizer(os.environ.get("WEITIAO_TEST_TOKENIZER") or resolve_model("default"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=CONTEXT, tie_word_embeddings=True,
