@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(chat)
     chat.add_argument("--adapter", help="adapter folder to talk to (on top of MODEL)")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    chat.add_argument("--max-tokens", type=int, help="longest reply in tokens (default 512, at most half the "
+                      "context window)")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     chat.add_argument("--seed", type=int, help="seed for reproducible sampling")

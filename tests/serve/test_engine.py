@@ -98,6 +98,9 @@ def test_context_window_limits(engine):
     assert engine.count_tokens("base", engine.render_chat("base", [history[0]] + history[-len(fitted) - 1:])) + 100 > 512
     with pytest.raises(ContextLengthError, match="last message alone"):
         engine.fit_messages("base", [{"role": "user", "content": "blah " * 600}], max_tokens=10)
+    # No max_tokens: 512 tokens of reply, but never more than half of this 512-token window.
+    short_question = [{"role": "user", "content": "blah " * 200}]
+    assert engine.fit_messages("base", short_question, max_tokens=None) == short_question
 
 
 def test_unknown_model(engine):

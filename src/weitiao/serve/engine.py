@@ -505,10 +505,11 @@ class Engine:
     def fit_messages(self, name: str, messages: list[dict[str, str]], max_tokens: int | None
                      ) -> list[dict[str, str]]:
         """Drop the oldest turns (never the system message or the last message) until the prompt and
-        `max_tokens` (default DEFAULT_MAX_TOKENS) of reply fit in the context window."""
+        `max_tokens` of reply fit in the context window (None: DEFAULT_MAX_TOKENS, at most half the window)."""
         if self.context_length is None:
             return messages
-        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.context_length // 2)
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
         while True:
