@@ -99,7 +99,7 @@ def test_context_window_limits(engine):
     with pytest.raises(ContextLengthError, match="last message alone"):
         engine.fit_messages("base", [{"role": "user", "content": "blah " * 600}], max_tokens=10)
     # No max_tokens: 512 tokens of reply, but never more than half of this 512-token window.
-    short_question = [{"role": "user", "content": "blah " * 200}]
+    short_question = [{"role": "user", "content": "hello " * 100}]
     assert engine.fit_messages("base", short_question, max_tokens=None) == short_question
 
 
