@@ -7,6 +7,7 @@ means a bug in weitiao.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -120,10 +121,8 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.adapter:
         adapters[check_adapter_folder(args.adapter).resolve().name] = args.adapter
     engine = _engine(args, adapters)
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             stop=args.stop or [], seed=args.seed)
     model = next(iter(adapters), engine.default_model)

@@ -95,7 +95,8 @@ def test_context_window_limits(engine):
     assert fitted[0] == history[0] and fitted[-1] == history[-1] and fitted[1]["role"] == "user"
     assert len(fitted) < len(history)
     assert engine.count_tokens("base", engine.render_chat("base", fitted)) + 100 <= 512
-    assert engine.count_tokens("base", engine.render_chat("base", [history[0]] + history[-len(fitted) - 1:])) + 100 > 512
+    one_more_exchange = [history[0]] + history[-len(fitted) - 1:]  # what was dropped last did not fit
+    assert engine.count_tokens("base", engine.render_chat("base", one_more_exchange)) + 100 > 512
     with pytest.raises(ContextLengthError, match="last message alone"):
         engine.fit_messages("base", [{"role": "user", "content": "blah " * 600}], max_tokens=10)
     # No max_tokens: 512 tokens of reply, but never more than half of this 512-token window.

@@ -95,7 +95,8 @@ def test_chat_completion_and_its_stream_agree(client):
 
 
 def test_model_field_picks_the_adapter(client):
-    assert chat(client, "tuned", seed=3).choices[0].message.content != chat(client, "base", seed=3).choices[0].message.content
+    tuned, base = chat(client, "tuned", seed=3), chat(client, "base", seed=3)
+    assert tuned.choices[0].message.content != base.choices[0].message.content
     assert chat(client, "tuned", seed=3).model == "tuned"
 
 
@@ -200,7 +201,7 @@ def test_concurrent_burst_gets_correct_answers(server, client):
         outcomes = list(pool.map(ask, jobs))
     answers = [text for text, _ in outcomes]
     latencies = sorted(seconds for _, seconds in outcomes)
-    failures = sum(answer != want for answer, want in zip(answers, expected))
+    failures = sum(answer != want for answer, want in zip(answers, expected, strict=True))
     figures = {"requests": len(jobs), "failures": failures,
                "p50_s": round(statistics.median(latencies), 3),
                "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),

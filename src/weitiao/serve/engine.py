@@ -421,7 +421,7 @@ class Engine:
             self.add_adapter(name, path)
 
     @classmethod
-    def from_model_arg(cls, model: str, adapters: dict[str, str] | None = None, **kwargs: Any) -> "Engine":
+    def from_model_arg(cls, model: str, adapters: dict[str, str] | None = None, **kwargs: Any) -> Engine:
         """MODEL as the commands take it: what resolve_model accepts, or an adapter (run) folder, which loads
         its base and attaches the adapter under the folder's name (and makes it `default_model`)."""
         adapters = dict(adapters or {})
@@ -517,8 +517,8 @@ class Engine:
             if self.count_tokens(name, self.render_chat(name, fitted)) + max_tokens <= self.context_length:
                 return fitted
             if len(turns) <= 1:
-                raise ContextLengthError(f"the last message alone does not leave room for {max_tokens} new tokens in the "
-                                   f"{self.context_length}-token context window")
+                raise ContextLengthError(f"the last message alone does not leave room for {max_tokens} new tokens "
+                                         f"in the {self.context_length}-token context window")
             turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
 
     # -- generation -----------------------------------------------------------------------------

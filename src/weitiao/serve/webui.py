@@ -65,7 +65,7 @@ class TrainingRun:
     stopped: bool = False
 
     @classmethod
-    def start(cls, raw_config: dict[str, Any], workdir: Path) -> "TrainingRun":
+    def start(cls, raw_config: dict[str, Any], workdir: Path) -> TrainingRun:
         for source in raw_config["data"]["train"] + raw_config["data"].get("eval", []):
             if not Path(source).exists():
                 raise WeitiaoError(f"dataset file not found: {source}")
