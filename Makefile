@@ -1,12 +1,17 @@
 # Two commands do everything on a fresh clone:
 #   make demo   create .venv, install weitiao with tested pins and the default model, run `weitiao demo`
-#   make test   install the dev tools too and run the test suite
+#   make test   install the dev tools too (and Chromium for the web UI tests) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev browser clean
+
+# The web UI tests drive Debian's Chromium through Playwright (`playwright install` downloads a browser build,
+# which a machine that only reaches package registries cannot). Skipped when it is already there.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Stamp files: reinstall when the dependencies change.
 define venv_install
@@ -29,8 +34,12 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/weitiao demo
 
-test: install-dev
+browser:
+	test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install-dev browser
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache test-artifacts

@@ -7,6 +7,7 @@ means a bug in weitiao.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -97,6 +98,71 @@ def cmd_data_convert(args: argparse.Namespace, overrides: list[str]) -> None:
           + (f", skipped {counts['skipped']}" if counts["skipped"] else ""))
 
 
+def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.serve.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
+    print(f"merged model saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def _engine(args: argparse.Namespace, adapters: dict[str, str]):
+    from weitiao.serve.engine import Engine
+
+    print(f"loading {args.model}...", file=sys.stderr)
+    return Engine.from_model_arg(args.model, adapters, dtype=args.dtype, base_name=getattr(args, "name", None),
+                                 threads=args.threads)
+
+
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.serve.chat import chat_loop
+    from weitiao.serve.engine import SamplingParams, check_adapter_folder
+
+    adapters = {}
+    if args.adapter:
+        adapters[check_adapter_folder(args.adapter).resolve().name] = args.adapter
+    engine = _engine(args, adapters)
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            stop=args.stop or [], seed=args.seed)
+    model = next(iter(adapters), engine.default_model)
+    chat_loop(engine, model, params, system=args.system)
+    engine.close()
+
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.serve.engine import parse_adapter_specs
+    from weitiao.serve.server import bind_socket, run_server
+
+    adapters = parse_adapter_specs(args.adapter)
+    with bind_socket(args.host, args.port) as sock:  # before loading the model: a taken port fails at once
+        engine = _engine(args, adapters)
+        run_server(engine, sock, api_key=args.api_key or os.environ.get("WEITIAO_API_KEY") or None)
+        engine.close()
+
+
+def cmd_webui(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.serve.engine import parse_adapter_specs
+    from weitiao.serve.server import bind_socket
+    from weitiao.serve.webui import launch
+
+    adapters = parse_adapter_specs(args.adapter)
+    bind_socket(args.host, args.port).close()  # fail now, not after loading the model, when the port is taken
+    engine = _engine(args, adapters)
+    launch(engine, host=args.host, port=args.port, runs_dir=args.runs_dir)
+    engine.close()
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    parser.add_argument("model", nargs=None if model_required else "?", default="default",
+                        help="'default', a model folder (a weitiao run with a full model too), a .gguf file, a hub "
+                        "id, or an adapter run folder (its base is loaded and the adapter attached)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights dtype (auto: bf16 on a GPU that has it, fp32 on the CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for generation (default: PyTorch's choice, one per "
+                        "core; 1 is often faster on a busy machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weitiao", description="Fine-tune an open LLM on your data, prove it "
                                      "got better, and serve it.")
@@ -117,6 +183,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help="config to evaluate with (default: the run's config.yaml)")
     evaluate.add_argument("--compare", action="store_true", help="base vs tuned side by side (the default)")
     evaluate.set_defaults(handler=cmd_eval)
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model (a plain transformers folder)")
+    merge.add_argument("--adapter", required=True, help="adapter folder (a weitiao LoRA run)")
+    merge.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    merge.add_argument("--out", required=True, help="new folder for the merged model")
+    merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="dtype of the saved weights (the merge itself is computed in fp32)")
+    merge.set_defaults(handler=cmd_merge)
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal")
+    _add_model_arguments(chat)
+    chat.add_argument("--adapter", help="adapter folder to talk to (on top of MODEL)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, help="longest reply in tokens (default 512, at most half the "
+                      "context window)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    chat.add_argument("--stop", action="append", metavar="TEXT", help="end a reply at TEXT (repeatable)")
+    chat.set_defaults(handler=cmd_chat)
+
+    for name, handler, port, help_text in (
+            ("serve", cmd_serve, 8000, "an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)"),
+            ("webui", cmd_webui, 7860, "a web UI to chat, train and read evaluation reports")):
+        sub = commands.add_parser(name, help=help_text)
+        _add_model_arguments(sub, model_required=name == "serve")
+        sub.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                         help="attach an adapter (run folder) under NAME; repeatable")
+        sub.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+        sub.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+        if name == "serve":
+            sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $WEITIAO_API_KEY)")
+            sub.add_argument("--name", help="the base model's name in the API (default: MODEL as given)")
+        else:
+            sub.add_argument("--runs-dir", default="outputs", help="where the Train tab writes runs and the Eval tab "
+                             "looks for them (default outputs)")
+        sub.set_defaults(handler=handler)
 
     data = commands.add_parser("data", help="inspect and convert datasets").add_subparsers(dest="data_command",
                                                                                            required=True)

@@ -1,0 +1,220 @@
+"""The HTTP server as a client sees it: a real `weitiao serve` process on 127.0.0.1, driven by the official
+openai client (and httpx for what the client cannot send)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+API_KEY = "test-key"
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, log: Path, url: str):
+        self.process, self.log, self.url = process, log, url
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+def start_server(args: list[str], log: Path, timeout: float = 120) -> Server:
+    handle = log.open("w")
+    process = subprocess.Popen([sys.executable, "-m", "weitiao", "serve", *args, "--port", "0"],
+                               stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+        if found:
+            return Server(process, log, found.group(1))
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not start:\n" + log.read_text())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model, tiny_adapter):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    running = start_server([str(tiny_model), "--name", "base", "--adapter", f"tuned={tiny_adapter}",
+                            "--api-key", API_KEY, "--threads", "1"], log)
+    yield running
+    running.process.terminate()
+    running.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def chat(client, model="base", seed=1, max_tokens=16, **kwargs):
+    return client.chat.completions.create(model=model, messages=HELLO, temperature=1.0, seed=seed,
+                                          max_tokens=max_tokens, **kwargs)
+
+
+def stream_chat(client, model="base", seed=1, max_tokens=16, **kwargs) -> tuple[str, list]:
+    chunks = list(chat(client, model, seed, max_tokens, stream=True, **kwargs))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_health_and_models(server, client):
+    health = httpx.get(server.url + "/health").json()  # no API key needed
+    assert health["status"] == "ok" and health["models"] == ["base", "tuned"]
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["base", "tuned"]
+
+
+def test_chat_completion_and_its_stream_agree(client):
+    reply = chat(client, seed=7)
+    assert reply.object == "chat.completion" and reply.model == "base"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 16 and reply.usage.prompt_tokens > 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 16
+
+    text, chunks = stream_chat(client, seed=7, stream_options={"include_usage": True})
+    assert text == choice.message.content and len(chunks) > 4
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+
+
+def test_model_field_picks_the_adapter(client):
+    tuned, base = chat(client, "tuned", seed=3), chat(client, "base", seed=3)
+    assert tuned.choices[0].message.content != base.choices[0].message.content
+    assert chat(client, "tuned", seed=3).model == "tuned"
+
+
+def test_stop_and_seed(client):
+    full = chat(client, seed=11, max_tokens=30).choices[0].message.content
+    assert chat(client, seed=11, max_tokens=30).choices[0].message.content == full
+    stop = full[10:14]
+    cut = chat(client, seed=11, max_tokens=30, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < 30
+
+
+def test_completions(client):
+    reply = client.completions.create(model="tuned", prompt="Once upon a time", max_tokens=12, seed=5)
+    assert reply.object == "text_completion" and reply.usage.completion_tokens == 12
+    streamed = client.completions.create(model="tuned", prompt="Once upon a time", max_tokens=12, seed=5, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == reply.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "base"}, "messages"),
+    ({"model": "base", "messages": "hello"}, "messages"),
+    ({"model": "base", "messages": []}, "messages"),
+    ({"model": "base", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "base", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"model": "base", "messages": HELLO, "temperature": "hot"}, "temperature"),
+    ({"model": "base", "messages": HELLO, "max_tokens": 100000}, None),
+    ({"messages": HELLO}, "model"),
+])
+def test_bad_bodies_get_400(client, body, param):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.post("/chat/completions", body=body, cast_to=object)
+    error = raised.value.body
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_invalid_json_gets_400(server):
+    response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_unknown_model_gets_404(client):
+    with pytest.raises(openai.NotFoundError) as raised:
+        chat(client, model="gpt-4")
+    assert raised.value.body["code"] == "model_not_found" and "base, tuned" in raised.value.body["message"]
+
+
+@pytest.mark.parametrize("key", ["wrong-key", None])
+def test_api_key_is_required(server, key):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(server.url + "/v1/chat/completions", json={"model": "base", "messages": HELLO},
+                          headers=headers)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    if key:
+        bad_client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad_client.models.list()
+
+
+def test_clients_that_hang_up_cancel_their_generation(server, client):
+    body = {"model": "base", "messages": HELLO, "max_tokens": 400, "seed": 1, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        next(lines)
+    # A client that gives up on a whole (non-streamed) reply hangs up too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False},
+                   timeout=httpx.Timeout(30, read=0.3), headers={"Authorization": f"Bearer {API_KEY}"})
+    # The server must cancel both and keep serving everyone else.
+    assert chat(client, seed=7).choices[0].message.content == chat(client, seed=7).choices[0].message.content
+    deadline = time.time() + 30
+    while time.time() < deadline and len([line for line in server.log_lines() if "cancelled" in line]) < 2:
+        time.sleep(0.2)
+    cancelled = [line for line in server.log_lines() if "cancelled" in line]
+    assert len(cancelled) == 2, "\n".join(server.log_lines())
+    assert all(int(re.search(r"completion_tokens=(\d+)", line).group(1)) < 400 for line in cancelled)
+
+
+def test_concurrent_burst_gets_correct_answers(server, client):
+    """16 clients at once, streaming and not, base and adapter: every answer equals the one the same request
+    gets alone, so nothing was interleaved or corrupted."""
+    jobs = [{"model": "tuned" if i % 3 == 0 else "base", "seed": 1000 + i, "stream": i % 2 == 0} for i in range(16)]
+    expected = [chat(client, job["model"], job["seed"]).choices[0].message.content for job in jobs]
+    assert len(set(expected)) == len(jobs)
+
+    def ask(job):
+        started = time.perf_counter()
+        burst_client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        if job["stream"]:
+            text, _ = stream_chat(burst_client, job["model"], job["seed"])
+        else:
+            text = chat(burst_client, job["model"], job["seed"]).choices[0].message.content
+        return text, time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        outcomes = list(pool.map(ask, jobs))
+    answers = [text for text, _ in outcomes]
+    latencies = sorted(seconds for _, seconds in outcomes)
+    failures = sum(answer != want for answer, want in zip(answers, expected, strict=True))
+    figures = {"requests": len(jobs), "failures": failures,
+               "p50_s": round(statistics.median(latencies), 3),
+               "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+               "max_s": round(latencies[-1], 3)}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "serve-burst.json").write_text(json.dumps(figures, indent=2))
+    print(f"\nburst: {figures}")
+    assert failures == 0, figures
+    assert httpx.get(server.url + "/health").json()["queued"] == 0
+
+
+def test_one_log_line_per_request(server):
+    lines = [line for line in server.log_lines() if "POST /v1/chat/completions 200" in line]
+    assert lines and all(re.search(r"\d+\.\d{3}s model=\w+ queued=\S+ prompt_tokens=\d+ completion_tokens=\d+ "
+                                   r"\(\S+ tokens/s\)", line) for line in lines), lines[:3]
+    assert any("POST /v1/chat/completions 401" in line for line in server.log_lines())
