@@ -483,10 +483,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Data and benchmark paths in a config file are relative to that file, so examples run from any directory."""
     evaluation = raw.get("eval")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("benchmarks"), list):
-        benchmarks = [{**item, "path": str(base / item["path"])}
-                      if isinstance(item, dict) and isinstance(item.get("path"), str)
-                      and not Path(item["path"]).is_absolute() and (base / item["path"]).exists() else item
-                      for item in evaluation["benchmarks"]]
+        benchmarks = []
+        for item in evaluation["benchmarks"]:
+            if isinstance(item, dict) and isinstance(item.get("path"), str) and (base / item["path"]).exists():
+                item = {**item, "path": str(base / item["path"])}  # an absolute path stays as it is
+            benchmarks.append(item)
         raw = {**raw, "eval": {**evaluation, "benchmarks": benchmarks}}
     data = raw.get("data")
     if not isinstance(data, dict):
