@@ -25,6 +25,10 @@ def bench(task: str, path: Path | None = None, **settings) -> BenchmarkConfig:
     return BenchmarkConfig(task=task, path=str(path) if path is not None else None, **settings)
 
 
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -64,14 +68,13 @@ def test_layouts_become_lm_eval_tasks(tmp_path):
                             bench("truthfulqa_mc1", FIXTURES / "truthfulqa_mc_task.json")], tmp_path)
     assert [b.lm_eval_task for b in suite.benchmarks] == ["weitiao_mmlu", "weitiao_ceval", "weitiao_cmmlu",
                                                           "weitiao_truthfulqa_mc1"]
-    assert [b.subjects for b in suite.benchmarks] == [2, 2, 2, 0]
     # lm-eval itself indexes the written folder: groups and per-subject tasks
     assert {"weitiao_mmlu", "weitiao_mmlu_astronomy", "weitiao_ceval_law", "weitiao_cmmlu_chinese_history",
             "weitiao_truthfulqa_mc1"} <= set(suite.task_manager.all_tasks)
 
-    group = yaml.safe_load((tmp_path / "mmlu" / "weitiao_mmlu.yaml").read_text())
+    group = read_yaml(tmp_path / "mmlu" / "weitiao_mmlu.yaml")
     assert group["task"] == ["weitiao_mmlu_astronomy", "weitiao_mmlu_elementary_mathematics"]
-    task = yaml.safe_load((tmp_path / "mmlu" / "weitiao_mmlu_astronomy.yaml").read_text())
+    task = read_yaml(tmp_path / "mmlu" / "weitiao_mmlu_astronomy.yaml")
     assert task["num_fewshot"] == 2 and task["fewshot_split"] == "dev" and task["test_split"] == "test"
     assert task["doc_to_text"] == "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
     assert task["description"] == "The following are multiple choice questions (with answers) about astronomy.\n\n"
@@ -84,7 +87,7 @@ def test_layouts_become_lm_eval_tasks(tmp_path):
     assert len(read_jsonl(tmp_path / "mmlu" / "astronomy_dev.jsonl")) == 3
 
     # C-Eval scores its val split (the test split has no answers); the prompt names the subject in Chinese.
-    ceval = yaml.safe_load((tmp_path / "ceval" / "weitiao_ceval_computer_network.yaml").read_text())
+    ceval = read_yaml(tmp_path / "ceval" / "weitiao_ceval_computer_network.yaml")
     assert ceval["test_split"] == "val" and ceval["num_fewshot"] == 0 and "fewshot_split" not in ceval
     assert ceval["description"] == "以下是中国关于计算机网络的单项选择题，请选出其中的正确答案。\n\n"
     assert ceval["doc_to_text"].endswith("答案：")
@@ -94,7 +97,7 @@ def test_layouts_become_lm_eval_tasks(tmp_path):
                         "answer": 3}
 
     # TruthfulQA: lm-eval's own task (prompt and metric) over the local questions, the true answer first.
-    truthful = yaml.safe_load((tmp_path / "truthfulqa_mc1" / "weitiao_truthfulqa_mc1.yaml").read_text())
+    truthful = read_yaml(tmp_path / "truthfulqa_mc1" / "weitiao_truthfulqa_mc1.yaml")
     assert truthful["include"].endswith("truthfulqa/truthfulqa_mc1.yaml") and Path(truthful["include"]).is_file()
     questions = read_jsonl(tmp_path / "truthfulqa_mc1" / "questions.jsonl")
     assert questions[2]["mc1_targets"] == {
@@ -107,7 +110,7 @@ def test_split_and_rewrite(tmp_path):
     (tmp_path / "tasks" / "mmlu" / "stale.yaml").write_text("task: weitiao_mmlu_stale\n")
     suite = BenchmarkSuite([bench("mmlu", FIXTURES / "mmlu", split="val")], tmp_path / "tasks")
     assert "weitiao_mmlu_stale" not in suite.task_manager.all_tasks
-    task = yaml.safe_load((tmp_path / "tasks" / "mmlu" / "weitiao_mmlu_astronomy.yaml").read_text())
+    task = read_yaml(tmp_path / "tasks" / "mmlu" / "weitiao_mmlu_astronomy.yaml")
     assert task["test_split"] == "val" and len(read_jsonl(Path(task["dataset_kwargs"]["data_files"]["val"]))) == 2
 
 
@@ -210,9 +213,15 @@ def test_config_names_and_paths(tmp_path):
     assert second.task == "hellaswag" and second.path is None and second.metric_prefix == "hellaswag"
 
 
-def test_unknown_lm_eval_task(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown lm-eval task 'mmlu_astronmy' \(did you mean 'mmlu_astronomy'"):
-        BenchmarkSuite([bench("mmlu_astronmy")], tmp_path)
+@pytest.mark.parametrize("task, message", [
+    ("mmlu_astronmy", r"unknown lm-eval task 'mmlu_astronmy' \(did you mean 'mmlu_astronomy'\?\); tasks that read "
+                      r"local files \(with `path`\): mmlu, ceval"),
+    ("truthfulqa", r"'truthfulqa' is an lm-eval tag, not a task; list its tasks as benchmarks of their own: "
+                   r"truthfulqa_gen, truthfulqa_mc1, truthfulqa_mc2"),
+])
+def test_unknown_lm_eval_task(tmp_path, task, message):
+    with pytest.raises(ConfigError, match=message):
+        BenchmarkSuite([bench(task)], tmp_path)
 
 
 def test_lm_eval_task_without_hub(tmp_path, monkeypatch):
@@ -236,9 +245,9 @@ def test_same_accuracy_as_lm_eval_command_line(answering_model_dir, tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-               "--model_args", f"pretrained={answering_model_dir},dtype=float32", "--device", "cpu", "--batch_size", "8",
-               "--include_path", str(tmp_path / "tasks"), "--tasks", "weitiao_mmlu,weitiao_cmmlu,weitiao_truthfulqa_mc2",
-               "--output_path", str(tmp_path / "cli")]
+               "--model_args", f"pretrained={answering_model_dir},dtype=float32", "--device", "cpu",
+               "--batch_size", "8", "--include_path", str(tmp_path / "tasks"),
+               "--tasks", "weitiao_mmlu,weitiao_cmmlu,weitiao_truthfulqa_mc2", "--output_path", str(tmp_path / "cli")]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]

@@ -115,8 +115,6 @@ class Benchmark:
     config: BenchmarkConfig
     lm_eval_task: str
     """The task or group lm-eval runs."""
-    subjects: int
-    """Tasks under lm_eval_task (the subjects of a local folder); 0 for an lm-eval task of its own."""
 
 
 class BenchmarkSuite:
@@ -130,7 +128,7 @@ class BenchmarkSuite:
         self.benchmarks: list[Benchmark] = []
         for config in benchmarks:
             if config.path is None:
-                self.benchmarks.append(Benchmark(config, config.task, 0))
+                self.benchmarks.append(Benchmark(config, config.task))
             else:
                 self.benchmarks.append(self._write_local_task(config))
         hub_tasks = [benchmark.config for benchmark in self.benchmarks if benchmark.config.path is None]
@@ -310,7 +308,7 @@ def _write_csv_tasks(config: BenchmarkConfig, layout: CsvLayout, source: Path, t
     _write_yaml({"group": group, "task": tasks,
                  "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
                  "metadata": {"version": 1.0}}, target / f"{group}.yaml")
-    return Benchmark(config, group, len(tasks))
+    return Benchmark(config, group)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,4 +355,4 @@ def _write_truthfulqa_task(config: BenchmarkConfig, source: Path, target: Path) 
     _write_yaml({"include": str(bundled), "task": task, "tag": [],  # not in lm-eval's `truthfulqa` tag
                  "dataset_path": "json", "dataset_name": None,
                  "dataset_kwargs": {"data_files": {"validation": str(data_file)}}}, target / f"{task}.yaml")
-    return Benchmark(config, task, 0)
+    return Benchmark(config, task)

@@ -102,10 +102,14 @@ def _benchmark_markdown(benchmarks: list[dict[str, Any]]) -> list[str]:
     lines = ["## Benchmarks (lm-evaluation-harness)", ""]
     for benchmark in benchmarks:
         source = f"local files `{benchmark['path']}`" if benchmark["path"] else "lm-eval's own task"
-        shots = benchmark["num_fewshot"] if benchmark["num_fewshot"] is not None else "task default"
-        limit = f", at most {benchmark['limit']} per subject" if benchmark["limit"] else ""
+        shots = benchmark["num_fewshot"]
+        if shots is None:  # local tasks default to zero-shot; lm-eval's own tasks to their own setting
+            shots = 0 if benchmark["path"] else "the task's default"
+        limit = ""
+        if benchmark["limit"]:
+            limit = f" (the first {benchmark['limit']}" + (" of each subject)" if benchmark["subjects"] else ")")
         lines.append(f"- **{benchmark['name']}** ({benchmark['task']}, {source}): {benchmark['questions']} "
-                     f"questions{limit}, few-shot: {shots}")
+                     f"questions{limit}, few-shot examples: {shots}")
     for benchmark in benchmarks:
         if not benchmark["subjects"]:
             continue
