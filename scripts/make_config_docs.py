@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from weitiao.config import Config, DataSource, _section_type
+from weitiao.config import BenchmarkConfig, Config, DataSource, _section_type
 
 TARGET = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -44,7 +44,9 @@ def render() -> str:
              "`--model PATH`. Unknown keys are errors (with a suggestion). Relative data paths are relative to the "
              "config file. Each entry of `data.train` / `data.eval` is a path or a source:", ""]
     source = _section(DataSource, "data.train[]")
-    return "\n".join(intro + _section(Config, "") + source) + "\n"
+    benchmark = _section(BenchmarkConfig, "eval.benchmarks[]")
+    benchmark[2:2] = ["Each entry of `eval.benchmarks` is an lm-eval task name or a benchmark (see docs/eval.md):", ""]
+    return "\n".join(intro + _section(Config, "") + source + benchmark) + "\n"
 
 
 if __name__ == "__main__":

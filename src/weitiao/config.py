@@ -248,6 +248,41 @@ class TrainConfig(_Section):
         return self
 
 
+class BenchmarkConfig(_Section):
+    """A multiple-choice benchmark run through lm-evaluation-harness on the base and the tuned model."""
+    task: str
+    """With `path`: mmlu, ceval, cmmlu (folders of CSV files), truthfulqa_mc1 or truthfulqa_mc2 (an
+    mc_task.json). Without `path`: any lm-eval task or group name, whose data lm-eval gets from the Hub."""
+    path: str | None = None
+    """Local files of the benchmark: a folder for mmlu/ceval/cmmlu, a JSON file for truthfulqa_mc1/mc2."""
+    name: str | None = None
+    """Prefix of this benchmark's metrics in the report (default: task), e.g. mmlu -> mmlu/acc."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Solved examples before each question (from the dev split of local folders). None: the task's own
+    default, which is 0 for local files."""
+    limit: int | None = Field(None, gt=0)
+    """Score only the first N questions of each subject (for speed)."""
+    split: str | None = None
+    """Split of a local folder to score (default: test; val for ceval, whose test split has no answers)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"task": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchmarkConfig":
+        # The local layouts live with the code that reads them; imported here so a typo fails at load time.
+        from weitiao.eval.benchmarks import check_benchmark_config
+
+        check_benchmark_config(self)
+        return self
+
+    @property
+    def metric_prefix(self) -> str:
+        return self.name or self.task
+
+
 class EvalConfig(_Section):
     """What `weitiao eval` and the end of `weitiao train` measure, for the base and the tuned model."""
     compare: bool = True
@@ -265,7 +300,7 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(256, gt=0)
     """Longest generated reply."""
     batch_size: int = Field(16, gt=0)
-    """Prompts generated together."""
+    """Prompts per batch, for generation and for benchmark scoring."""
     do_sample: bool = False
     """Sample instead of greedy decoding (with temperature and top_p)."""
     temperature: float = Field(1.0, gt=0)
@@ -274,6 +309,8 @@ class EvalConfig(_Section):
     """Nucleus sampling mass (with do_sample)."""
     num_samples: int = Field(5, ge=0)
     """Prompts shown in the report with the base answer, the tuned answer and the reference."""
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
+    """Multiple-choice benchmarks (lm-evaluation-harness) scored for both models; see docs/eval.md."""
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
@@ -281,6 +318,10 @@ class EvalConfig(_Section):
             raise ValueError("extractor: regex needs eval.regex (a pattern with one group)")
         if self.extractor == "label" and not self.labels:
             raise ValueError("extractor: label needs eval.labels, e.g. [neg, pos]")
+        prefixes = [benchmark.metric_prefix for benchmark in self.benchmarks]
+        repeated = sorted({prefix for prefix in prefixes if prefixes.count(prefix) > 1})
+        if repeated:
+            raise ValueError(f"two benchmarks are named {', '.join(repeated)}; give one of them a `name`")
         return self
 
 
@@ -332,7 +373,7 @@ def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tu
     paths = []
     for name, field in model.model_fields.items():
         section = _section_type(field.annotation)
-        if section is not None and section is not DataSource:
+        if section is not None and typing.get_origin(field.annotation) is not list:  # a list is one value
             paths.extend(_leaf_paths(section, prefix + (name,)))
         else:
             paths.append(prefix + (name,))
@@ -439,7 +480,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data paths in a config file are relative to that file, so examples run from any directory."""
+    """Data and benchmark paths in a config file are relative to that file, so examples run from any directory."""
+    evaluation = raw.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("benchmarks"), list):
+        benchmarks = []
+        for item in evaluation["benchmarks"]:
+            if isinstance(item, dict) and isinstance(item.get("path"), str) and (base / item["path"]).exists():
+                item = {**item, "path": str(base / item["path"])}  # an absolute path stays as it is
+            benchmarks.append(item)
+        raw = {**raw, "eval": {**evaluation, "benchmarks": benchmarks}}
     data = raw.get("data")
     if not isinstance(data, dict):
         return raw

@@ -6,7 +6,7 @@ import csv
 import glob
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,19 @@ def expand_paths(spec: str) -> list[Path]:
     raise DataError("no such file or directory", path=spec)
 
 
-def read_records(path: Path) -> Iterator[Record]:
+def read_records(path: Path, csv_columns: Sequence[str] | None = None) -> Iterator[Record]:
+    """The file's records in order. `csv_columns` names the columns of a CSV file that has no header row."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"unsupported file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})", path=str(path))
     if path.stat().st_size == 0:
         raise DataError("file is empty", path=str(path))
-    reader = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
+    if suffix == ".csv":
+        records = _read_csv(path, csv_columns)
+    else:
+        records = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[suffix](path)
     count = 0
-    for record in reader(path):
+    for record in records:
         count += 1
         yield record
     if count == 0:
@@ -99,15 +103,16 @@ def _read_json(path: Path) -> Iterator[Record]:
         yield Record(str(path), index, None, _check_object(item, path, index, None))
 
 
-def _read_csv(path: Path) -> Iterator[Record]:
+def _read_csv(path: Path, columns: Sequence[str] | None = None) -> Iterator[Record]:
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, fieldnames=columns)
         if not reader.fieldnames:
             raise DataError("CSV file has no header row", path=str(path))
+        expected = "the header has" if columns is None else "expected"
         for number, row in enumerate(reader, start=1):
             if None in row:
-                raise DataError(f"row has {len(reader.fieldnames) + len(row[None])} fields, the header has "
+                raise DataError(f"row has {len(reader.fieldnames) + len(row[None])} fields, {expected} "
                                 f"{len(reader.fieldnames)}", path=str(path), record=number, line=reader.line_num)
             # Every CSV value is text; an empty cell is a missing value.
             yield Record(str(path), number, reader.line_num, {k: (v if v != "" else None) for k, v in row.items()})

@@ -16,6 +16,7 @@ from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets
 from weitiao.data.templates import TEMPLATE_STOPS
 from weitiao.errors import ConfigError, DataError
+from weitiao.eval.benchmarks import BenchmarkSuite
 from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
 from weitiao.eval.loss import evaluate_loss
 from weitiao.eval.metrics import generation_metrics
@@ -25,8 +26,10 @@ from weitiao.models import load_model, load_tokenizer, pick_dtype
 LOSS_KEYS = ("loss", "perplexity", "loss_all_tokens", "perplexity_all_tokens")
 
 
-def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "") -> dict[str, Any]:
-    """Loss metrics on the whole eval split; generation metrics on its first eval.max_examples conversations."""
+def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
+                   benchmarks: BenchmarkSuite | None = None) -> dict[str, Any]:
+    """Loss metrics on the whole eval split; generation metrics on its first eval.max_examples conversations;
+    the scores of eval.benchmarks when a suite of them is given."""
     settings = config.eval
     loader = DataLoader(eval_set.select_columns(["input_ids", "labels"]),
                         batch_size=config.train.per_device_eval_batch_size,
@@ -46,6 +49,12 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "") -
         metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
                                           settings.labels))
         result.update(predictions=predictions, prompts=list(prompts), references=list(references))
+    if benchmarks is not None:
+        started = time.time()
+        scores = benchmarks.evaluate(model, tokenizer, settings.batch_size)
+        result["seconds"]["benchmarks"] = time.time() - started
+        metrics.update(scores["metrics"])
+        result["benchmarks"] = scores["benchmarks"]
     return result
 
 
@@ -64,6 +73,9 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     _, eval_set, _ = build_datasets(config.data, tokenizer, config.stage, config.train.seed)
     if eval_set is None or len(eval_set) == 0:
         raise DataError("no evaluation data: set data.eval or data.val_size in the config")
+    # Before loading the model, so bad benchmark files fail fast. The task files stay in the run folder:
+    # `lm_eval --include_path RUN/benchmark_tasks` reruns them.
+    suite = BenchmarkSuite(config.eval.benchmarks, run_dir / "benchmark_tasks") if config.eval.benchmarks else None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, base_path = load_model(config.model)
@@ -73,16 +85,16 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
 
         tuned = PeftModel.from_pretrained(base, str(run_dir))
         with tuned.disable_adapter():
-            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base")
-        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned")
+            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base", suite)
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite)
     else:
-        base_result = evaluate_model(base, tokenizer, eval_set, config, "base")
+        base_result = evaluate_model(base, tokenizer, eval_set, config, "base", suite)
         del base
         gc.collect()
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(run_dir, dtype=pick_dtype(config.model.dtype)).to(device)
-        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned")
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite)
 
     report = build_report(config, base_path, run_dir, base_result, tuned_result, len(eval_set))
     if write:
@@ -110,4 +122,19 @@ def build_report(config: Config, base_path: str, run_dir: Path, base: dict[str, 
         "generation_examples": len(samples), "extractor": config.eval.extractor,
         "metrics": metrics, "seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
         "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": curves,
+        "benchmarks": _benchmark_details(config, base, tuned),
     }
+
+
+def _benchmark_details(config: Config, base: dict[str, Any], tuned: dict[str, Any]) -> list[dict[str, Any]]:
+    """How each benchmark was run, and its per-subject scores for both models."""
+    details = []
+    for benchmark in config.eval.benchmarks:
+        base_run, tuned_run = base["benchmarks"][benchmark.metric_prefix], tuned["benchmarks"][benchmark.metric_prefix]
+        details.append({
+            "name": benchmark.metric_prefix, "task": benchmark.task, "path": benchmark.path,
+            "num_fewshot": benchmark.num_fewshot, "limit": benchmark.limit, "questions": base_run["questions"],
+            "subjects": {subject: {"base": scores, "tuned": tuned_run["subjects"][subject]}
+                         for subject, scores in base_run["subjects"].items()},
+        })
+    return details

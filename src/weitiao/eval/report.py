@@ -20,16 +20,29 @@ METRIC_LABELS = {
     "rouge-l": ("ROUGE-L", False, "{:.2f}"),
     "bleu-4": ("BLEU-4", False, "{:.2f}"),
 }
+# Benchmark metrics are named '<benchmark>/<lm-eval metric>' (mmlu/acc); lm-eval's scores are fractions (0-1).
+BENCHMARK_METRIC_LABELS = {"acc": "accuracy", "acc_norm": "accuracy (length-normalised)",
+                           "exact_match": "exact match"}
+
+
+def metric_info(name: str) -> tuple[str, bool, str]:
+    """(label, lower is better, format) of a metric in report.json."""
+    if name in METRIC_LABELS:
+        return METRIC_LABELS[name]
+    benchmark, slash, metric = name.partition("/")
+    if slash:
+        return f"{benchmark} {BENCHMARK_METRIC_LABELS.get(metric, metric)}", False, "{:.4f}"
+    return name, False, "{:.4f}"
 
 
 def _fmt(name: str, value: float) -> str:
-    return METRIC_LABELS.get(name, (name, False, "{:.4f}"))[2].format(value)
+    return metric_info(name)[2].format(value)
 
 
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, values in report["metrics"].items():
-        label = METRIC_LABELS.get(name, (name,))[0]
+        label = metric_info(name)[0]
         delta = values["delta"]
         rows.append((label, _fmt(name, values["base"]), _fmt(name, values["tuned"]),
                      ("+" if delta >= 0 else "") + _fmt(name, delta)))
@@ -73,12 +86,42 @@ def render_markdown(report: dict[str, Any]) -> str:
              "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(report)]
     lines += ["", "![training and validation loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
+    lines += _benchmark_markdown(report.get("benchmarks", []))
     if report["samples"]:
         lines += ["## Samples", "", "| prompt | base | tuned | reference |", "|---|---|---|---|"]
         for sample in report["samples"][: report.get("num_samples_shown", 5)]:
             lines.append("| " + " | ".join(_markdown_cell(sample[k]) for k in ("prompt", "base", "tuned", "reference"))
                          + " |")
     return "\n".join(lines) + "\n"
+
+
+def _benchmark_markdown(benchmarks: list[dict[str, Any]]) -> list[str]:
+    """How each benchmark ran, and its per-subject accuracies when it has subjects."""
+    if not benchmarks:
+        return []
+    lines = ["## Benchmarks (lm-evaluation-harness)", ""]
+    for benchmark in benchmarks:
+        source = f"local files `{benchmark['path']}`" if benchmark["path"] else "lm-eval's own task"
+        shots = benchmark["num_fewshot"]
+        if shots is None:  # local tasks default to zero-shot; lm-eval's own tasks to their own setting
+            shots = 0 if benchmark["path"] else "the task's default"
+        limit = ""
+        if benchmark["limit"]:
+            limit = f" (the first {benchmark['limit']}" + (" of each subject)" if benchmark["subjects"] else ")")
+        lines.append(f"- **{benchmark['name']}** ({benchmark['task']}, {source}): {benchmark['questions']} "
+                     f"questions{limit}, few-shot examples: {shots}")
+    for benchmark in benchmarks:
+        if not benchmark["subjects"]:
+            continue
+        lines += ["", f"### {benchmark['name']} by subject", "", "| subject | base | tuned | change |",
+                  "|---|---:|---:|---:|"]
+        for subject, scores in benchmark["subjects"].items():
+            for metric, base_value in scores["base"].items():
+                tuned_value = scores["tuned"][metric]
+                label = subject if metric == "acc" else f"{subject} ({metric})"
+                lines.append(f"| {label} | {base_value:.4f} | {tuned_value:.4f} | "
+                             f"{tuned_value - base_value:+.4f} |")
+    return lines + [""]
 
 
 def plot_loss_curves(log: list[dict[str, Any]], path: Path) -> bool:
@@ -118,7 +161,7 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
         values = report["metrics"][name]
         bars = axis.bar(["base", "tuned"], [values["base"], values["tuned"]], color=["#9aa5b1", "#2f80ed"])
         axis.bar_label(bars, labels=[_fmt(name, values["base"]), _fmt(name, values["tuned"])], fontsize=8)
-        axis.set_title(METRIC_LABELS.get(name, (name,))[0], fontsize=8)
+        axis.set_title(metric_info(name)[0], fontsize=8)
         axis.tick_params(labelsize=8)
         axis.margins(y=0.2)
     figure.tight_layout()
