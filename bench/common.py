@@ -70,10 +70,11 @@ def linear_params(shape: str) -> int:
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + vocab * h
 
 
-def flops_per_token(shape: str, method: str) -> float:
-    """6N for training every weight (forward 2N, backward 4N); 4N when the base is frozen (no weight
-    gradients). Attention scores are left out, so MFU is slightly understated."""
-    return (6 if method in ("full", "freeze") else 4) * linear_params(shape)
+def flops_per_token(shape: str, trainable: int | None = None) -> float:
+    """Forward 2N and input gradients 2N for every linear weight, plus 2 FLOP per trained weight for its weight
+    gradient: 6N for full fine-tuning, about 4N for adapters. Attention scores are left out (MFU is understated)."""
+    total = linear_params(shape)
+    return 4 * total + 2 * min(trainable if trainable is not None else total, total)
 
 
 class StepTimer:

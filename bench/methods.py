@@ -48,7 +48,8 @@ def speed_table(args) -> list[dict]:
                                    extra={k: v for k, v in settings.items() if k != "method"})
         except torch.cuda.OutOfMemoryError:
             measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
-        measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, method) / PEAK_BF16_FLOPS
+        trained = measured.get("trainable_params", None if method == "full" else 0)
+        measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, trained) / PEAK_BF16_FLOPS
         rows.append({"method": name, **measured})
         print(json.dumps(rows[-1]), flush=True)
         save(args, rows)  # after every row: a run stopped by its time limit keeps what it measured

@@ -156,7 +156,8 @@ def main() -> None:
                                        packing_length)
         except torch.cuda.OutOfMemoryError:
             measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
-        measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, method) / PEAK_BF16_FLOPS
+        trained = measured.get("trainable_params", None if method == "full" else 0)
+        measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, trained) / PEAK_BF16_FLOPS
         rows.append({"variant": variant, "recipe": recipe, "method": method, "options": options, **measured})
         print(json.dumps(rows[-1]), flush=True)
 

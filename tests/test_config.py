@@ -78,3 +78,14 @@ def test_config_docs_are_current():
     script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "make_config_docs.py"))
     assert script["TARGET"].read_text(encoding="utf-8") == script["render"](), \
         "docs/config.md is stale: run python scripts/make_config_docs.py"
+
+
+def test_a_saved_config_loads_back_unchanged(tmp_path):
+    """Every run writes config.yaml; weitiao eval, the web UI and --resume read it back."""
+    from weitiao.config import dump_config
+
+    for method in ("lora", "qlora", "full", "prefix"):
+        config = load_config(None, ["--method", method, "--data.train", "[a.jsonl]", "--eval.extractor", "json"])
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(dump_config(config), encoding="utf-8")
+        assert load_config(path) == config

@@ -150,8 +150,8 @@ class FreezeConfig(_Section):
 
 class QuantizationConfig(_Section):
     """How method: qlora quantizes the frozen base model (bitsandbytes)."""
-    bits: Literal[4, 8] = 4
-    """4-bit (QLoRA) or 8-bit (LLM.int8) base weights."""
+    bits: Literal[4, 8] | None = None
+    """4-bit (QLoRA) or 8-bit (LLM.int8) base weights; only with method qlora, where None means 4."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type; NF4 is the QLoRA paper's."""
     double_quant: bool = True
@@ -227,8 +227,8 @@ class TrainConfig(_Section):
     """Evaluate the untrained model first, so every run shows its starting point."""
     overwrite_output_dir: bool = False
     """Allow training into an output_dir that holds a finished run (or checkpoints of an unfinished one)."""
-    bf16: bool = False
-    """bfloat16 mixed precision (GPUs since Ampere; also works on CPUs)."""
+    bf16: bool | None = None
+    """bfloat16 mixed precision. None: on with a CUDA GPU that supports it (Ampere and newer), off on a CPU."""
     fp16: bool = False
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = False
@@ -349,7 +349,7 @@ class Config(_Section):
         if self.data.packing and self.method in ("prefix", "ptuning", "prompt"):
             raise ValueError(f"data.packing cannot be used with method {self.method}: its virtual tokens would be "
                              "shared by every example of a packed row; set data.packing: false")
-        if "quantization" in self.model_fields_set and self.method != "qlora":
+        if self.quantization.bits is not None and self.method != "qlora":
             raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "
                              "possible)")

@@ -47,7 +47,7 @@ def quantization_config(config: Config):
     from transformers import BitsAndBytesConfig
 
     settings = config.quantization
-    if settings.bits == 8:
+    if settings.bits == 8:  # None (the default) means 4
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type,
                               bnb_4bit_use_double_quant=settings.double_quant,
@@ -161,6 +161,16 @@ def _freeze(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         raise ConfigError(f"freeze.trainable_modules {modules} match nothing in the chosen layers; use all, or "
                           "names such as mlp, self_attn")
     return model
+
+
+def set_adapter_input_casting(model: torch.nn.Module, enabled: bool) -> None:
+    """Whether PEFT layers cast their input to the adapter weights' dtype (peft.helpers.disable_input_dtype_casting
+    as a setting rather than a context)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
