@@ -41,7 +41,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.eval.report import format_table
     from weitiao.train.sft import run
 
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides)  # validate here, before any process starts
+    if args.gpus:
+        from weitiao.train.distributed import launch, launch_command
+
+        sys.exit(launch(launch_command(args.config, overrides, args.gpus, args.nnodes, args.node_rank,
+                                       args.master_addr, args.master_port, resume=args.resume)))
     try:
         result = run(config, resume=args.resume)
     except KeyboardInterrupt:
@@ -173,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "--train.learning_rate 1e-4, --learning_rate=1e-4 (unique leaf names), --model PATH.")
     train.add_argument("config", help="YAML config file (see docs/config.md and examples/)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    launcher = train.add_argument_group("several GPUs and nodes (torchrun; see docs/distributed.md)")
+    launcher.add_argument("--gpus", type=int, help="processes on this node, one per GPU (CPU processes where "
+                          "there is no GPU); the engine is train.distributed")
+    launcher.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    launcher.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1")
+    launcher.add_argument("--master-addr", default="127.0.0.1", help="address of the node with rank 0")
+    launcher.add_argument("--master-port", type=int, default=29500)
     train.set_defaults(handler=cmd_train)
 
     demo = commands.add_parser("demo", help="fine-tune the default model on the demo data and show the gain")

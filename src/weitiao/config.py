@@ -238,6 +238,13 @@ class TrainConfig(_Section):
     liger: bool | None = None
     """Liger's fused kernels (linear + cross-entropy without materialised logits, RMSNorm, SwiGLU, RoPE).
     None: on with a CUDA GPU when liger-kernel is installed and supports the model."""
+    distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp"] = "ddp"
+    """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
+    full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3
+    (parameters sharded too), zero3_offload (ZeRO-3 with optimizer states and parameters in CPU memory), fsdp
+    (PyTorch FSDP2, fully sharded, one unit per decoder layer)."""
+    deepspeed: str | None = None
+    """Path to a DeepSpeed JSON config of your own; used instead of the one weitiao writes for zero2/zero3."""
     dataloader_num_workers: int = Field(0, ge=0)
     """Worker processes that collate batches."""
 
@@ -349,6 +356,12 @@ class Config(_Section):
         if self.data.packing and self.method in ("prefix", "ptuning", "prompt"):
             raise ValueError(f"data.packing cannot be used with method {self.method}: its virtual tokens would be "
                              "shared by every example of a packed row; set data.packing: false")
+        if self.method == "qlora" and self.train.distributed in ("zero3", "zero3_offload", "fsdp"):
+            raise ValueError(f"method qlora cannot shard its 4-/8-bit base with {self.train.distributed}; "
+                             "use distributed: ddp or zero2 (each GPU holds the small quantized base)")
+        if self.train.deepspeed and self.train.distributed not in ("zero2", "zero3", "zero3_offload"):
+            raise ValueError("train.deepspeed is a DeepSpeed config: set distributed to zero2, zero3 or "
+                             "zero3_offload as well")
         if self.quantization.bits is not None and self.method != "qlora":
             raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "

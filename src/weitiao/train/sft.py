@@ -28,6 +28,7 @@ from weitiao.data.templates import install_template
 from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
+from weitiao.train.distributed import engine_plugins
 from weitiao.train.kernels import apply_liger
 from weitiao.train.methods import (PROMPT_LEARNING_METHODS, apply_method, check_device, parameter_counts,
                                    quantization_config, set_adapter_input_casting)
@@ -66,30 +67,32 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     out = Path(args.output_dir)
     _check_output_dir(out, resume, args.overwrite_output_dir)
 
-    # 1. Engine: precision and gradient accumulation are accelerate's; the seeded sampler makes the data
-    #    order a function of (seed, epoch), which is what lets --resume reproduce an uninterrupted run.
-    bf16 = args.bf16 if args.bf16 is not None else (
-        not args.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(
-        mixed_precision="bf16" if bf16 else "fp16" if args.fp16 else "no",
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
-                                                  non_blocking=torch.cuda.is_available()))
-    is_main = accelerator.is_main_process
-    check_device(config, accelerator.device)
-    set_seed(args.seed)
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
-    # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
-    #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
-    on_gpu = accelerator.device.type == "cuda"
+    # 1. Engine: precision, gradient accumulation and the multi-GPU engine (DDP, DeepSpeed ZeRO, FSDP2) are
+    #    accelerate's; the seeded sampler makes the data order a function of (seed, epoch), which is what lets
+    #    --resume reproduce an uninterrupted run.
+    on_gpu = torch.cuda.is_available()
+    bf16 = args.bf16 if args.bf16 is not None else (not args.fp16 and on_gpu and torch.cuda.is_bf16_supported())
     # Prompt-learning methods prepend virtual tokens to each sequence, which a packed row cannot share.
     packing = config.data.packing if config.data.packing is not None else (
         on_gpu and config.method not in PROMPT_LEARNING_METHODS)
     if packing and config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
                           f"({config.data.packing_length}): an example must fit in a packed row")
+    accelerator = Accelerator(
+        cpu=not on_gpu,  # without a GPU, several processes still form a (gloo) process group
+        mixed_precision="bf16" if bf16 else "fp16" if args.fp16 else "no",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  non_blocking=on_gpu),
+        **engine_plugins(config, bf16, micro_batch_size=1 if packing else args.per_device_train_batch_size))
+    is_main = accelerator.is_main_process
+    check_device(config, accelerator.device)
+    set_seed(args.seed)
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+
+    # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
+    #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
     model_config = config.model
     if packing and on_gpu and model_config.attn_implementation is None:
         # Flex attention skips the empty blocks of a packed row's block-diagonal mask; sdpa would compute them.
@@ -116,8 +119,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     set_adapter_input_casting(model, enabled=accelerator.mixed_precision == "no")
     trainable, total = parameter_counts(model)
     if is_main:
+        engine = (f"; {args.distributed} on {accelerator.num_processes} processes"
+                  if accelerator.num_processes > 1 or args.distributed != "ddp" else "")
         print(f"Method: {config.method}; trainable parameters {trainable:,} of {total:,} "
-              f"({100 * trainable / total:.2f}%)" + ("; Liger kernels" if liger else ""))
+              f"({100 * trainable / total:.2f}%)" + ("; Liger kernels" if liger else "") + engine)
 
     pad_collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
     # The loader gets its own generator: starting an epoch's iterator then leaves the global RNG (dropout) alone,
@@ -147,8 +152,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    if quantization is None:  # quantized weights were placed at load; bitsandbytes models cannot be moved
-        model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device tensors
+    if quantization is None and args.distributed == "ddp":
+        # Before the optimizer, so fused AdamW sees device tensors. Quantized weights were placed at load
+        # (bitsandbytes models cannot be moved); ZeRO and FSDP place and shard the model themselves.
+        model.to(accelerator.device)
     optimizer = _make_optimizer(model, config)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
