@@ -47,23 +47,26 @@ def tokenizer(request):
     return load_tokenizer(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
-    """A 2-layer Llama with the default model's tokenizer: trains in seconds, exercises the real code paths."""
+def make_tiny_model(folder: Path, tokenizer, hidden_size: int = 64, seed: int = 0) -> Path:
+    """A 2-layer Llama with the given tokenizer: trains in seconds and exercises the real code paths."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig.from_model_config(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer))
 
 
 @pytest.fixture(autouse=True)

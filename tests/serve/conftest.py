@@ -4,35 +4,16 @@ which is what the tests compare."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from tests.conftest import make_tiny_model
 from weitiao.data.templates import NAMED_TEMPLATES, build_chat_template
-from weitiao.models import load_tokenizer, resolve_model
+from weitiao.models import load_tokenizer
 
-CONTEXT = 512
-
-
-def make_tiny_model(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    # As in tests/conftest.py: WEITIAO_TEST_TOKENIZER names a tokenizer folder where the default model is absent.
-    tokenizer = load_tokenizer(os.environ.get("WEITIAO_TEST_TOKENIZER") or resolve_model("default"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=CONTEXT, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def make_lora_adapter(folder: Path, base: Path, template: str | None = None, seed: int = 1) -> Path:
@@ -56,14 +37,14 @@ def make_lora_adapter(folder: Path, base: Path, template: str | None = None, see
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+def tiny_model(tiny_model_dir) -> Path:
+    return Path(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
-def other_tiny_model(tmp_path_factory) -> Path:
+def other_tiny_model(tmp_path_factory, tokenizer) -> Path:
     """Another architecture (hidden size 48): adapters of tiny_model do not fit it."""
-    return make_tiny_model(tmp_path_factory.mktemp("other-tiny-model"), hidden_size=48)
+    return make_tiny_model(tmp_path_factory.mktemp("other-tiny-model"), tokenizer, hidden_size=48)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def test_missing_adapter_folder(capsys, tiny_model, tmp_path):
 
 def test_adapter_for_another_base(capsys, other_tiny_model, tiny_adapter):
     line = run_failing(["serve", str(other_tiny_model), "--adapter", f"t={tiny_adapter}", "--port", "0"], capsys)
-    assert line.startswith(f"error: adapter {tiny_adapter} was trained on ") and "hidden_size 32 vs 48" in line
+    assert line.startswith(f"error: adapter {tiny_adapter} was trained on ") and "hidden_size 64 vs 48" in line
 
 
 def test_missing_model(capsys, tmp_path):

@@ -73,5 +73,5 @@ def test_merge_refuses_a_non_empty_output_folder(tmp_path, tiny_adapter):
 
 
 def test_merge_refuses_an_adapter_of_another_base(tmp_path, tiny_adapter, other_tiny_model):
-    with pytest.raises(WeitiaoError, match="trained on .*a different model.*hidden_size 32 vs 48"):
+    with pytest.raises(WeitiaoError, match="trained on .*a different model.*hidden_size 64 vs 48"):
         merge_adapter(tiny_adapter, tmp_path / "out", base=str(other_tiny_model))
