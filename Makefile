@@ -39,6 +39,7 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 test: install-dev browser
+	$(VENV)/bin/ruff check src tests bench scripts
 	$(PY) -m pytest -q
 
 clean:

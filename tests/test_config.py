@@ -25,7 +25,8 @@ def test_yaml_with_overrides_of_every_spelling(tmp_path):
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
     path = write(tmp_path, "train:\n  learning_rte: 1e-4\n")
-    with pytest.raises(ConfigError, match=r"run.yaml: train.learning_rte: unknown key \(did you mean 'learning_rate'\?\)"):
+    message = r"run.yaml: train.learning_rte: unknown key \(did you mean 'learning_rate'\?\)"
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
     with pytest.raises(ConfigError, match=r"unknown config key 'lerning_rate' \(did you mean 'learning_rate'\?\)"):
         parse_overrides(["--lerning_rate", "1"])

@@ -111,7 +111,7 @@ class DataConfig(_Section):
         return value if isinstance(value, list) else [value]
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if self.template == "custom" and self.custom_template is None:
             raise ValueError("template: custom needs a custom_template section")
         if self.custom_template is not None and self.template not in ("custom", "auto"):
@@ -249,7 +249,7 @@ class TrainConfig(_Section):
     """Worker processes that collate batches."""
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both set; choose one")
         return self
@@ -278,7 +278,7 @@ class BenchmarkConfig(_Section):
         return {"task": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _check(self) -> "BenchmarkConfig":
+    def _check(self) -> BenchmarkConfig:
         # The local layouts live with the code that reads them; imported here so a typo fails at load time.
         from weitiao.eval.benchmarks import check_benchmark_config
 
@@ -320,7 +320,7 @@ class EvalConfig(_Section):
     """Multiple-choice benchmarks (lm-evaluation-harness) scored for both models; see docs/eval.md."""
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalConfig":
+    def _check(self) -> EvalConfig:
         if self.extractor == "regex" and not self.regex:
             raise ValueError("extractor: regex needs eval.regex (a pattern with one group)")
         if self.extractor == "label" and not self.labels:
@@ -350,7 +350,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if self.stage == "pt" and self.data.train_on == "responses":
             self.data.train_on = "all"
         if self.data.packing and self.method in ("prefix", "ptuning", "prompt"):

@@ -79,7 +79,7 @@ def _markdown_cell(text: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Evaluation: base vs fine-tuned", "",
+    lines = ["# Evaluation: base vs fine-tuned", "",
              f"- run: `{report['run']}`", f"- base model: `{report['base_model']}`", f"- method: {report['method']}",
              f"- eval examples: {report['eval_examples']} (loss); {report['generation_examples']} generated "
              f"(extractor for exact match: {report['extractor']})", "",

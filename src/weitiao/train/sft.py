@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -352,7 +353,8 @@ def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:
 
 def _truncate_log(path: Path, last_step: int) -> None:
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
 
 
