@@ -46,11 +46,16 @@ def _fix_special_tokens(tokenizer, config) -> None:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file into a plain transformers folder (cached by file name, size and mtime)."""
+    """Dequantize a GGUF file into a plain transformers folder, once (cached by the file's content)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    stat = gguf.stat()
-    digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # Keyed by content (size + first and last MiB), not path: every install of the same file shares one copy.
+    size = gguf.stat().st_size
+    with gguf.open("rb") as handle:
+        head = handle.read(1 << 20)
+        handle.seek(max(0, size - (1 << 20)))
+        tail = handle.read()
+    digest = hashlib.sha256(str(size).encode() + head + tail).hexdigest()[:12]
     target = cache_dir("models") / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
