@@ -233,6 +233,11 @@ class TrainConfig(_Section):
     """float16 mixed precision with loss scaling (GPU only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    checkpoint_every: int = Field(1, ge=1)
+    """With gradient_checkpointing: recompute every Nth decoder layer only (2 keeps the activations of half the
+    layers: more memory than 1, less recomputation)."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile (inductor) through accelerate; the first steps are slow."""
     tf32: bool = True
     """Let float32 matrix products use TF32 tensor cores on NVIDIA GPUs (Ampere and newer)."""
     liger: bool | None = None

@@ -80,6 +80,9 @@ def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     model.config.use_cache = False  # the KV cache is useless in training and disables packed-sequence detection
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.train.checkpoint_every > 1:  # granularity: keep the activations of the other layers
+            for index, layer in enumerate(decoder_layers(model)[1]):
+                layer.gradient_checkpointing = index % config.train.checkpoint_every == 0
         if config.method != "full":
             # With frozen embeddings no input needs a gradient, so checkpointed blocks would get none either.
             model.enable_input_require_grads()

@@ -83,6 +83,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         cpu=not on_gpu,  # without a GPU, several processes still form a (gloo) process group
         mixed_precision="bf16" if bf16 else "fp16" if args.fp16 else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dynamo_backend="inductor" if args.torch_compile else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
                                                   non_blocking=on_gpu),
         **engine_plugins(config, bf16, micro_batch_size=1 if packing else args.per_device_train_batch_size))
