@@ -416,6 +416,15 @@ class SelectConfig(_Section):
     """Cache scores per example, keyed by the model's files and the exact tokens scored (so by the template,
     max_length and the text too): a rerun, another method or an edited copy of the data rescore only what changed."""
 
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from weitiao.data.templates import NAMED_TEMPLATES  # templates.py imports this module
+
+        if value != "auto" and value not in NAMED_TEMPLATES:
+            raise ValueError(f"unknown template '{value}'; choose auto or {', '.join(NAMED_TEMPLATES)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "SelectConfig":
         if (self.ratio is None) == (self.count is None):

@@ -10,8 +10,8 @@ from weitiao.cli import main
 from weitiao.config import DataSource, ModelConfig, SelectConfig
 from weitiao.data.dataset import load_source
 from weitiao.data.encode import IGNORE_INDEX
-from weitiao.data.select import (choose, encode_for_scoring, k_center_greedy, proportional_quotas, select_examples,
-                                 write_selection)
+from weitiao.data.select import (_fit, choose, encode_for_scoring, k_center_greedy, proportional_quotas,
+                                 select_examples, write_selection)
 from weitiao.errors import ConfigError
 
 CONVERSATIONS = [
@@ -168,7 +168,7 @@ def test_judge_score_is_the_expected_rating_under_next_token_probabilities(tmp_p
             logits = model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, -1]
         expected = float(torch.softmax(logits[ratings], dim=0) @ torch.arange(1.0, 6.0))
         assert selection.scores["quality"][index] == pytest.approx(expected, rel=1e-4)
-    assert 1 <= selection.scores["quality"].min() and selection.scores["quality"].max() <= 5
+    assert selection.scores["quality"].min() >= 1 and selection.scores["quality"].max() <= 5
 
 
 def test_classifier_score_is_the_reward_models_output(tmp_path, tiny_model_dir, tokenizer):
@@ -237,9 +237,16 @@ def test_cli_select_and_its_errors(tmp_path, tiny_model_dir, capsys):
     assert "record 1: selection scores conversations, and this record is plain text" in capsys.readouterr().err
 
 
+def test_long_judge_and_classifier_inputs_are_cut_in_the_middle():
+    # The judge's instructions open its prompt; the reply's end and the answer cue close it.
+    assert _fit(list(range(10)), 6) == [0, 1, 2, 7, 8, 9] and _fit([1, 2], 6) == [1, 2]
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="judge_prompt must contain"):
         SelectConfig(count=1, judge_prompt="Rate this.")
+    with pytest.raises(ValueError, match="unknown template 'custom'; choose auto or alpaca, qa, dolly, chatml"):
+        SelectConfig(count=1, template="custom")
     from weitiao.config import section_from_dict
 
     with pytest.raises(ConfigError, match=r"invalid config \(options\): method: Input should be 'ifd'"):

@@ -124,6 +124,15 @@ def _prompt_text(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(message["content"] for message in prompt)
 
 
+def _fit(ids: list[int], max_length: int) -> list[int]:
+    """At most max_length tokens, cut in the middle: a judge prompt's instructions are at its start and the reply's
+    end and the answer cue at its end, and a classifier reads the last token."""
+    if len(ids) <= max_length:
+        return ids
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head):]
+
+
 def _judge_rows(tokenizer, examples: list[dict[str, Any]], judge_prompt: str, max_length: int) -> list[list[int]]:
     rows = []
     for example in examples:
@@ -131,8 +140,7 @@ def _judge_rows(tokenizer, examples: list[dict[str, Any]], judge_prompt: str, ma
         question = judge_prompt.replace("{prompt}", prompt[-1]["content"]).replace("{response}", reply)
         text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append(ids[-max_length:])  # the end holds the reply and the question the judge answers
+        rows.append(_fit(tokenizer(text, add_special_tokens=False)["input_ids"], max_length))
     return rows
 
 
@@ -147,7 +155,7 @@ def _classifier_rows(tokenizer, examples: list[dict[str, Any]], max_length: int)
         else:
             prompt, reply = prompt_messages(example["messages"])
             ids = tokenizer(prompt[-1]["content"] + "\n\n" + reply)["input_ids"]
-        rows.append(ids[:max_length])
+        rows.append(_fit(ids, max_length))
     return rows
 
 
