@@ -199,7 +199,7 @@ class _Scorer:
         started, loading_before = time.time(), self.timing.get("model_load_s", 0.0)
         values, computed = cached_scores(cache, keys, lambda missing: compute(self._load(), missing), usable)
         seconds = time.time() - started - (self.timing.get("model_load_s", 0.0) - loading_before)
-        self.timing["passes"][name] = {"computed": computed, "cached": len(keys) - computed,
+        self.timing["passes"][name] = {"model": self.model_name, "computed": computed, "cached": len(keys) - computed,
                                        "seconds": round(seconds, 2),
                                        "rows_per_s": round(computed / seconds, 2) if computed else None}
         return values
@@ -221,82 +221,99 @@ def _load_scoring_model(resolved: str, name: str, kind: str, dtype: str):
     return model.to(_device()).eval()
 
 
-def score_examples(examples: list[dict[str, Any]], config: SelectConfig) -> tuple[dict[str, np.ndarray],
-                                                                                   dict[str, Any]]:
-    """The scores config.method needs (see the module docstring), and how long they took."""
+def _loss_scores(examples: list[dict[str, Any]], config: SelectConfig, timing: dict[str, Any], embed: bool,
+                 alone: bool) -> dict[str, np.ndarray]:
+    """loss_with_prompt and perplexity; with `embed` the prompt embeddings of the same pass; with `alone` the
+    reply-alone losses and IFD."""
     from weitiao.config import DataConfig
     from weitiao.data.templates import install_template
 
-    method, n = config.method, len(examples)
+    scorer = _Scorer(config, config.model, "causal", timing)
+    tokenizer = scorer.tokenizer
+    install_template(tokenizer, DataConfig(template=config.template))
+    with_prompt_rows, alone_rows = encode_for_scoring(tokenizer, examples, config.max_length)
+
+    def losses(rows: list[Encoded], with_embedding: bool, desc: str):
+        return lambda model, missing: response_losses(model, [rows[i] for i in missing], config.batch_size,
+                                                      tokenizer.pad_token_id, with_embedding, desc)
+
+    keys = [row_key(row.input_ids, row.labels) for row in with_prompt_rows]
+    # A cached [loss] lacks the embedding k-center needs; a cached [loss, embedding...] serves every method.
+    values = scorer.run("with_prompt", keys, losses(with_prompt_rows, embed, "scoring with prompt"),
+                        usable=(lambda value: len(value) > 1) if embed else None)
+    scores = {"loss_with_prompt": np.array([value[0] for value in values])}
+    scores["perplexity"] = np.exp(np.minimum(scores["loss_with_prompt"], 50.0))
+    if embed:
+        scores["embedding"] = np.stack([value[1:] for value in values])
+    if alone:
+        keys = [row_key(row.input_ids, row.labels) for row in alone_rows]
+        values = scorer.run("alone", keys, losses(alone_rows, False, "scoring response alone"))
+        scores["loss_alone"] = np.array([value[0] for value in values])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores["ifd"] = scores["loss_with_prompt"] / scores["loss_alone"]
+    return scores
+
+
+def _encoder_embeddings(examples: list[dict[str, Any]], config: SelectConfig, timing: dict[str, Any]
+                        ) -> np.ndarray:
+    encoder = _Scorer(config, config.embedding_model, "encoder", timing)
+    tokenizer = encoder.tokenizer
+    rows = [tokenizer(_prompt_text(example["messages"]), truncation=True, max_length=config.max_length)["input_ids"]
+            for example in examples]
+    values = encoder.run("embedding", [row_key(row) for row in rows], lambda model, missing: encoder_embeddings(
+        model, [rows[i] for i in missing], config.batch_size, tokenizer.pad_token_id or 0))
+    return np.stack(values)
+
+
+def _quality_scores(examples: list[dict[str, Any]], config: SelectConfig, timing: dict[str, Any]) -> np.ndarray:
+    from weitiao.config import DataConfig
+    from weitiao.data.templates import install_template
+
+    scorer = _Scorer(config, config.scorer_model or config.model,
+                     "causal" if config.scorer == "judge" else "classifier", timing)
+    tokenizer = scorer.tokenizer
+    if config.scorer == "judge":
+        install_template(tokenizer, DataConfig(template=config.template))
+        ratings = _rating_token_ids(tokenizer)
+        rows = _judge_rows(tokenizer, examples, config.judge_prompt, config.max_length)
+        values = scorer.run("judge", [row_key(row, ratings) for row in rows],
+                            lambda model, missing: expected_ratings(model, [rows[i] for i in missing], ratings,
+                                                                    config.batch_size, tokenizer.pad_token_id))
+    else:
+        rows = _classifier_rows(tokenizer, examples, config.max_length)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        def classify(model, missing):
+            if model.config.pad_token_id is None:  # needed to find each row's last token
+                model.config.pad_token_id = pad_id
+            return classifier_scores(model, [rows[i] for i in missing], config.classifier_label, config.batch_size,
+                                     pad_id)
+
+        values = scorer.run("classifier", [row_key(row, config.classifier_label) for row in rows], classify)
+    return np.array([value[0] for value in values])
+
+
+def score_examples(examples: list[dict[str, Any]], config: SelectConfig) -> tuple[dict[str, np.ndarray],
+                                                                                   dict[str, Any]]:
+    """The scores config.method needs (see the module docstring), and how long they took."""
     timing: dict[str, Any] = {"passes": {}}
     scores: dict[str, np.ndarray] = {}
-    uses_ifd = method in ("ifd", "ifd+kcenter")
-    uses_embedding = method in ("kcenter", "ifd+kcenter")
-    needs_with_prompt = (uses_ifd or method == "perplexity" or config.max_perplexity is not None
-                         or (uses_embedding and config.embedding_model is None))
-
-    if needs_with_prompt:
-        base = _Scorer(config, config.model, "causal", timing)
-        tokenizer = base.tokenizer
-        install_template(tokenizer, DataConfig(template=config.template))
-        with_prompt, alone = encode_for_scoring(tokenizer, examples, config.max_length)
-        embed = uses_embedding and config.embedding_model is None
-        keys = [row_key(e.input_ids, e.labels) for e in with_prompt]
-        # A cached [loss] without the embedding does not serve k-center; [loss, embedding...] serves everything.
-        values = base.run("with_prompt", keys, lambda model, missing: response_losses(
-            model, [with_prompt[i] for i in missing], config.batch_size, tokenizer.pad_token_id, embed,
-            desc="scoring with prompt"), usable=(lambda value: len(value) > 1) if embed else None)
-        scores["loss_with_prompt"] = np.array([v[0] for v in values])
-        scores["perplexity"] = np.exp(np.minimum(scores["loss_with_prompt"], 50.0))
-        if embed:
-            scores["embedding"] = np.stack([v[1:] for v in values])
-        if uses_ifd:
-            keys = [row_key(e.input_ids, e.labels) for e in alone]
-            values = base.run("alone", keys, lambda model, missing: response_losses(
-                model, [alone[i] for i in missing], config.batch_size, tokenizer.pad_token_id,
-                desc="scoring response alone"))
-            scores["loss_alone"] = np.array([v[0] for v in values])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                scores["ifd"] = scores["loss_with_prompt"] / scores["loss_alone"]
-
+    uses_ifd = config.method in ("ifd", "ifd+kcenter")
+    uses_embedding = config.method in ("kcenter", "ifd+kcenter")
+    embed_with_scoring_model = uses_embedding and config.embedding_model is None
+    if uses_ifd or config.method == "perplexity" or config.max_perplexity is not None or embed_with_scoring_model:
+        scores.update(_loss_scores(examples, config, timing, embed_with_scoring_model, uses_ifd))
     if uses_embedding and config.embedding_model is not None:
-        encoder = _Scorer(config, config.embedding_model, "encoder", timing)
-        tokenizer = encoder.tokenizer
-        rows = [tokenizer(_prompt_text(e["messages"]), truncation=True, max_length=config.max_length)["input_ids"]
-                for e in examples]
-        values = encoder.run("embedding", [row_key(row) for row in rows], lambda model, missing: encoder_embeddings(
-            model, [rows[i] for i in missing], config.batch_size, tokenizer.pad_token_id or 0))
-        scores["embedding"] = np.stack(values)
-
-    if method == "quality":
-        scorer = _Scorer(config, config.scorer_model or config.model,
-                         "causal" if config.scorer == "judge" else "classifier", timing)
-        tokenizer = scorer.tokenizer
-        if config.scorer == "judge":
-            install_template(tokenizer, DataConfig(template=config.template))
-            ratings = _rating_token_ids(tokenizer)
-            rows = _judge_rows(tokenizer, examples, config.judge_prompt, config.max_length)
-            values = scorer.run("judge", [row_key(row, ratings) for row in rows],
-                                lambda model, missing: expected_ratings(model, [rows[i] for i in missing], ratings,
-                                                                        config.batch_size, tokenizer.pad_token_id))
-        else:
-            rows = _classifier_rows(tokenizer, examples, config.max_length)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-            def classify(model, missing):
-                if model.config.pad_token_id is None:  # needed to find each row's last token
-                    model.config.pad_token_id = pad_id
-                return classifier_scores(model, [rows[i] for i in missing], config.classifier_label,
-                                         config.batch_size, pad_id)
-
-            values = scorer.run("classifier", [row_key(row, config.classifier_label) for row in rows], classify)
-        scores["quality"] = np.array([v[0] for v in values])
+        scores["embedding"] = _encoder_embeddings(examples, config, timing)
+    if config.method == "quality":
+        scores["quality"] = _quality_scores(examples, config, timing)
 
     if "model_load_s" in timing:
         timing["model_load_s"] = round(timing["model_load_s"], 2)
     timing["scoring_s"] = round(sum(p["seconds"] for p in timing["passes"].values()), 2)
-    fresh = timing["passes"] and all(p["computed"] == n for p in timing["passes"].values())
-    timing["examples_per_s"] = round(n / timing["scoring_s"], 2) if fresh and timing["scoring_s"] else None
+    fresh = timing["passes"] and all(p["computed"] == len(examples) for p in timing["passes"].values())
+    timing["examples_per_s"] = round(len(examples) / timing["scoring_s"], 2) if fresh and timing["scoring_s"] \
+        else None
     return scores, timing
 
 
@@ -489,7 +506,7 @@ def write_selection(examples: list[dict[str, Any]], selection: Selection, output
         "budget": selection.budget, "selected": len(selection.selected),
         "eligible": len(examples) - len(selection.excluded),
         "excluded": dict(Counter(selection.excluded.values())),
-        "model": config.model if selection.timing["passes"] else None, "template": config.template,
+        "template": config.template, "max_length": config.max_length,
         "scores": {name: {"all": _stats(selection.scores[name]), "selected": _stats(selection.scores[name][selected])}
                    for name in names},
         "timing": selection.timing,
