@@ -6,7 +6,7 @@ from tests.conftest import write_jsonl
 from weitiao.cli import main
 from weitiao.config import CleanConfig, DataSource
 from weitiao.data.clean import clean_examples, language_share, looks_truncated, write_clean
-from weitiao.errors import ConfigError
+from weitiao.errors import ConfigError, DataError
 
 STORY = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch and wonders why the "
          "dog never chases anything at all, not even the chickens that wander across the yard every morning.")
@@ -97,6 +97,9 @@ def test_language_rule_removes_replies_in_another_language(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", rows)
     result = clean_examples(DataSource(path=str(source)), CleanConfig(language="zh"))
     assert [item.record for item in result.removed] == [2] and result.removed[0].rule == "language"
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(language="zh", min_response_chars=20))
+    with pytest.raises(DataError, match=r"every record was removed \(1 short_response, 1 language\); nothing"):
+        write_clean(result, tmp_path / "out.jsonl", str(source))
 
 
 def test_cli_clean_keeps_the_input_format_and_refuses_to_overwrite_the_input(tmp_path, capsys):

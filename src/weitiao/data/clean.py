@@ -200,6 +200,7 @@ def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
     examples, stats = load_source(source, on_error="skip", rejected=rejected)
     if examples and examples[0]["messages"] is None:
         raise DataError("clean works on conversations, and this source is plain text", path=source.path)
+    # The reader's own "empty response" check is this command's empty_response rule; its other checks are invalid.
     removed = [Removed("empty_response" if error.reason == "empty response" else "invalid", str(error),
                        record.path, record.number, record.data) for record, error in rejected]
     originals = original_records(examples)
@@ -231,8 +232,8 @@ def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
 def write_clean(result: CleanResult, output: Path, source: str) -> dict[str, Any]:
     """OUT (kept records as in the input), OUT.removed.jsonl and OUT.summary.json; returns the summary."""
     if not result.kept:
-        raise DataError("every record was removed; nothing to write (see the rules' counts with a looser setting)",
-                        path=source)
+        counts = ", ".join(f"{count} {rule}" for rule, count in result.counts.most_common())
+        raise DataError(f"every record was removed ({counts}); nothing to write", path=source)
     write_records([example["_original"] for example in result.kept], output)
     removed_path = side_file(output, "removed.jsonl")
     with removed_path.open("w", encoding="utf-8") as handle:
