@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from weitiao.config import BenchmarkConfig, Config, DataSource, _section_type
+from weitiao.config import BenchmarkConfig, CleanConfig, Config, DataSource, SelectConfig, _section_type
 
 TARGET = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -46,7 +46,14 @@ def render() -> str:
     source = _section(DataSource, "data.train[]")
     benchmark = _section(BenchmarkConfig, "eval.benchmarks[]")
     benchmark[2:2] = ["Each entry of `eval.benchmarks` is an lm-eval task name or a benchmark (see docs/eval.md):", ""]
-    return "\n".join(intro + _section(Config, "") + source + benchmark) + "\n"
+    commands = []
+    for command, section in (("clean", CleanConfig), ("select", SelectConfig)):
+        lines = _section(section, command)
+        lines[0:1] = [f"## `weitiao data {command}` options", "",
+                      f"Each key is an option of `weitiao data {command}`, written with dashes (`max_length` is "
+                      "`--max-length 512`); a switch is `--key` / `--no-key`. See docs/data-selection.md."]
+        commands += lines
+    return "\n".join(intro + _section(Config, "") + source + benchmark + commands) + "\n"
 
 
 if __name__ == "__main__":

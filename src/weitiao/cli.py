@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import sys
+import typing
 from pathlib import Path
 
 from weitiao.errors import WeitiaoError
@@ -101,6 +102,54 @@ def cmd_data_convert(args: argparse.Namespace, overrides: list[str]) -> None:
     counts = convert(_source_from_args(args), args.to, Path(args.output), on_error=args.on_error)
     print(f"read {counts['read']} records, wrote {counts['written']} to {args.output} ({args.to})"
           + (f", skipped {counts['skipped']}" if counts["skipped"] else ""))
+
+
+def _section_options(parser: argparse.ArgumentParser, section) -> None:
+    """One --option per field of a config section, documented by the field's docstring (as in docs/config.md)."""
+    for name, field in section.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default()
+        help_text = " ".join((field.description or "").split()).replace("%", "%%")
+        if default is not None:
+            help_text += f" (default: {default!r})".replace("%", "%%")
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+            continue
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        # Values stay text: the section's own validation converts and checks them, with the config's error messages.
+        parser.add_argument(flag, default=argparse.SUPPRESS, choices=choices, metavar=None if choices else "VALUE",
+                            help=help_text)
+
+
+def _section_from_args(section, args: argparse.Namespace):
+    from weitiao.config import section_from_dict
+
+    given = {name: getattr(args, name) for name in section.model_fields if hasattr(args, name)}
+    return section_from_dict(section, given, "(options)")
+
+
+def cmd_data_clean(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.config import CleanConfig
+    from weitiao.data.clean import check_output, clean_examples, format_clean_summary, write_clean
+
+    config = _section_from_args(CleanConfig, args)
+    output = check_output(Path(args.output), args.file)
+    result = clean_examples(_source_from_args(args), config)
+    print(format_clean_summary(write_clean(result, output, args.file)))
+
+
+def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.config import SelectConfig
+    from weitiao.data.clean import check_output
+    from weitiao.data.dataset import load_source
+    from weitiao.data.select import format_summary, select_examples, write_selection
+
+    config = _section_from_args(SelectConfig, args)
+    output = check_output(Path(args.output), args.file)
+    examples, _ = load_source(_source_from_args(args), args.on_error)
+    selection = select_examples(examples, config)
+    print(format_summary(write_selection(examples, selection, output, config, args.file)))
 
 
 def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -233,12 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "looks for them (default outputs)")
         sub.set_defaults(handler=handler)
 
-    data = commands.add_parser("data", help="inspect and convert datasets").add_subparsers(dest="data_command",
-                                                                                           required=True)
-    for name, handler, help_text in (("inspect", cmd_data_inspect, "format, counts, token lengths, truncation and "
-                                      "a rendered example with the trained tokens marked"),
-                                     ("convert", cmd_data_convert, "rewrite a dataset in another format")):
-        sub = data.add_parser(name, help=help_text)
+    data = commands.add_parser("data", help="inspect, convert, clean and select datasets").add_subparsers(
+        dest="data_command", required=True)
+    for name, handler, help_text in (
+            ("inspect", cmd_data_inspect, "format, counts, token lengths, truncation and a rendered example with the "
+             "trained tokens marked"),
+            ("convert", cmd_data_convert, "rewrite a dataset in another format"),
+            ("clean", cmd_data_clean, "remove broken, empty, cut-off, off-language and duplicate records; removed "
+             "ones go to OUT.removed.jsonl"),
+            ("select", cmd_data_select, "keep the examples worth training on (IFD, k-center, quality, perplexity, "
+             "random) at a ratio or count; see docs/data-selection.md")):
+        sub = data.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("file", help="a json/jsonl/csv/parquet file, a folder or a glob")
         sub.add_argument("--format", default="auto", help="input format (default: detected)")
         sub.add_argument("--column", action="append", metavar="FIELD=COLUMN",
@@ -252,10 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--template", default="auto")
             sub.add_argument("--train-on", default="responses", choices=["responses", "all"])
             sub.add_argument("--example", type=int, default=0, help="which example to render (0-based)")
-        else:
+        elif name == "convert":
             sub.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "openai", "qa", "text"])
             sub.add_argument("output", help="output file; its suffix picks jsonl/json/csv/parquet")
             sub.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+        else:
+            from weitiao.config import CleanConfig, SelectConfig
+
+            sub.add_argument("output", help="output file (the kept records, as they are in the input); its suffix "
+                             "picks jsonl/json/csv/parquet. Side files OUT.*.json(l)/png go next to it")
+            if name == "select":
+                sub.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                                 help="records that cannot be read stop the command, or are skipped")
+            _section_options(sub, CleanConfig if name == "clean" else SelectConfig)
     return parser
 
 

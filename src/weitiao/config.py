@@ -21,6 +21,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
+_SectionType = typing.TypeVar("_SectionType", bound=_Section)
+
+
 class ModelConfig(_Section):
     name_or_path: str = "default"
     """'default' (bundled SmolLM2-135M-Instruct), a local HF model dir, a hub id, or a .gguf file."""
@@ -337,6 +340,112 @@ class EvalConfig(_Section):
         return self
 
 
+class CleanConfig(_Section):
+    """Options of `weitiao data clean`: each rule removes records, and every removed record is written to the side
+    file OUT.removed.jsonl with the rule that removed it."""
+    exact_dedup: bool = True
+    """Remove a record whose normalised text (Unicode NFKC, case-folded, whitespace collapsed) equals an earlier
+    one's."""
+    near_dedup: bool = True
+    """Remove a record that is a near duplicate of an earlier kept one (MinHash LSH over character n-grams)."""
+    near_dup_threshold: float = Field(0.85, gt=0, le=1)
+    """Jaccard similarity of the character n-gram sets (estimated by MinHash) from which two records are near
+    duplicates."""
+    dedup_on: Literal["conversation", "prompt", "response"] = "conversation"
+    """What is compared for duplicates: the whole conversation, the prompt only (one reply per prompt is kept), or
+    the last reply only."""
+    shingle_size: int = Field(5, gt=0)
+    """Characters per n-gram for near duplicates (characters, not words, so Chinese needs no segmenter)."""
+    num_perm: int = Field(128, ge=16)
+    """MinHash permutations: more is a more accurate similarity estimate, and slower."""
+    truncated: bool = True
+    """Remove a record whose last reply looks cut off: an unclosed ``` code fence, or a last character that cannot
+    end a text (a comma, colon, semicolon, an opening bracket or quote)."""
+    min_response_chars: int = Field(1, ge=1)
+    """Remove a record with a reply shorter than this (characters after removing zero-width characters and outer
+    whitespace, so a reply of only U+200B counts as empty)."""
+    min_prompt_chars: int = Field(0, ge=0)
+    """Remove a record whose last prompt is shorter than this, in characters."""
+    max_chars: int | None = Field(None, gt=0)
+    """Remove a record whose conversation is longer than this, in characters (None: no limit)."""
+    language: Literal["any", "zh", "en"] = "any"
+    """Keep only replies in this language. The share of a language is counted in units (each CJK character is
+    one unit, each run of other letters one word), in the replies with fenced code blocks removed; replies with no
+    letters are kept."""
+    language_share: float = Field(0.5, gt=0, le=1)
+    """Share of units that must be in `language` (CJK characters for zh, Latin-script words for en)."""
+
+
+class SelectConfig(_Section):
+    """Options of `weitiao data select`: which examples of a dataset to train on (see docs/data-selection.md)."""
+    method: Literal["ifd", "kcenter", "ifd+kcenter", "quality", "perplexity", "random"] = "ifd"
+    """ifd: the highest Instruction-Following Difficulty below ifd_max; kcenter: k-center greedy on embeddings (the
+    most diverse set); ifd+kcenter: k-center clusters, then the highest IFD within each; quality: the highest score
+    of a judge prompt or a classifier (`scorer`); perplexity: by response perplexity (`perplexity_keep`); random."""
+    ratio: float | None = Field(None, gt=0, le=1)
+    """Share of the examples to keep (set ratio or count)."""
+    count: int | None = Field(None, gt=0)
+    """Number of examples to keep (set ratio or count)."""
+    model: str = "default"
+    """The model that scores (the base model you will fine-tune): 'default', a folder, a .gguf file or a hub id."""
+    template: str = "auto"
+    """Prompt template, as data.template in training: the scores are only meaningful with the template you train
+    with. auto (the tokenizer's chat template), alpaca, qa, dolly or chatml."""
+    max_length: int = Field(1024, gt=0)
+    """Longest scored sequence in tokens, as data.max_length in training (longer ones are cut on the right)."""
+    batch_size: int = Field(8, gt=0)
+    """Sequences per forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the scoring model. auto: bfloat16 on a GPU that supports it, float32 otherwise."""
+    ifd_max: float = Field(1.0, gt=0)
+    """ifd, ifd+kcenter: discard examples with IFD at or above this (at 1 the instruction does not make the
+    response any easier to predict)."""
+    max_perplexity: float | None = Field(None, gt=1)
+    """Any method: first discard examples whose response perplexity (given the prompt) is above this."""
+    perplexity_keep: Literal["low", "middle", "high"] = "low"
+    """perplexity: keep the lowest-perplexity responses, those around the median, or the highest."""
+    clusters: int | None = Field(None, gt=0)
+    """ifd+kcenter: number of k-center clusters (default: a tenth of the budget). Each cluster gets at least one
+    example and a share of the budget proportional to its size."""
+    embedding_model: str | None = None
+    """kcenter, ifd+kcenter: a local encoder folder (e.g. a sentence-transformers model) whose mean-pooled last
+    hidden states embed the prompts. None: the scoring model's own hidden states."""
+    scorer: Literal["judge", "classifier"] = "judge"
+    """quality: judge (a causal LM answers `judge_prompt`; the score is the expected rating under its next-token
+    probabilities over the ratings 1-5) or classifier (a sequence-classification / reward model)."""
+    scorer_model: str | None = None
+    """quality: the judge or classifier model (a folder, .gguf or hub id). None: `model`."""
+    judge_prompt: str = ("Rate the quality of the response to the instruction below on a scale of 1 to 5 (5: "
+                         "correct, helpful and complete; 1: wrong or useless). Answer with one digit.\n\n"
+                         "Instruction:\n{prompt}\n\nResponse:\n{response}")
+    """quality, judge: the user turn sent to the judge; {prompt} is the last prompt, {response} the reply."""
+    classifier_label: int | None = None
+    """quality, classifier: the score is the probability of this label (None: the last label); a model with one
+    output (a reward model) is scored by that output."""
+    seed: int = 42
+    """Seed of random selection and of the first k-center point."""
+    cache: bool = True
+    """Cache scores per example, keyed by the model's files and the exact tokens scored (so by the template,
+    max_length and the text too): a rerun, another method or an edited copy of the data rescore only what changed."""
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from weitiao.data.templates import NAMED_TEMPLATES  # templates.py imports this module
+
+        if value != "auto" and value not in NAMED_TEMPLATES:
+            raise ValueError(f"unknown template '{value}'; choose auto or {', '.join(NAMED_TEMPLATES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "SelectConfig":
+        if (self.ratio is None) == (self.count is None):
+            raise ValueError("set exactly one of ratio (a share, e.g. 0.1) and count (a number of examples)")
+        if "{prompt}" not in self.judge_prompt or "{response}" not in self.judge_prompt:
+            raise ValueError("judge_prompt must contain {prompt} and {response}")
+        return self
+
+
 class Config(_Section):
     stage: Literal["sft", "pt"] = "sft"
     """sft: supervised fine-tuning on conversations; pt: continued pre-training on plain text."""
@@ -466,6 +575,14 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
         lines.append(f"{loc or '(top level)'}: {message}")
     return f"invalid config {source}: " + "; ".join(lines)
+
+
+def section_from_dict(section: type[_SectionType], raw: dict[str, Any], source: str = "") -> _SectionType:
+    """Validate one config section (e.g. SelectConfig from command-line options), with readable errors."""
+    try:
+        return section.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "") -> Config:

@@ -18,7 +18,7 @@ import numpy as np
 from weitiao.config import DataConfig, DataSource
 from weitiao.data.encode import IGNORE_INDEX, TemplateMismatch, encode_example, truncate
 from weitiao.data.formats import Normalizer, detect_format, field_map
-from weitiao.data.readers import expand_paths, read_records
+from weitiao.data.readers import Record, expand_paths, read_records
 from weitiao.errors import DataError
 from weitiao.paths import cache_dir
 
@@ -42,8 +42,10 @@ class SourceStats:
                 "examples_used": self.used}
 
 
-def load_source(source: DataSource, on_error: str = "raise") -> tuple[list[dict[str, Any]], SourceStats]:
-    """Read and normalise one source. Each example carries `_source`/`_record` for later error messages."""
+def load_source(source: DataSource, on_error: str = "raise", rejected: list[tuple[Record, DataError]] | None = None
+                ) -> tuple[list[dict[str, Any]], SourceStats]:
+    """Read and normalise one source. Each example carries `_source`/`_record` for later error messages.
+    With on_error "skip", `rejected` (when given) receives each skipped record with its error."""
     stats = SourceStats(path=source.path, weight=source.weight)
     examples: list[dict[str, Any]] = []
     for path in expand_paths(source.path):
@@ -67,6 +69,8 @@ def load_source(source: DataSource, on_error: str = "raise") -> tuple[list[dict[
                 if on_error == "raise":
                     raise
                 stats.skipped[error.reason] += 1
+                if rejected is not None:
+                    rejected.append((record, error))
                 if len(stats.skipped_examples) < 5:
                     stats.skipped_examples.append(str(error))
                 continue

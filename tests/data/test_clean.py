@@ -1,0 +1,135 @@
+import json
+
+import pytest
+
+from tests.conftest import write_jsonl
+from weitiao.cli import main
+from weitiao.config import CleanConfig, DataSource
+from weitiao.data.clean import clean_examples, language_share, looks_truncated, write_clean
+from weitiao.errors import ConfigError, DataError
+
+STORY = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch and wonders why the "
+         "dog never chases anything at all, not even the chickens that wander across the yard every morning.")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_duplicates_exact_and_near_are_removed_and_distinct_records_kept(tmp_path):
+    rows = [
+        {"id": 1, "instruction": "Tell a story about a fox.", "output": STORY},
+        {"id": 2, "instruction": "tell a   STORY about a fox.", "output": STORY.upper()},  # same once normalised
+        {"id": 3, "instruction": "Tell a story about a fox.", "output": STORY.replace("porch", "balcony")},  # near
+        {"id": 4, "instruction": "Tell a story about a cat.", "output": "A cat slept in the sun all afternoon."},
+        {"id": 5, "instruction": "Name a prime.", "output": "Seven is a prime number."},
+        {"id": 6, "instruction": "Name a prime.", "output": "Eleven is a prime number, and so is thirteen."},
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = clean_examples(DataSource(path=str(source)), CleanConfig())
+    summary = write_clean(result, tmp_path / "out.jsonl", str(source))
+
+    assert [row["id"] for row in read_jsonl(tmp_path / "out.jsonl")] == [1, 4, 5, 6]
+    removed = read_jsonl(tmp_path / "out.removed.jsonl")
+    assert [(item["record"], item["rule"]) for item in removed] == [(2, "exact_duplicate"), (3, "near_duplicate")]
+    assert removed[0]["detail"] == f"same as record 1 of {source}"
+    assert removed[1]["detail"].startswith("similarity 0.") and "with record 1" in removed[1]["detail"]
+    assert removed[1]["original"] == rows[2]  # the record as it was, every column
+    assert summary["removed_by_rule"] == {"exact_duplicate": 1, "near_duplicate": 1}
+    assert json.loads((tmp_path / "out.summary.json").read_text())["kept"] == 4
+
+    # Near-duplicate detection off: the near copy stays; a stricter threshold keeps it too.
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(near_dedup=False))
+    assert result.counts == {"exact_duplicate": 1}
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(near_dup_threshold=0.98))
+    assert "near_duplicate" not in result.counts
+    with pytest.raises(ConfigError, match="near_dup_threshold 0.999 is too close to 1 for num_perm 128"):
+        clean_examples(DataSource(path=str(source)), CleanConfig(near_dup_threshold=0.999))
+
+
+def test_dedup_on_prompt_keeps_one_reply_per_prompt(tmp_path):
+    rows = [{"question": "2+2?", "answer": "4"}, {"question": "2+2?", "answer": "Four."},
+            {"question": "3+3?", "answer": "6"}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert clean_examples(DataSource(path=str(source)), CleanConfig()).counts == {}
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(dedup_on="prompt"))
+    assert result.counts == {"exact_duplicate": 1} and result.removed[0].record == 2
+
+
+def test_every_removed_record_is_in_the_side_file_with_its_rule(tmp_path):
+    rows = [
+        {"instruction": "Fine", "output": "A complete answer."},                        # 1 kept
+        {"instruction": "Missing output"},                                              # 2 invalid
+        {"instruction": "Blank", "output": "   "},                                      # 3 empty (reader)
+        {"instruction": "Invisible", "output": "\u200b"},                               # 4 empty (zero width)
+        {"instruction": "Short", "output": "ok"},                                       # 5 short_response
+        {"instruction": "Cut", "output": "The steps are: first, open the file,"},       # 6 truncated
+        {"instruction": "Code", "output": "```python\nprint(1)\n"},                     # 7 truncated
+        {"instruction": "中文", "output": "This reply is in English, not Chinese."},     # 8 kept (language any)
+        {"instruction": "Long", "output": "x" * 500},                                   # 9 too_long
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(min_response_chars=3, max_chars=300))
+    write_clean(result, tmp_path / "out.jsonl", str(source))
+    removed = {item["record"]: item for item in read_jsonl(tmp_path / "out.removed.jsonl")}
+    assert {number: item["rule"] for number, item in removed.items()} == {
+        2: "invalid", 3: "empty_response", 4: "empty_response", 5: "short_response", 6: "truncated",
+        7: "truncated", 9: "too_long"}
+    assert "field 'output': missing field" in removed[2]["detail"]
+    kept = read_jsonl(tmp_path / "out.jsonl")
+    assert len(kept) + len(removed) == len(rows)  # nothing lost silently
+    assert [removed[n]["original"] for n in sorted(removed)] == [rows[n - 1] for n in sorted(removed)]
+
+
+def test_language_filter_counts_units_in_replies_without_code():
+    assert language_share("这是中文回答。", "zh") == 1.0
+    # One CJK character is one unit and one English word is one unit: 6 of 7 units are Chinese.
+    assert language_share("我们用 Python 写代码", "zh") == pytest.approx(6 / 7)
+    assert language_share("答案如下\n```python\nprint('hello world')\n```", "zh") == 1.0
+    assert language_share("12345", "zh") is None
+    assert language_share("Hello there, 你好", "en") == pytest.approx(2 / 4)
+    assert looks_truncated("Done.") is None and looks_truncated("步骤如下：") == "ends with '：'"
+
+
+def test_language_rule_removes_replies_in_another_language(tmp_path):
+    rows = [{"instruction": "问候", "output": "你好，很高兴见到你。"},
+            {"instruction": "问候", "output": "Hello, nice to meet you."}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(language="zh"))
+    assert [item.record for item in result.removed] == [2] and result.removed[0].rule == "language"
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(language="zh", min_response_chars=20))
+    with pytest.raises(DataError, match=r"every record was removed \(1 short_response, 1 language\); nothing"):
+        write_clean(result, tmp_path / "out.jsonl", str(source))
+
+
+def test_cli_clean_keeps_the_input_format_and_refuses_to_overwrite_the_input(tmp_path, capsys):
+    rows = [{"instruction": "Q", "input": "ctx", "output": "Answer one.", "source": "a"},
+            {"instruction": "Q", "input": "ctx", "output": "Answer one.", "source": "b"}]
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps(rows), encoding="utf-8")
+    assert main(["data", "clean", str(source), str(tmp_path / "out.json"), "--no-near-dedup"]) == 0
+    out = capsys.readouterr().out
+    assert "read 2 records, kept 1" in out and "1  exact_duplicate" in out
+    assert json.loads((tmp_path / "out.json").read_text()) == rows[:1]  # alpaca json, input and extra column kept
+
+    assert main(["data", "clean", str(source), str(source)]) == 2
+    assert "the output would overwrite the input" in capsys.readouterr().err
+    assert main(["data", "clean", str(source), str(tmp_path / "out.txt")]) == 2
+    assert "unsupported output file type '.txt'" in capsys.readouterr().err
+    assert main(["data", "clean", str(source), str(tmp_path / "o.json"), "--near-dup-threshold", "2"]) == 2
+    assert "near_dup_threshold: Input should be less than or equal to 1" in capsys.readouterr().err
+
+
+def test_real_chinese_data(shared_data, tmp_path):
+    """sharegpt_zh has a reply that is only U+200B and one conversation without a reply; alpaca_zh has exact
+    duplicates. Every record is kept or accounted for."""
+    source = shared_data / "sharegpt_zh" / "sharegpt_zh_1K_format.jsonl"
+    result = clean_examples(DataSource(path=str(source)), CleanConfig())
+    assert result.counts["invalid"] == 1 and result.counts["empty_response"] >= 1
+    assert any(item.original["conversations"][-1]["value"] == "\u200b" for item in result.removed)
+    assert len(result.kept) + len(result.removed) == result.records == 1000
+
+    source = shared_data / "alpaca_zh" / "alpaca_zh_demo.json"
+    result = clean_examples(DataSource(path=str(source)), CleanConfig())
+    assert result.counts["exact_duplicate"] >= 1
+    assert len(result.kept) + len(result.removed) == result.records == 1000
