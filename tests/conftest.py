@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+ZH_CORPUS = Path(__file__).resolve().parent / "fixtures" / "zh" / "corpus.txt"
 
 
 def shared_data_dir() -> Path:
@@ -64,6 +65,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def zh_extended_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """tiny_model_dir with 60 tokens for Chinese pieces of fixtures/zh/corpus.txt (weitiao vocab extend)."""
+    from weitiao.vocab import extend_vocabulary
+
+    out = tmp_path_factory.mktemp("zh-extended") / "model"
+    extend_vocabulary(tiny_model_dir, [str(ZH_CORPUS)], out, count=60, min_frequency=2, sentencepiece_vocab=400,
+                      held_out=0.2, log=lambda line: None)
+    return str(out)
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from weitiao.config import Config, dump_config
+from weitiao.data.blocks import DocumentBlockCollator
 from weitiao.data.collate import PadCollator, count_label_tokens
 from weitiao.data.dataset import build_datasets, format_stats
 from weitiao.data.packing import PackedBatchSampler, PackedCollator
@@ -87,7 +88,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     # Prompt-learning methods prepend virtual tokens to each sequence, which a packed row cannot share.
     packing = config.data.packing if config.data.packing is not None else (
         on_gpu and config.method not in PROMPT_LEARNING_METHODS)
-    if packing and config.data.max_length > config.data.packing_length:
+    if packing and config.stage == "sft" and config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
                           f"({config.data.packing_length}): an example must fit in a packed row")
     model_config = config.model
@@ -124,7 +125,15 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     # which a resumed run relies on to replay the same random numbers.
     generator = torch.Generator().manual_seed(args.seed)
     packed_sampler = None
-    if packing:
+    streaming = config.data.streaming
+    if config.stage == "pt":
+        # Blocks are full rows already; packing only decides whether attention may cross documents in a block.
+        collate = DocumentBlockCollator(tokenizer.pad_token_id, config.data.max_length if on_gpu else None
+                                        ) if packing else pad_collate
+        train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
+                                  collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                  generator=None if streaming else generator, pin_memory=on_gpu)
+    elif packing:
         packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
                                             config.data.packing_length, args.seed)
         # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
@@ -143,9 +152,12 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
 
     # 5. Schedule: optimizer steps per epoch over this process's share of the batches.
     accumulation = args.gradient_accumulation_steps
-    batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    if streaming:  # the length of a stream is unknown: max_steps (required) is the schedule
+        batches_per_epoch, total_steps = None, args.max_steps
+    else:
+        batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     if quantization is None:  # quantized weights were placed at load; bitsandbytes models cannot be moved
         model.to(accelerator.device)  # before the optimizer, so fused AdamW sees device tensors
@@ -176,6 +188,12 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         (out / "data_stats.json").write_text(json.dumps(data_stats, indent=2, ensure_ascii=False), encoding="utf-8")
     metrics_file = out / "metrics.jsonl"
+    # Stage pt: nats per token -> bits per character of the held-out text, which compares tokenizers.
+    eval_characters = ((data_stats.get("eval") or {}).get("characters") or 0)
+
+    def epochs_done() -> float:
+        fraction = state["batches_done_in_epoch"] / batches_per_epoch if batches_per_epoch else 0.0
+        return round(state["epoch"] + fraction, 3)
 
     def log(record: dict[str, Any]) -> None:
         if not is_main:
@@ -189,8 +207,11 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         if eval_loader is None:
             return None
         result = evaluate_loss(model, eval_loader, accelerator)
-        log({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-             "eval_tokens": result["tokens"]})
+        record = {"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+                  "eval_tokens": result["tokens"]}
+        if eval_characters:
+            record["eval_bits_per_char"] = result["loss"] * result["tokens"] / math.log(2) / eval_characters
+        log(record)
         return result["loss"]
 
     if state["global_step"] == 0 and eval_loader is not None and args.eval_on_start:
@@ -215,9 +236,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         state["tokens"] += int(tokens)
         last_train_loss = loss_sum / interval["steps"]
         elapsed = time.time() - interval["start"]
-        record = {"step": step, "epoch": round(state["epoch"] + state["batches_done_in_epoch"]
-                                               / max(1, batches_per_epoch), 3),
-                  "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
+        record = {"step": step, "epoch": epochs_done(), "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
                   "tokens": state["tokens"], "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -273,15 +292,16 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     _save_final(accelerator, model, tokenizer, out, stops)
     set_adapter_input_casting(model, enabled=True)  # the returned model also works outside autocast
     result = TrainResult(
-        output_dir=str(out), base_model=base_path, steps=state["global_step"],
-        epochs=round(state["epoch"] + state["batches_done_in_epoch"] / max(1, batches_per_epoch), 3),
+        output_dir=str(out), base_model=base_path, steps=state["global_step"], epochs=epochs_done(),
         train_loss=last_train_loss, eval_loss_before=state["eval_loss_before"], eval_loss=eval_loss,
         seconds=round(seconds, 1), tokens=state["tokens"], trainable_params=trainable, total_params=total,
-        data={"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set is not None else 0},
+        data={"train_examples": None if streaming else len(train_set),
+              "eval_examples": len(eval_set) if eval_set is not None else 0},
         model=accelerator.unwrap_model(model))
     if is_main:
         (out / "train_result.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
-        print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s"
+        print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s, {result.tokens:,} tokens at "
+              f"{result.tokens / max(seconds, 1e-9):.0f} tokens/s"
               + (f", eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}" if eval_loss is not None
                  and result.eval_loss_before is not None else "") + ")")
     accelerator.end_training()
