@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ZH_CORPUS = Path(__file__).resolve().parent / "fixtures" / "zh" / "corpus.txt"
+ZH_CORPUS = REPO / "examples" / "data" / "zh_domain.txt"  # Chinese law, medicine and finance text we wrote
 
 
 def shared_data_dir() -> Path:
@@ -69,7 +69,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 
 @pytest.fixture(scope="session")
 def zh_extended_model_dir(tmp_path_factory, tiny_model_dir) -> str:
-    """tiny_model_dir with 60 tokens for Chinese pieces of fixtures/zh/corpus.txt (weitiao vocab extend)."""
+    """tiny_model_dir with 60 tokens for Chinese pieces of examples/data/zh_domain.txt (weitiao vocab extend)."""
     from weitiao.vocab import extend_vocabulary
 
     out = tmp_path_factory.mktemp("zh-extended") / "model"

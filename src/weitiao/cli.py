@@ -109,7 +109,8 @@ def cmd_vocab_extend(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.vocab import extend_vocabulary
 
     extend_vocabulary(args.model, args.corpus, args.out, count=args.add, min_frequency=args.min_frequency,
-                      held_out=args.held_out, sentencepiece_vocab=args.sp_vocab_size, sample_by=args.sample_by)
+                      held_out=args.held_out, eval_corpus=args.eval, sentencepiece_vocab=args.sp_vocab_size,
+                      sample_by=args.sample_by)
     print(f"saved to {args.out} (AutoModelForCausalLM / AutoTokenizer load it; train it with method full, or lora "
           "with lora.modules_to_save: [embed_tokens, lm_head])")
 
@@ -241,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--min-frequency", type=int, default=5, help="least occurrences of a piece in the corpus "
                         "(default 5)")
     extend.add_argument("--held-out", type=float, default=0.05, help="share of the documents kept out of training "
-                        "to measure tokens per character on (default 0.05)")
+                        "to measure tokens per character on, without --eval (default 0.05)")
+    extend.add_argument("--eval", nargs="+", metavar="PATH", help="held-out domain text to measure tokens per "
+                        "character on (then the whole corpus is learned from)")
     extend.add_argument("--sp-vocab-size", type=int, default=16000, help="pieces of the SentencePiece model the "
                         "candidates come from (default 16000)")
     extend.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"],

@@ -255,10 +255,12 @@ def compare_tokenizations(base, extended, texts: list[str]) -> dict[str, int]:
 
 
 def extend_vocabulary(model_name: str, corpus: list[str], out: str | Path, count: int, min_frequency: int = 5,
-                      held_out: float = 0.05, sentencepiece_vocab: int = 16000, sample_by: str = "paragraph",
-                      character_coverage: float = 0.9995, log: Callable[[str], None] = print) -> dict[str, Any]:
+                      held_out: float = 0.05, eval_corpus: list[str] | None = None, sentencepiece_vocab: int = 16000,
+                      sample_by: str = "paragraph", character_coverage: float = 0.9995,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Extend the tokenizer of `model_name` with up to `count` pieces of `corpus` and save model + tokenizer to
-    `out`; return the report (also written to out/vocab_extension.json)."""
+    `out`; return the report (also written to out/vocab_extension.json). Tokens per character are measured on
+    `eval_corpus`, or else on the `held_out` share of the corpus's documents, which are then not learned from."""
     from transformers import AutoModelForCausalLM
 
     from weitiao.models import load_tokenizer, resolve_model
@@ -266,12 +268,16 @@ def extend_vocabulary(model_name: str, corpus: list[str], out: str | Path, count
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WeitiaoError(f"--out {out} already exists and is not empty; choose a new folder")
-    for path in corpus:
+    for path in corpus + (eval_corpus or []):
         expand_paths(path)  # a wrong path fails now, not after loading the model
     source = resolve_model(model_name)
     tokenizer = load_tokenizer(source, ModelConfig(name_or_path=model_name))
     check_byte_level_bpe(tokenizer)
-    train_texts, held_out_texts = split_held_out(text_documents(corpus, sample_by), held_out)
+    if eval_corpus:
+        train_texts, held_out_texts = list(text_documents(corpus, sample_by)), list(text_documents(eval_corpus,
+                                                                                                   sample_by))
+    else:
+        train_texts, held_out_texts = split_held_out(text_documents(corpus, sample_by), held_out)
     if not train_texts:
         raise WeitiaoError("the corpus has no text to learn pieces from")
     log(f"corpus: {len(train_texts)} documents ({sum(map(len, train_texts)):,} characters) to learn from, "

@@ -190,6 +190,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     metrics_file = out / "metrics.jsonl"
     # Stage pt: nats per token -> bits per character of the held-out text, which compares tokenizers.
     eval_characters = ((data_stats.get("eval") or {}).get("characters") or 0)
+    eval_tokens = 0  # tokens the eval loss is the mean over (the same at every evaluation)
+
+    def bits_per_char(loss: float) -> float:
+        return loss * eval_tokens / math.log(2) / eval_characters
 
     def epochs_done() -> float:
         fraction = state["batches_done_in_epoch"] / batches_per_epoch if batches_per_epoch else 0.0
@@ -204,13 +208,15 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             on_log(record)
 
     def evaluate(step: int) -> float | None:
+        nonlocal eval_tokens
         if eval_loader is None:
             return None
         result = evaluate_loss(model, eval_loader, accelerator)
+        eval_tokens = result["tokens"]
         record = {"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
                   "eval_tokens": result["tokens"]}
         if eval_characters:
-            record["eval_bits_per_char"] = result["loss"] * result["tokens"] / math.log(2) / eval_characters
+            record["eval_bits_per_char"] = bits_per_char(result["loss"])
         log(record)
         return result["loss"]
 
@@ -304,6 +310,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
               f"{result.tokens / max(seconds, 1e-9):.0f} tokens/s"
               + (f", eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}" if eval_loss is not None
                  and result.eval_loss_before is not None else "") + ")")
+        if eval_characters and eval_loss is not None and result.eval_loss_before is not None:
+            before, after = result.eval_loss_before, eval_loss
+            print(f"Held-out text: perplexity {math.exp(min(before, 50)):.2f} -> {math.exp(min(after, 50)):.2f}, "
+                  f"bits per character {bits_per_char(before):.3f} -> {bits_per_char(after):.3f}")
     accelerator.end_training()
     return result
 
