@@ -48,15 +48,33 @@ def test_pretraining_logs_tokens_throughput_and_held_out_bits_per_character(tmp_
     assert result.tokens == 4 * 4 * 64
 
 
-def test_streamed_pretraining_with_per_document_attention_runs_past_the_end_of_the_stream(tmp_path, tiny_model_dir):
+def test_streamed_pretraining_runs_past_the_end_of_the_stream_and_resumes_exactly(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
     # The corpus is 30 blocks of 64 tokens: 8 steps of 4 blocks read it once, the 9th starts a second pass.
-    config = pt_config(tmp_path, tiny_model_dir, method="full", train={"max_steps": 9, "learning_rate": 1e-3},
-                       data={"streaming": True, "packing": True})
-    result = run(config)
-    assert result.steps == 9 and result.data["train_examples"] is None
-    assert result.epochs == 1  # one whole pass done, the second under way
-    log = metrics(result.output_dir)
+    # LoRA dropout makes the RNG state matter, per-document attention (packing) the collation.
+    settings = dict(lora={"dropout": 0.1}, train={"max_steps": 10, "save_steps": 4},
+                    data={"streaming": True, "packing": True})
+    reference = run(pt_config(tmp_path / "whole", tiny_model_dir, **settings))
+    assert reference.steps == 10 and reference.data["train_examples"] is None
+    assert reference.epochs == 1  # one whole pass done, the second under way
+    log = metrics(reference.output_dir)
     assert log[-1]["eval_loss"] < log[0]["eval_loss"]
+
+    config = pt_config(tmp_path / "split", tiny_model_dir, **settings)
+
+    def interrupt(record):
+        if record.get("step") == 6 and "loss" in record:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, on_log=interrupt)
+    resumed = run(config, resume=True)
+    assert resumed.steps == 10
+    expected = load_file(str(Path(reference.output_dir) / "adapter_model.safetensors"))
+    got = load_file(str(Path(resumed.output_dir) / "adapter_model.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
 
 def test_extended_vocabulary_trains_through_tied_modules_to_save_then_sft_continues_the_adapter(

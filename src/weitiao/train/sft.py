@@ -74,8 +74,11 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     accelerator = Accelerator(
         mixed_precision="bf16" if bf16 else "fp16" if args.fp16 else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # A stream is not dispatched from process 0 (accelerate's default): the dispatching loader draws its seed from
+        # the global RNG, so a resumed run would replay dropout differently. Each process reads the stream instead.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
-                                                  non_blocking=torch.cuda.is_available()))
+                                                  non_blocking=torch.cuda.is_available(),
+                                                  dispatch_batches=False if config.data.streaming else None))
     is_main = accelerator.is_main_process
     check_device(config, accelerator.device)
     set_seed(args.seed)
@@ -132,7 +135,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
                                         ) if packing else pad_collate
         train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
                                   collate_fn=collate, num_workers=args.dataloader_num_workers,
-                                  generator=None if streaming else generator, pin_memory=on_gpu)
+                                  generator=generator, pin_memory=on_gpu)
     elif packing:
         packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
                                             config.data.packing_length, args.seed)
@@ -242,7 +245,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         state["tokens"] += int(tokens)
         last_train_loss = loss_sum / interval["steps"]
         elapsed = time.time() - interval["start"]
-        record = {"step": step, "epoch": epochs_done(), "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
+        record = {"step": step, "epoch": epochs_done(), "loss": last_train_loss,
+                  "learning_rate": scheduler.get_last_lr()[0],
                   "tokens": state["tokens"], "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
