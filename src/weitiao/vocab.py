@@ -137,8 +137,9 @@ def candidate_pieces(processor, documents: list[str], tokenizer, min_frequency: 
     for rank in range(processor.get_piece_size()):
         if processor.is_unknown(rank) or processor.is_control(rank):
             continue
-        text = processor.id_to_piece(rank).replace("\u2581", " ")
-        if frequency[processor.id_to_piece(rank)] < min_frequency or not text.strip():
+        piece = processor.id_to_piece(rank)
+        text = piece.replace("\u2581", " ")  # SentencePiece's mark of a space
+        if frequency[piece] < min_frequency or not text.strip():
             continue
         if backend.normalizer is not None and backend.normalizer.normalize_str(text) != text:
             continue  # the tokenizer would never see this text as it is
@@ -147,7 +148,7 @@ def candidate_pieces(processor, documents: list[str], tokenizer, min_frequency: 
         symbol = _byte_level(text)
         base_tokens = len(backend.model.tokenize(symbol))
         if base_tokens >= 2:
-            candidates.append(Piece(text, symbol, frequency[processor.id_to_piece(rank)], base_tokens, rank))
+            candidates.append(Piece(text, symbol, frequency[piece], base_tokens, rank))
     return sorted(candidates, key=lambda piece: (-piece.saving, piece.rank))
 
 
@@ -198,7 +199,8 @@ def plan_extension(tokenizer, candidates: list[Piece], count: int, sentencepiece
 
 def _sentencepiece_halves(text: str, sentencepiece_ranks: dict[str, int]) -> tuple[str, str] | None:
     """A split of `text` into two SentencePiece pieces (how SentencePiece BPE built it), the most even one."""
-    cuts = [cut for cut in range(1, len(text)) if text[:cut] in sentencepiece_ranks and text[cut:] in sentencepiece_ranks]
+    cuts = [cut for cut in range(1, len(text))
+            if text[:cut] in sentencepiece_ranks and text[cut:] in sentencepiece_ranks]
     if not cuts:
         return None
     cut = min(cuts, key=lambda c: abs(len(text) - 2 * c))
@@ -249,7 +251,7 @@ def compare_tokenizations(base, extended, texts: list[str]) -> dict[str, int]:
     base_size = len(base)
     untouched = [i for i, ids in enumerate(new) if all(token < base_size for token in ids)]
     return {"lines": len(lines),
-            "round_trips": sum(extended.decode(ids) == line for ids, line in zip(new, lines)),
+            "round_trips": sum(extended.decode(ids) == line for ids, line in zip(new, lines, strict=True)),
             "lines_without_new_tokens": len(untouched),
             "unchanged_without_new_tokens": sum(new[i] == old[i] for i in untouched)}
 

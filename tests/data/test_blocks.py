@@ -1,5 +1,3 @@
-import pytest
-
 from tests.conftest import write_jsonl
 from weitiao.config import DataConfig
 from weitiao.data.blocks import DocumentBlockCollator, pack_blocks
@@ -128,7 +126,7 @@ def test_streaming_applies_source_weights_per_record(tmp_path, tokenizer):
     from_b = [text for text in texts if text.startswith("乙")]
     assert len(from_a) == 80 and len(set(from_a)) == 40  # two whole passes
     assert 10 <= len(from_b) <= 30 and len(set(from_b)) == len(from_b)  # about half, each at most once
-    assert all(first != second for first, second in zip(texts, texts[1:]))  # copies are never side by side
+    assert all(first != second for first, second in zip(texts, texts[1:], strict=False))  # never side by side
     # Interleaved, not one source after the other: b's documents are spread over the stream.
     positions = [index for index, text in enumerate(texts) if text.startswith("乙")]
     assert positions[0] < len(texts) / 4 and positions[-1] > len(texts) / 2
