@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+ZH_CORPUS = REPO / "examples" / "data" / "zh_domain.txt"  # Chinese law, medicine and finance text we wrote
 
 
 def shared_data_dir() -> Path:
@@ -67,6 +68,17 @@ def make_tiny_model(folder: Path, tokenizer, hidden_size: int = 64, seed: int = 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer))
+
+
+@pytest.fixture(scope="session")
+def zh_extended_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """tiny_model_dir with 60 tokens for Chinese pieces of examples/data/zh_domain.txt (weitiao vocab extend)."""
+    from weitiao.vocab import extend_vocabulary
+
+    out = tmp_path_factory.mktemp("zh-extended") / "model"
+    extend_vocabulary(tiny_model_dir, [str(ZH_CORPUS)], out, count=60, min_frequency=2, sentencepiece_vocab=400,
+                      held_out=0.2, log=lambda line: None)
+    return str(out)
 
 
 @pytest.fixture(autouse=True)

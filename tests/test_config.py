@@ -72,6 +72,18 @@ def test_pretraining_trains_on_all_tokens():
     assert load_config(None, ["--stage", "pt"]).data.train_on == "all"
 
 
+def test_streaming_and_adapter_continuation_are_checked(tmp_path):
+    path = write(tmp_path, "stage: pt\ndata:\n  train: corpus.txt\n  eval: eval.txt\n  streaming: true\n"
+                           "train:\n  max_steps: 10\n")
+    assert load_config(path).data.streaming
+    for change, message in ((["--stage", "sft"], "data.streaming is for stage: pt"),
+                            (["--max_steps", "-1"], "data.streaming needs train.max_steps"),
+                            (["--data.eval", "[]", "--val_size", "0.1"], "cannot hold records out of a stream"),
+                            (["--model.adapter", "outputs/pt", "--method", "full"], "method must be lora or qlora")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, change)
+
+
 def test_config_docs_are_current():
     import runpy
     from pathlib import Path

@@ -159,6 +159,16 @@ def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"merged model saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
+def cmd_vocab_extend(args: argparse.Namespace, overrides: list[str]) -> None:
+    from weitiao.vocab import extend_vocabulary
+
+    extend_vocabulary(args.model, args.corpus, args.out, count=args.add, min_frequency=args.min_frequency,
+                      held_out=args.held_out, eval_corpus=args.eval, sentencepiece_vocab=args.sp_vocab_size,
+                      sample_by=args.sample_by)
+    print(f"saved to {args.out} (AutoModelForCausalLM / AutoTokenizer load it; train it with method full, or lora "
+          "with lora.modules_to_save: [embed_tokens, lm_head])")
+
+
 def _engine(args: argparse.Namespace, adapters: dict[str, str]):
     from weitiao.serve.engine import Engine
 
@@ -281,6 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--runs-dir", default="outputs", help="where the Train tab writes runs and the Eval tab "
                              "looks for them (default outputs)")
         sub.set_defaults(handler=handler)
+
+    vocab = commands.add_parser("vocab", help="extend a tokenizer with a domain's words").add_subparsers(
+        dest="vocab_command", required=True)
+    extend = vocab.add_parser("extend", help="add a corpus's frequent SentencePiece pieces to the tokenizer and "
+                              "resize the model (new rows: the mean of the old tokens that spelled each piece)")
+    extend.add_argument("--model", default="default", help="base model (default: the default model)")
+    extend.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                        help="domain text: txt/jsonl/json/csv/parquet files, folders or globs")
+    extend.add_argument("--add", type=int, default=2000, help="new tokens, at most (default 2000)")
+    extend.add_argument("--min-frequency", type=int, default=5, help="least occurrences of a piece in the corpus "
+                        "(default 5)")
+    extend.add_argument("--held-out", type=float, default=0.05, help="share of the documents kept out of training "
+                        "to measure tokens per character on, without --eval (default 0.05)")
+    extend.add_argument("--eval", nargs="+", metavar="PATH", help="held-out domain text to measure tokens per "
+                        "character on (then the whole corpus is learned from)")
+    extend.add_argument("--sp-vocab-size", type=int, default=16000, help="pieces of the SentencePiece model the "
+                        "candidates come from (default 16000)")
+    extend.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"],
+                        help="documents of .txt files (default paragraph)")
+    extend.add_argument("--out", required=True, help="new folder for the extended model and tokenizer")
+    extend.set_defaults(handler=cmd_vocab_extend)
 
     data = commands.add_parser("data", help="inspect, convert, clean and select datasets").add_subparsers(
         dest="data_command", required=True)

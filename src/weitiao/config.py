@@ -35,11 +35,14 @@ class ModelConfig(_Section):
     """Allow model code from the hub (needed by some architectures, e.g. ChatGLM, Baichuan)."""
     attn_implementation: str | None = None
     """e.g. sdpa, eager, flex_attention; None lets transformers choose."""
+    adapter: str | None = None
+    """A LoRA adapter (a weitiao run folder) trained on name_or_path to keep training, e.g. SFT after continued
+    pre-training. Its rank, targets and modules_to_save are the adapter's own (the lora section is not used)."""
 
 
 class DataSource(_Section):
     path: str
-    """A file (json, jsonl, csv, parquet), a directory of them, or a glob pattern."""
+    """A file (json, jsonl, csv, parquet, txt), a directory of them, or a glob pattern."""
     format: Literal["auto", "alpaca", "sharegpt", "openai", "qa", "text"] = "auto"
     """Data format; auto detects it from the columns of the first record."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -50,6 +53,8 @@ class DataSource(_Section):
     """System prompt for records that carry none."""
     weight: float = Field(1.0, gt=0)
     """Share of this source: 0.5 keeps a random half of its records, 2 uses each twice."""
+    sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """How .txt files are cut into documents: each line, each blank-line-separated paragraph, or the whole file."""
 
     @model_validator(mode="before")
     @classmethod
@@ -89,12 +94,14 @@ class DataConfig(_Section):
     """auto (the tokenizer's chat template), alpaca, qa, dolly, chatml, or custom (see custom_template)."""
     custom_template: CustomTemplate | None = None
     max_length: int = Field(1024, gt=0)
-    """Longest example in tokens (prompt + response); longer ones follow `truncation`."""
+    """Longest example in tokens (prompt + response); longer ones follow `truncation`. Stage pt: the block length
+    (documents are concatenated with EOS between them and cut into blocks of max_length tokens)."""
     truncation: Literal["right", "left", "drop"] = "right"
     """Examples longer than max_length: cut the end (right), cut the start (left), or drop them."""
     packing: bool | None = None
     """Pack several whole examples into each row (no padding, attention kept within each example).
-    None: on with a CUDA GPU, off on a CPU. A packed micro-batch is one row of up to packing_length tokens."""
+    None: on with a CUDA GPU, off on a CPU. A packed micro-batch is one row of up to packing_length tokens.
+    Stage pt: blocks are always full; packing keeps attention within each document of a block."""
     packing_length: int = Field(8192, gt=0)
     """Tokens per packed row: the token budget of a micro-batch when packing (must be >= max_length)."""
     train_on: Literal["responses", "all"] = "responses"
@@ -105,6 +112,9 @@ class DataConfig(_Section):
     """Processes for tokenization (used above 1000 examples)."""
     cache: bool = True
     """Cache the tokenized data (keyed by each file's size and modification time, the data config and the tokenizer)."""
+    streaming: bool = False
+    """Stage pt: read the training files as a stream instead of loading them, for corpora larger than memory
+    (needs train.max_steps; evaluation data comes from data.eval)."""
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -438,7 +448,7 @@ class SelectConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "SelectConfig":
+    def _check(self) -> SelectConfig:
         if (self.ratio is None) == (self.count is None):
             raise ValueError("set exactly one of ratio (a share, e.g. 0.1) and count (a number of examples)")
         if "{prompt}" not in self.judge_prompt or "{response}" not in self.judge_prompt:
@@ -476,6 +486,16 @@ class Config(_Section):
         if self.train.deepspeed and self.train.distributed not in ("zero2", "zero3", "zero3_offload"):
             raise ValueError("train.deepspeed is a DeepSpeed config: set distributed to zero2, zero3 or "
                              "zero3_offload as well")
+        if self.data.streaming:
+            if self.stage != "pt":
+                raise ValueError("data.streaming is for stage: pt (continued pre-training on plain text)")
+            if self.train.max_steps <= 0:
+                raise ValueError("data.streaming needs train.max_steps: the length of a stream is not known in advance")
+            if self.data.val_size and not self.data.eval:
+                raise ValueError("data.val_size cannot hold records out of a stream; give held-out files in data.eval")
+        if self.model.adapter is not None and self.method not in ("lora", "qlora"):
+            raise ValueError(f"model.adapter continues a LoRA adapter, so method must be lora or qlora, not "
+                             f"'{self.method}'")
         if self.quantization.bits is not None and self.method != "qlora":
             raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "

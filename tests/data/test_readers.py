@@ -79,17 +79,33 @@ def test_parquet_round_trip(tmp_path):
 
 
 def test_unsupported_suffix_and_missing_path(tmp_path):
-    path = tmp_path / "x.txt"
+    path = tmp_path / "x.md"
     path.write_text("hello", encoding="utf-8")
-    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+    with pytest.raises(DataError, match="unsupported file type '.md'"):
         list(read_records(path))
     with pytest.raises(DataError, match="no such file or directory"):
         expand_paths(str(tmp_path / "missing.jsonl"))
 
 
 def test_directory_and_glob_expand_to_sorted_supported_files(tmp_path):
-    for name in ("b.jsonl", "a.json", "notes.txt", "sub/c.csv"):
+    for name in ("b.jsonl", "a.json", "notes.md", "sub/c.csv"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}", encoding="utf-8")
     assert [p.name for p in expand_paths(str(tmp_path))] == ["a.json", "b.jsonl", "c.csv"]
     assert [p.name for p in expand_paths(str(tmp_path / "*.json*"))] == ["a.json", "b.jsonl"]
+
+
+def test_text_files_by_paragraph_line_or_document(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("第一段第一行\n第一段第二行\n\n  \n第二段\r\n\n\n第三段", encoding="utf-8")
+    paragraphs = list(read_records(path))
+    assert [(r.number, r.line, r.data) for r in paragraphs] == [
+        (1, 1, {"text": "第一段第一行\n第一段第二行"}), (2, 5, {"text": "第二段"}), (3, 8, {"text": "第三段"})]
+    assert [r.data["text"] for r in read_records(path, sample_by="line")] == [
+        "第一段第一行", "第一段第二行", "第二段", "第三段"]
+    assert [r.data["text"] for r in read_records(path, sample_by="document")] == [
+        "第一段第一行\n第一段第二行\n\n  \n第二段\n\n\n第三段"]  # universal newlines
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no records"):
+        list(read_records(blank))

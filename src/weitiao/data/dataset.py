@@ -2,21 +2,26 @@
 
 read files -> detect format -> normalise (errors raise, or are skipped and counted) -> hold out a
 validation split -> apply source weights -> tokenize + mask + truncate (datasets.map, cached) -> stats.
+Stage pt tokenizes whole documents and cuts them into blocks instead (weitiao.data.blocks); with data.streaming
+its training documents are read lazily, never all in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from weitiao.config import DataConfig, DataSource
-from weitiao.data.encode import IGNORE_INDEX, TemplateMismatch, encode_example, truncate
+from weitiao.data.blocks import block_features, pack_blocks, streamed_blocks
+from weitiao.data.encode import IGNORE_INDEX, TemplateMismatch, encode_document, encode_example, truncate
 from weitiao.data.formats import Normalizer, detect_format, field_map
 from weitiao.data.readers import Record, expand_paths, read_records
 from weitiao.errors import DataError
@@ -42,16 +47,15 @@ class SourceStats:
                 "examples_used": self.used}
 
 
-def load_source(source: DataSource, on_error: str = "raise", rejected: list[tuple[Record, DataError]] | None = None
-                ) -> tuple[list[dict[str, Any]], SourceStats]:
-    """Read and normalise one source. Each example carries `_source`/`_record` for later error messages.
-    With on_error "skip", `rejected` (when given) receives each skipped record with its error."""
-    stats = SourceStats(path=source.path, weight=source.weight)
-    examples: list[dict[str, Any]] = []
+def iter_source(source: DataSource, on_error: str, stats: SourceStats,
+                rejected: list[tuple[Record, DataError]] | None = None) -> Iterator[dict[str, Any]]:
+    """Read and normalise one source lazily, counting into `stats`. Each example carries `_source`/`_record`
+    for later error messages. With on_error "skip", `rejected` (when given) receives each skipped record with its
+    error."""
     for path in expand_paths(source.path):
         stats.files += 1
         normalizer = None
-        for record in read_records(path):
+        for record in read_records(path, sample_by=source.sample_by):
             stats.records += 1
             if normalizer is None:
                 if source.format == "auto":
@@ -74,11 +78,17 @@ def load_source(source: DataSource, on_error: str = "raise", rejected: list[tupl
                 if len(stats.skipped_examples) < 5:
                     stats.skipped_examples.append(str(error))
                 continue
-            examples.append({"messages": example.get("messages"), "text": example.get("text"),
-                             "_source": str(path), "_record": record.number})
+            yield {"messages": example.get("messages"), "text": example.get("text"), "_source": str(path),
+                   "_record": record.number}
         if normalizer is not None:
             stats.notes.update(normalizer.notes)
-    return examples, stats
+
+
+def load_source(source: DataSource, on_error: str = "raise", rejected: list[tuple[Record, DataError]] | None = None
+                ) -> tuple[list[dict[str, Any]], SourceStats]:
+    """Read and normalise one source (see iter_source)."""
+    stats = SourceStats(path=source.path, weight=source.weight)
+    return list(iter_source(source, on_error, stats, rejected)), stats
 
 
 def apply_weight(examples: list[dict[str, Any]], weight: float, rng: random.Random) -> list[dict[str, Any]]:
@@ -131,6 +141,68 @@ def encode_examples(examples: list[dict[str, Any]], tokenizer, data: DataConfig,
     return dataset.remove_columns(["full_length", "event"]), summary
 
 
+def encode_documents(examples: list[dict[str, Any]], tokenizer, data: DataConfig):
+    """Stage pt: tokenize documents (datasets.map) and cut their concatenation into blocks of data.max_length
+    (weitiao.data.blocks); return the blocks and a summary."""
+    import datasets
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        document = encode_document(tokenizer, {"text": row["text"], "messages": row["messages"]})
+        return {"input_ids": document.input_ids, "characters": document.characters}
+
+    documents = datasets.Dataset.from_list(examples).map(
+        encode, num_proc=data.num_proc if len(examples) > 1000 else None,
+        remove_columns=["messages", "text", "_source", "_record"], desc="tokenizing")
+    blocks = list(pack_blocks(documents["input_ids"], data.max_length))
+    dataset = datasets.Dataset.from_dict({name: [block[name] for block in blocks] for name in block_features()},
+                                         features=block_features())
+    tokens = sum(len(block["input_ids"]) for block in blocks)
+    summary = {"documents": len(documents), "blocks": len(blocks), "block_length": data.max_length,
+               "tokens": tokens, "characters": int(sum(documents["characters"]))}
+    return dataset, summary
+
+
+def stream_documents(data: DataConfig, tokenizer, seed: int) -> Iterator[list[int]]:
+    """Stage pt with data.streaming: the token ids of every training document, read lazily.
+
+    Sources are interleaved at random in proportion to their size on disk times their weight, so they run out at
+    about the same time. A weight applies per record: 2.5 reads a source twice, then a third time keeping each
+    record with probability 0.5 (copies are a whole pass apart, never side by side in a block)."""
+    rng = random.Random(seed)
+    streams, shares = [], []
+    for source in data.train:
+        streams.append(_source_documents(source, data.on_error, tokenizer, rng))
+        shares.append(sum(path.stat().st_size for path in expand_paths(source.path)) * source.weight)
+    while streams:
+        index = rng.choices(range(len(streams)), weights=shares)[0]
+        try:
+            yield next(streams[index])
+        except StopIteration:
+            del streams[index], shares[index]
+
+
+def _source_documents(source: DataSource, on_error: str, tokenizer, rng: random.Random) -> Iterator[list[int]]:
+    for index in range(math.ceil(source.weight)):
+        keep = min(1.0, source.weight - index)
+        for example in iter_source(source, on_error, SourceStats(path=source.path)):
+            if keep == 1.0 or rng.random() < keep:
+                yield encode_document(tokenizer, example).input_ids
+
+
+def _build_streaming(data: DataConfig, tokenizer, seed: int):
+    """Training blocks streamed from the files; evaluation blocks (data.eval) built in memory."""
+    eval_examples, source_stats = [], []
+    for source in data.eval:
+        examples, stats = load_source(source, data.on_error)
+        eval_examples += examples
+        source_stats.append(stats)
+    evaluation, eval_summary = encode_documents(eval_examples, tokenizer, data) if eval_examples else (None, None)
+    train = streamed_blocks(lambda: stream_documents(data, tokenizer, seed), data.max_length, seed)
+    stats = {"sources": [s.to_dict() for s in source_stats], "streamed": [source.path for source in data.train],
+             "held_out_for_eval": 0, "train": None, "eval": eval_summary}
+    return train, evaluation, stats
+
+
 def _cache_key(data: DataConfig, tokenizer, stage: str, seed: int) -> str:
     files = []
     for source in data.train + data.eval:
@@ -140,7 +212,7 @@ def _cache_key(data: DataConfig, tokenizer, stage: str, seed: int) -> str:
     payload = json.dumps({"data": data.model_dump(mode="json", exclude={"num_proc", "cache"}), "files": files,
                           "stage": stage, "seed": seed, "tokenizer": tokenizer.name_or_path,
                           "vocab": len(tokenizer), "template": tokenizer.chat_template,
-                          "eos": tokenizer.eos_token, "version": 1}, sort_keys=True)
+                          "eos": tokenizer.eos_token, "version": 2}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -150,6 +222,8 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
 
     if not data.train:
         raise DataError("no training data: set data.train to a file, a directory or a list of sources")
+    if data.streaming:
+        return _build_streaming(data, tokenizer, seed)
     key = _cache_key(data, tokenizer, stage, seed)
     folder = cache_dir("data") / key
     if data.cache and (folder / "stats.json").is_file():
@@ -198,10 +272,16 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
     if not train_examples:
         raise DataError("no training examples left after reading and skipping bad records")
 
-    train, train_summary = encode_examples(train_examples, tokenizer, data, stage)
-    evaluation, eval_summary = (encode_examples(eval_examples, tokenizer, data, stage, keep_source=True)
-                                if eval_examples else (None, None))
-    if len(train) == 0:
+    if stage == "pt":
+        rng.shuffle(train_examples)  # sources (and the copies a weight makes) mix across blocks
+        train, train_summary = encode_documents(train_examples, tokenizer, data)
+        evaluation, eval_summary = (encode_documents(eval_examples, tokenizer, data) if eval_examples
+                                    else (None, None))
+    else:
+        train, train_summary = encode_examples(train_examples, tokenizer, data, stage)
+        evaluation, eval_summary = (encode_examples(eval_examples, tokenizer, data, stage, keep_source=True)
+                                    if eval_examples else (None, None))
+    if len(train) == 0:  # SFT only: pre-training documents are never dropped
         raise DataError(f"every training example was dropped ({train_summary['dropped']}); "
                         f"raise data.max_length (now {data.max_length}) or use truncation: right/left")
     stats = {"sources": [s.to_dict() for s in source_stats], "held_out_for_eval": held_out,
@@ -234,9 +314,16 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(line)
     if stats.get("held_out_for_eval"):
         lines.append(f"  held out for evaluation: {stats['held_out_for_eval']} examples")
+    if stats.get("streamed"):
+        lines.append(f"  train: streamed from {', '.join(stats['streamed'])}")
     for split in ("train", "eval"):
         summary = stats.get(split)
         if not summary:
+            continue
+        if "blocks" in summary:
+            lines.append(f"  {split}: {summary['documents']} documents, {summary['tokens']} tokens "
+                         f"({summary['characters']} characters) in {summary['blocks']} blocks of "
+                         f"{summary['block_length']}")
             continue
         dropped = sum(summary["dropped"].values())
         lengths = summary["length_before_truncation"]

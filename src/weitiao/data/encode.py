@@ -76,6 +76,26 @@ def encode_text(tokenizer, text: str) -> Encoded:
     return Encoded(list(ids), list(ids))
 
 
+@dataclass
+class Document:
+    input_ids: list[int]
+    characters: int
+    """Length of the text the ids spell: loss per character compares models whose tokenizers differ."""
+
+
+def encode_document(tokenizer, example: dict[str, Any]) -> Document:
+    """A pre-training document: plain text (BOS if the tokenizer uses one, the text, EOS), or a conversation
+    rendered with the chat template. Either ends in exactly one EOS, which separates it from the next document
+    of a block; a conversation's trailing layout (the newline after the last end-of-turn) is dropped first."""
+    if example.get("text") is not None:
+        return Document(encode_text(tokenizer, example["text"]).input_ids, len(example["text"]))
+    text = render(tokenizer, example["messages"]).rstrip()
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return Document(ids, len(text))
+
+
 def encode_example(tokenizer, example: dict[str, Any], train_on: str) -> Encoded:
     if "text" in example and example.get("text") is not None:
         return encode_text(tokenizer, example["text"])

@@ -1,4 +1,8 @@
-"""Read records from json / jsonl / csv / parquet files, keeping each record's number for error messages."""
+"""Read records from json / jsonl / csv / parquet / txt files, keeping each record's number for error messages.
+
+Records are read lazily (one line, paragraph or parquet batch at a time), so a corpus larger than memory can be
+streamed; a .json array is the exception: it is parsed whole.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ from typing import Any
 
 from weitiao.errors import DataError
 
-SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+WRITABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# How a .txt file is cut into documents (the names of `datasets`' text loader): one per line, one per
+# blank-line-separated paragraph, or the whole file.
+TEXT_UNITS = ("line", "paragraph", "document")
 
 
 @dataclass
@@ -40,8 +48,10 @@ def expand_paths(spec: str) -> list[Path]:
     raise DataError("no such file or directory", path=spec)
 
 
-def read_records(path: Path, csv_columns: Sequence[str] | None = None) -> Iterator[Record]:
-    """The file's records in order. `csv_columns` names the columns of a CSV file that has no header row."""
+def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by: str = "paragraph"
+                 ) -> Iterator[Record]:
+    """The file's records in order. `csv_columns` names the columns of a CSV file that has no header row;
+    `sample_by` (one of TEXT_UNITS) says how a .txt file is cut into {"text": ...} records."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"unsupported file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})", path=str(path))
@@ -49,6 +59,8 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None) -> Iterat
         raise DataError("file is empty", path=str(path))
     if suffix == ".csv":
         records = _read_csv(path, csv_columns)
+    elif suffix == ".txt":
+        records = _read_text(path, sample_by)
     else:
         records = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[suffix](path)
     count = 0
@@ -118,6 +130,34 @@ def _read_csv(path: Path, columns: Sequence[str] | None = None) -> Iterator[Reco
             yield Record(str(path), number, reader.line_num, {k: (v if v != "" else None) for k, v in row.items()})
 
 
+def _read_text(path: Path, sample_by: str) -> Iterator[Record]:
+    """Plain text as {"text": ...} records. Lines keep no newline; a paragraph keeps its inner newlines; whitespace-only
+    lines separate paragraphs and are never a record."""
+    if sample_by not in TEXT_UNITS:
+        raise DataError(f"sample_by must be one of {', '.join(TEXT_UNITS)}, not '{sample_by}'", path=str(path))
+    if sample_by == "document":
+        text = path.read_text(encoding="utf-8-sig")
+        if text.strip():
+            yield Record(str(path), 1, 1, {"text": text.rstrip("\n")})
+        return
+    number, lines, first_line = 0, [], 0
+    with path.open(encoding="utf-8-sig") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip() and sample_by == "line":
+                number += 1
+                yield Record(str(path), number, line_number, {"text": line})
+            elif line.strip():
+                first_line = first_line or line_number
+                lines.append(line)
+            elif lines:
+                number += 1
+                yield Record(str(path), number, first_line, {"text": "\n".join(lines)})
+                lines, first_line = [], 0
+    if lines:
+        yield Record(str(path), number + 1, first_line, {"text": "\n".join(lines)})
+
+
 def _read_parquet(path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
@@ -156,5 +196,5 @@ def write_records(records: list[dict[str, Any]], path: Path) -> None:
 
         pq.write_table(pa.Table.from_pylist(records), path)
     else:
-        raise DataError(f"unsupported output file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})",
+        raise DataError(f"unsupported output file type '{suffix}' (use {', '.join(WRITABLE_SUFFIXES)})",
                         path=str(path))

@@ -93,9 +93,25 @@ def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         return model
     if config.method == "freeze":
         return _freeze(model, config)
+    if config.model.adapter is not None:
+        return continue_adapter(model, config.model.adapter)
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(model, config))
+
+
+def continue_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """Load a LoRA adapter trained on this base, trainable, so a new stage (SFT after continued pre-training)
+    goes on from it; the result is one adapter holding both stages, on the unchanged base."""
+    from peft import PeftConfig, PeftModel, PeftType
+
+    from weitiao.serve.engine import check_adapter_base, check_adapter_folder
+
+    folder = check_adapter_folder(adapter)
+    if PeftConfig.from_pretrained(str(folder)).peft_type != PeftType.LORA:
+        raise ConfigError(f"model.adapter {adapter} is not a LoRA adapter; only LoRA adapters can be trained further")
+    check_adapter_base(folder, model.name_or_path)
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
 
 
 def peft_config(model: torch.nn.Module, config: Config):
@@ -109,7 +125,8 @@ def peft_config(model: torch.nn.Module, config: Config):
         return LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha,
                           lora_dropout=settings.dropout, target_modules=settings.target_modules,
                           use_rslora=settings.use_rslora, use_dora=settings.use_dora,
-                          modules_to_save=settings.modules_to_save or None)
+                          modules_to_save=settings.modules_to_save or None,
+                          ensure_weight_tying=_saves_tied_embeddings(model, settings.modules_to_save))
     if method == "ia3":
         _check_targets(model, config.ia3.target_modules, "ia3")
         return IA3Config(task_type="CAUSAL_LM", target_modules=config.ia3.target_modules,
@@ -127,6 +144,17 @@ def peft_config(model: torch.nn.Module, config: Config):
                 "tokenizer_name_or_path": model.config._name_or_path} if prompt.init_text else {}
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens, **init)
     raise ConfigError(f"unknown method '{method}'")
+
+
+def _saves_tied_embeddings(model: torch.nn.Module, modules_to_save: list[str]) -> bool:
+    """Whether modules_to_save trains an embedding matrix that the output head shares (SmolLM2, Llama 3.2 1B...).
+    PEFT then must keep the two trained copies one tensor (ensure_weight_tying), or they drift apart in training
+    and the merged model no longer matches the adapter."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    names = {name for name, module in model.named_modules()
+             if module is model.get_input_embeddings() or module is model.get_output_embeddings()}
+    return any(name.rsplit(".", 1)[-1] in modules_to_save for name in names)
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:

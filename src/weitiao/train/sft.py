@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from weitiao.config import Config, dump_config
+from weitiao.data.blocks import DocumentBlockCollator
 from weitiao.data.collate import PadCollator, count_label_tokens
 from weitiao.data.dataset import build_datasets, format_stats
 from weitiao.data.packing import PackedBatchSampler, PackedCollator
@@ -76,7 +77,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     # Prompt-learning methods prepend virtual tokens to each sequence, which a packed row cannot share.
     packing = config.data.packing if config.data.packing is not None else (
         on_gpu and config.method not in PROMPT_LEARNING_METHODS)
-    if packing and config.data.max_length > config.data.packing_length:
+    if packing and config.stage == "sft" and config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
                           f"({config.data.packing_length}): an example must fit in a packed row")
     accelerator = Accelerator(
@@ -84,8 +85,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         mixed_precision="bf16" if bf16 else "fp16" if args.fp16 else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dynamo_backend="inductor" if args.torch_compile else None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
-                                                  non_blocking=on_gpu),
+        # A stream is not dispatched from process 0 (accelerate's default): the dispatching loader draws its seed from
+        # the global RNG, so a resumed run would replay dropout differently. Each process reads the stream instead.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=on_gpu,
+                                                  dispatch_batches=False if config.data.streaming else None),
         **engine_plugins(config, bf16, micro_batch_size=1 if packing else args.per_device_train_batch_size))
     is_main = accelerator.is_main_process
     check_device(config, accelerator.device)
@@ -131,7 +134,15 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     # which a resumed run relies on to replay the same random numbers.
     generator = torch.Generator().manual_seed(args.seed)
     packed_sampler = None
-    if packing:
+    streaming = config.data.streaming
+    if config.stage == "pt":
+        # Blocks are full rows already; packing only decides whether attention may cross documents in a block.
+        collate = DocumentBlockCollator(tokenizer.pad_token_id, config.data.max_length if on_gpu else None
+                                        ) if packing else pad_collate
+        train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
+                                  collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                  generator=generator, pin_memory=on_gpu)
+    elif packing:
         packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
                                             config.data.packing_length, args.seed)
         # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
@@ -150,9 +161,12 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
 
     # 5. Schedule: optimizer steps per epoch over this process's share of the batches.
     accumulation = args.gradient_accumulation_steps
-    batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    if streaming:  # the length of a stream is unknown: max_steps (required) is the schedule
+        batches_per_epoch, total_steps = None, args.max_steps
+    else:
+        batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     if quantization is None and args.distributed == "ddp":
         # Before the optimizer, so fused AdamW sees device tensors. Quantized weights were placed at load
@@ -185,6 +199,16 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         (out / "data_stats.json").write_text(json.dumps(data_stats, indent=2, ensure_ascii=False), encoding="utf-8")
     metrics_file = out / "metrics.jsonl"
+    # Stage pt: nats per token -> bits per character of the held-out text, which compares tokenizers.
+    eval_characters = ((data_stats.get("eval") or {}).get("characters") or 0)
+    eval_tokens = 0  # tokens the eval loss is the mean over (the same at every evaluation)
+
+    def bits_per_char(loss: float) -> float:
+        return loss * eval_tokens / math.log(2) / eval_characters
+
+    def epochs_done() -> float:
+        fraction = state["batches_done_in_epoch"] / batches_per_epoch if batches_per_epoch else 0.0
+        return round(state["epoch"] + fraction, 3)
 
     def log(record: dict[str, Any]) -> None:
         if not is_main:
@@ -195,11 +219,16 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             on_log(record)
 
     def evaluate(step: int) -> float | None:
+        nonlocal eval_tokens
         if eval_loader is None:
             return None
         result = evaluate_loss(model, eval_loader, accelerator)
-        log({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-             "eval_tokens": result["tokens"]})
+        eval_tokens = result["tokens"]
+        record = {"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+                  "eval_tokens": result["tokens"]}
+        if eval_characters:
+            record["eval_bits_per_char"] = bits_per_char(result["loss"])
+        log(record)
         return result["loss"]
 
     if state["global_step"] == 0 and eval_loader is not None and args.eval_on_start:
@@ -224,9 +253,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         state["tokens"] += int(tokens)
         last_train_loss = loss_sum / interval["steps"]
         elapsed = time.time() - interval["start"]
-        record = {"step": step, "epoch": round(state["epoch"] + state["batches_done_in_epoch"]
-                                               / max(1, batches_per_epoch), 3),
-                  "loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
+        record = {"step": step, "epoch": epochs_done(), "loss": last_train_loss,
+                  "learning_rate": scheduler.get_last_lr()[0],
                   "tokens": state["tokens"], "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -282,17 +310,22 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     _save_final(accelerator, model, tokenizer, out, stops)
     set_adapter_input_casting(model, enabled=True)  # the returned model also works outside autocast
     result = TrainResult(
-        output_dir=str(out), base_model=base_path, steps=state["global_step"],
-        epochs=round(state["epoch"] + state["batches_done_in_epoch"] / max(1, batches_per_epoch), 3),
+        output_dir=str(out), base_model=base_path, steps=state["global_step"], epochs=epochs_done(),
         train_loss=last_train_loss, eval_loss_before=state["eval_loss_before"], eval_loss=eval_loss,
         seconds=round(seconds, 1), tokens=state["tokens"], trainable_params=trainable, total_params=total,
-        data={"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set is not None else 0},
+        data={"train_examples": None if streaming else len(train_set),
+              "eval_examples": len(eval_set) if eval_set is not None else 0},
         model=accelerator.unwrap_model(model))
     if is_main:
         (out / "train_result.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
-        print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s"
+        print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s, {result.tokens:,} tokens at "
+              f"{result.tokens / max(seconds, 1e-9):.0f} tokens/s"
               + (f", eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}" if eval_loss is not None
                  and result.eval_loss_before is not None else "") + ")")
+        if eval_characters and eval_loss is not None and result.eval_loss_before is not None:
+            before, after = result.eval_loss_before, eval_loss
+            print(f"Held-out text: perplexity {math.exp(min(before, 50)):.2f} -> {math.exp(min(after, 50)):.2f}, "
+                  f"bits per character {bits_per_char(before):.3f} -> {bits_per_char(after):.3f}")
     accelerator.end_training()
     return result
 
