@@ -79,3 +79,15 @@ def test_no_eval_split_is_a_clear_error(tmp_path, tiny_model_dir):
     result = run(config)
     with pytest.raises(DataError, match="no evaluation data: set data.eval or data.val_size"):
         compare_run(result.output_dir, config)
+
+
+def test_generation_stops_at_the_end_marker_of_a_custom_template():
+    from weitiao.config import CustomTemplate, DataConfig
+    from weitiao.data.templates import template_stops
+
+    dialogue = DataConfig(custom_template=CustomTemplate(user="### Instruction:\n{content}\n\n### Output:\n",
+                                                         assistant="{content}\n\n### End{eos}"))
+    assert template_stops(dialogue) == ["### End"]
+    assert template_stops(DataConfig(custom_template=CustomTemplate())) == []  # {content}{eos}: EOS alone
+    assert template_stops(DataConfig(template="dolly")) == ["### End"]
+    assert template_stops(DataConfig(template="qa")) == []

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from weitiao.config import Config, load_config
 from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets
-from weitiao.data.templates import TEMPLATE_STOPS
+from weitiao.data.templates import template_stops
 from weitiao.errors import ConfigError, DataError
 from weitiao.eval.benchmarks import BenchmarkSuite
 from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
@@ -44,7 +44,7 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
         started = time.time()
         predictions = generate(model, tokenizer, prompts, GenerationSettings(
             settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature, settings.top_p),
-            stop_strings=TEMPLATE_STOPS.get(config.data.template, []), desc=f"generating ({desc})")
+            stop_strings=template_stops(config.data), desc=f"generating ({desc})")
         result["seconds"]["generation"] = time.time() - started
         metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
                                           settings.labels))
