@@ -297,17 +297,21 @@ class EvalConfig(_Section):
     generation: bool = True
     """Generate replies for the eval split and score them (exact match, ROUGE, BLEU-4); loss is always measured."""
     max_examples: int = Field(200, gt=0)
-    """Generation metrics use at most this many eval examples (the first ones)."""
+    """Generation and choice metrics use at most this many eval examples (the first ones)."""
     extractor: Literal["none", "last_number", "gsm8k", "json", "label", "regex"] = "none"
     """How exact match reads an answer: whole reply, last number, GSM8K '#### N', JSON value, label word, regex."""
     regex: str | None = None
     """Pattern for extractor: regex; its first group is the answer."""
     labels: list[str] = Field(default_factory=list)
     """Label words for extractor: label (the first one found in the reply is the answer)."""
+    choices: list[str] = Field(default_factory=list)
+    """Constrained choice for classification, e.g. [neg, pos]: each choice is scored by its log-likelihood as the
+    reply to the eval prompt (chat template and end of turn included, as trained) and the most likely one is the
+    prediction. Reports choice accuracy, macro F1 and a confusion matrix. Every eval reference must be a choice."""
     max_new_tokens: int = Field(256, gt=0)
     """Longest generated reply."""
     batch_size: int = Field(16, gt=0)
-    """Prompts per batch, for generation and for benchmark scoring."""
+    """Prompts per batch, for generation and for benchmark scoring; (prompt, choice) pairs per batch for choices."""
     do_sample: bool = False
     """Sample instead of greedy decoding (with temperature and top_p)."""
     temperature: float = Field(1.0, gt=0)
@@ -325,6 +329,9 @@ class EvalConfig(_Section):
             raise ValueError("extractor: regex needs eval.regex (a pattern with one group)")
         if self.extractor == "label" and not self.labels:
             raise ValueError("extractor: label needs eval.labels, e.g. [neg, pos]")
+        if self.choices and (len(set(self.choices)) != len(self.choices) or len(self.choices) < 2
+                             or not all(choice.strip() for choice in self.choices)):
+            raise ValueError("eval.choices must be two or more different, non-empty answers, e.g. [neg, pos]")
         prefixes = [benchmark.metric_prefix for benchmark in self.benchmarks]
         repeated = sorted({prefix for prefix in prefixes if prefixes.count(prefix) > 1})
         if repeated:
