@@ -22,15 +22,17 @@ from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
 from weitiao.eval.loss import evaluate_loss
 from weitiao.eval.metrics import generation_metrics
 from weitiao.eval.report import write_report
+from weitiao.eval.sql import SqlDatabase, execution_scores
 from weitiao.models import load_model, load_tokenizer, pick_dtype
 
 LOSS_KEYS = ("loss", "perplexity", "loss_all_tokens", "perplexity_all_tokens")
 
 
 def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
-                   benchmarks: BenchmarkSuite | None = None) -> dict[str, Any]:
-    """Loss metrics on the whole eval split; generation metrics and constrained-choice metrics on its first
-    eval.max_examples conversations; the scores of eval.benchmarks when a suite of them is given."""
+                   benchmarks: BenchmarkSuite | None = None, database: SqlDatabase | None = None) -> dict[str, Any]:
+    """Loss metrics on the whole eval split; generation metrics (and SQL execution match on `database`) and
+    constrained-choice metrics on its first eval.max_examples conversations; the scores of eval.benchmarks when a
+    suite of them is given."""
     settings = config.eval
     loader = DataLoader(eval_set.select_columns(["input_ids", "labels"]),
                         batch_size=config.train.per_device_eval_batch_size,
@@ -54,6 +56,8 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
             result["seconds"]["generation"] = time.time() - started
             metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
                                               settings.labels))
+            if database is not None:
+                metrics.update(execution_scores(predictions, references, database, locations))
             result["predictions"] = predictions
         if settings.choices:
             started = time.time()
@@ -102,6 +106,7 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     # Before loading the model, so bad benchmark files fail fast. The task files stay in the run folder:
     # `lm_eval --include_path RUN/benchmark_tasks` reruns them.
     suite = BenchmarkSuite(config.eval.benchmarks, run_dir / "benchmark_tasks") if config.eval.benchmarks else None
+    database = SqlDatabase(config.eval.sql_database, config.eval.sql_timeout) if config.eval.sql_database else None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, base_path = load_model(config.model)
@@ -111,16 +116,18 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
 
         tuned = PeftModel.from_pretrained(base, str(run_dir))
         with tuned.disable_adapter():
-            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base", suite)
-        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite)
+            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base", suite, database)
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite, database)
     else:
-        base_result = evaluate_model(base, tokenizer, eval_set, config, "base", suite)
+        base_result = evaluate_model(base, tokenizer, eval_set, config, "base", suite, database)
         del base
         gc.collect()
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(run_dir, dtype=pick_dtype(config.model.dtype)).to(device)
-        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite)
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite, database)
+    if database is not None:
+        database.close()
 
     report = build_report(config, base_path, run_dir, base_result, tuned_result, len(eval_set))
     if write:

@@ -21,6 +21,8 @@ METRIC_LABELS = {
     "bleu-4": ("BLEU-4", False, "{:.2f}"),
     "choice_accuracy": ("choice accuracy % (constrained)", False, "{:.1f}"),
     "choice_macro_f1": ("choice macro F1 %", False, "{:.1f}"),
+    "sql_execution_match": ("SQL execution match %", False, "{:.1f}"),
+    "sql_executable": ("SQL that runs %", False, "{:.1f}"),
 }
 # Sample fields shown in report.md and on the terminal, in this order, when a report has them.
 SAMPLE_FIELDS = {"prompt": "prompt", "base": "base", "tuned": "tuned", "base_choice": "base choice",
