@@ -91,3 +91,11 @@ def test_generation_stops_at_the_end_marker_of_a_custom_template():
     assert template_stops(DataConfig(custom_template=CustomTemplate())) == []  # {content}{eos}: EOS alone
     assert template_stops(DataConfig(template="dolly")) == ["### End"]
     assert template_stops(DataConfig(template="qa")) == []
+
+
+def test_loss_label_says_which_tokens_were_scored():
+    values = {"base": 2.0, "tuned": 1.0, "delta": -1.0}
+    report = {"metrics": {"loss": values, "loss_all_tokens": values}, "loss_tokens": "all"}
+    assert [row[0] for row in metric_rows(report)] == ["eval loss (trained tokens: all)", "eval loss (all tokens)"]
+    report["loss_tokens"] = "responses"
+    assert metric_rows(report)[0][0] == "eval loss (response tokens)"

@@ -42,6 +42,14 @@ def metric_info(name: str) -> tuple[str, bool, str]:
     return name, False, "{:.4f}"
 
 
+def metric_label(name: str, report: dict[str, Any]) -> str:
+    """A metric's label in this report: with train_on: all the 'response-token' loss is over every token."""
+    label = metric_info(name)[0]
+    if name in ("loss", "perplexity") and report.get("loss_tokens") == "all":
+        label = label.replace("(response tokens)", "(trained tokens: all)")
+    return label
+
+
 def _fmt(name: str, value: float) -> str:
     return metric_info(name)[2].format(value)
 
@@ -49,7 +57,7 @@ def _fmt(name: str, value: float) -> str:
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, values in report["metrics"].items():
-        label = metric_info(name)[0]
+        label = metric_label(name, report)
         delta = values["delta"]
         rows.append((label, _fmt(name, values["base"]), _fmt(name, values["tuned"]),
                      ("+" if delta >= 0 else "") + _fmt(name, delta)))
@@ -194,7 +202,7 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
         values = report["metrics"][name]
         bars = axis.bar(["base", "tuned"], [values["base"], values["tuned"]], color=["#9aa5b1", "#2f80ed"])
         axis.bar_label(bars, labels=[_fmt(name, values["base"]), _fmt(name, values["tuned"])], fontsize=8)
-        axis.set_title(metric_info(name)[0], fontsize=8)
+        axis.set_title(metric_label(name, report), fontsize=8)
         axis.tick_params(labelsize=8)
         axis.margins(y=0.2)
     figure.tight_layout()
