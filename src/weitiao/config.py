@@ -315,17 +315,28 @@ class EvalConfig(_Section):
     generation: bool = True
     """Generate replies for the eval split and score them (exact match, ROUGE, BLEU-4); loss is always measured."""
     max_examples: int = Field(200, gt=0)
-    """Generation metrics use at most this many eval examples (the first ones)."""
-    extractor: Literal["none", "last_number", "gsm8k", "json", "label", "regex"] = "none"
-    """How exact match reads an answer: whole reply, last number, GSM8K '#### N', JSON value, label word, regex."""
+    """Generation and choice metrics use at most this many eval examples (the first ones)."""
+    extractor: Literal["none", "last_number", "gsm8k", "json", "label", "regex", "sql"] = "none"
+    """How exact match reads an answer: whole reply, last number, GSM8K '#### N', JSON value, label word, regex,
+    or SQL (case and whitespace normalised, a markdown code fence and the final ';' dropped)."""
     regex: str | None = None
     """Pattern for extractor: regex; its first group is the answer."""
     labels: list[str] = Field(default_factory=list)
     """Label words for extractor: label (the first one found in the reply is the answer)."""
+    choices: list[str] = Field(default_factory=list)
+    """Constrained choice for classification, e.g. [neg, pos]: each choice is scored by its log-likelihood as the
+    reply to the eval prompt (chat template and end of turn included, as trained) and the most likely one is the
+    prediction. Reports choice accuracy, macro F1 and a confusion matrix. Every eval reference must be a choice."""
+    sql_database: str | None = None
+    """Text-to-SQL: a SQLite file on which the generated and the reference SQL are both run (read-only) and their
+    result sets compared (execution match; row order counts only when the reference has ORDER BY). Relative to
+    the config file."""
+    sql_timeout: float = Field(5.0, gt=0)
+    """Seconds one query may run on sql_database; a slower prediction counts as wrong."""
     max_new_tokens: int = Field(256, gt=0)
     """Longest generated reply."""
     batch_size: int = Field(16, gt=0)
-    """Prompts per batch, for generation and for benchmark scoring."""
+    """Prompts per batch, for generation and for benchmark scoring; (prompt, choice) pairs per batch for choices."""
     do_sample: bool = False
     """Sample instead of greedy decoding (with temperature and top_p)."""
     temperature: float = Field(1.0, gt=0)
@@ -343,6 +354,11 @@ class EvalConfig(_Section):
             raise ValueError("extractor: regex needs eval.regex (a pattern with one group)")
         if self.extractor == "label" and not self.labels:
             raise ValueError("extractor: label needs eval.labels, e.g. [neg, pos]")
+        if self.choices and (len(set(self.choices)) != len(self.choices) or len(self.choices) < 2
+                             or not all(choice.strip() for choice in self.choices)):
+            raise ValueError("eval.choices must be two or more different, non-empty answers, e.g. [neg, pos]")
+        if self.sql_database and not self.generation:
+            raise ValueError("eval.sql_database scores generated SQL: it needs eval.generation: true")
         prefixes = [benchmark.metric_prefix for benchmark in self.benchmarks]
         repeated = sorted({prefix for prefix in prefixes if prefixes.count(prefix) > 1})
         if repeated:
@@ -635,8 +651,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data and benchmark paths in a config file are relative to that file, so examples run from any directory."""
+    """Data, benchmark and database paths in a config file are relative to that file, so examples run from any
+    directory."""
     evaluation = raw.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("sql_database"), str):
+        candidate = base / evaluation["sql_database"]
+        if not Path(evaluation["sql_database"]).is_absolute() and candidate.exists():
+            raw = {**raw, "eval": {**evaluation, "sql_database": str(candidate)}}
+            evaluation = raw["eval"]
     if isinstance(evaluation, dict) and isinstance(evaluation.get("benchmarks"), list):
         benchmarks = []
         for item in evaluation["benchmarks"]:

@@ -79,3 +79,23 @@ def test_no_eval_split_is_a_clear_error(tmp_path, tiny_model_dir):
     result = run(config)
     with pytest.raises(DataError, match="no evaluation data: set data.eval or data.val_size"):
         compare_run(result.output_dir, config)
+
+
+def test_generation_stops_at_the_end_marker_of_a_custom_template():
+    from weitiao.config import CustomTemplate, DataConfig
+    from weitiao.data.templates import template_stops
+
+    dialogue = DataConfig(custom_template=CustomTemplate(user="### Instruction:\n{content}\n\n### Output:\n",
+                                                         assistant="{content}\n\n### End{eos}"))
+    assert template_stops(dialogue) == ["### End"]
+    assert template_stops(DataConfig(custom_template=CustomTemplate())) == []  # {content}{eos}: EOS alone
+    assert template_stops(DataConfig(template="dolly")) == ["### End"]
+    assert template_stops(DataConfig(template="qa")) == []
+
+
+def test_loss_label_says_which_tokens_were_scored():
+    values = {"base": 2.0, "tuned": 1.0, "delta": -1.0}
+    report = {"metrics": {"loss": values, "loss_all_tokens": values}, "loss_tokens": "all"}
+    assert [row[0] for row in metric_rows(report)] == ["eval loss (trained tokens: all)", "eval loss (all tokens)"]
+    report["loss_tokens"] = "responses"
+    assert metric_rows(report)[0][0] == "eval loss (response tokens)"

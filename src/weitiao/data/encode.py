@@ -50,8 +50,13 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     return text, spans
 
 
-def encode_conversation(tokenizer, messages: list[dict[str, str]], train_on: str = "responses") -> Encoded:
+def encode_conversation(tokenizer, messages: list[dict[str, str]], train_on: str = "responses",
+                        last_reply_only: bool = False) -> Encoded:
+    """Token ids and labels; with last_reply_only only the final assistant reply is labelled (how evaluation
+    scores a candidate answer)."""
     text, spans = assistant_spans(tokenizer, messages)
+    if last_reply_only:
+        spans = spans[-1:]
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     if train_on == "all":

@@ -64,6 +64,15 @@ def build_chat_template(template: CustomTemplate) -> str:
     )
 
 
+def template_stops(data: DataConfig) -> list[str]:
+    """Text that ends a reply besides EOS: a named template's, or what a custom template writes between a reply's
+    {content} and {eos} (e.g. '### End'), so generation stops there and the reply is cut before it."""
+    if data.template == "custom" and data.custom_template is not None:
+        suffix = data.custom_template.assistant.split("{content}", 1)[1].split("{eos}", 1)[0].strip()
+        return [suffix] if suffix else []
+    return list(TEMPLATE_STOPS.get(data.template, []))
+
+
 def install_template(tokenizer, data: DataConfig) -> list[str]:
     """Set the tokenizer's chat template from the config; return the stop strings that end a reply."""
     name = data.template
@@ -75,7 +84,7 @@ def install_template(tokenizer, data: DataConfig) -> list[str]:
     if name == "custom":
         assert data.custom_template is not None  # checked by the config
         tokenizer.chat_template = build_chat_template(data.custom_template)
-        return []
+        return template_stops(data)
     if name not in NAMED_TEMPLATES:
         raise ConfigError(f"unknown data.template '{name}'; choose auto, {', '.join(NAMED_TEMPLATES)} or custom")
     tokenizer.chat_template = build_chat_template(NAMED_TEMPLATES[name])

@@ -14,22 +14,25 @@ from torch.utils.data import DataLoader
 from weitiao.config import Config, load_config
 from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets
-from weitiao.data.templates import TEMPLATE_STOPS
+from weitiao.data.templates import template_stops
 from weitiao.errors import ConfigError, DataError
 from weitiao.eval.benchmarks import BenchmarkSuite
+from weitiao.eval.choices import choice_loglikelihoods, choice_metrics, choose, confusion_matrix
 from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
 from weitiao.eval.loss import evaluate_loss
 from weitiao.eval.metrics import generation_metrics
 from weitiao.eval.report import write_report
+from weitiao.eval.sql import SqlDatabase, execution_scores
 from weitiao.models import load_model, load_tokenizer, pick_dtype
 
 LOSS_KEYS = ("loss", "perplexity", "loss_all_tokens", "perplexity_all_tokens")
 
 
 def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
-                   benchmarks: BenchmarkSuite | None = None) -> dict[str, Any]:
-    """Loss metrics on the whole eval split; generation metrics on its first eval.max_examples conversations;
-    the scores of eval.benchmarks when a suite of them is given."""
+                   benchmarks: BenchmarkSuite | None = None, database: SqlDatabase | None = None) -> dict[str, Any]:
+    """Loss metrics on the whole eval split; generation metrics (and SQL execution match on `database`) and
+    constrained-choice metrics on its first eval.max_examples conversations; the scores of eval.benchmarks when a
+    suite of them is given."""
     settings = config.eval
     loader = DataLoader(eval_set.select_columns(["input_ids", "labels"]),
                         batch_size=config.train.per_device_eval_batch_size,
@@ -37,18 +40,30 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
     started = time.time()
     losses = evaluate_loss(model, loader)
     metrics = {key: losses[key] for key in LOSS_KEYS}
-    result: dict[str, Any] = {"metrics": metrics, "predictions": [], "seconds": {"loss": time.time() - started}}
-    if settings.generation and "messages" in eval_set.column_names and eval_set[0]["messages"] is not None:
+    result: dict[str, Any] = {"metrics": metrics, "seconds": {"loss": time.time() - started}}
+    if (settings.generation or settings.choices) and "messages" in eval_set.column_names \
+            and eval_set[0]["messages"] is not None:
         rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
         prompts, references = zip(*(prompt_messages(m) for m in rows["messages"]))
-        started = time.time()
-        predictions = generate(model, tokenizer, prompts, GenerationSettings(
-            settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature, settings.top_p),
-            stop_strings=TEMPLATE_STOPS.get(config.data.template, []), desc=f"generating ({desc})")
-        result["seconds"]["generation"] = time.time() - started
-        metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
-                                          settings.labels))
-        result.update(predictions=predictions, prompts=list(prompts), references=list(references))
+        locations = list(zip(rows["_source"], rows["_record"]))
+        result.update(prompts=list(prompts), references=list(references))
+        if settings.generation:
+            started = time.time()
+            predictions = generate(model, tokenizer, prompts, GenerationSettings(
+                settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature,
+                settings.top_p), stop_strings=template_stops(config.data),
+                desc=f"generating ({desc})")
+            result["seconds"]["generation"] = time.time() - started
+            metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
+                                              settings.labels))
+            if database is not None:
+                metrics.update(execution_scores(predictions, references, database, locations))
+            result["predictions"] = predictions
+        if settings.choices:
+            started = time.time()
+            result.update(_constrained_choice(model, tokenizer, prompts, references, locations, config, desc))
+            metrics.update(choice_metrics(result["confusion_matrix"]))
+            result["seconds"]["choices"] = time.time() - started
     if benchmarks is not None:
         started = time.time()
         scores = benchmarks.evaluate(model, tokenizer, settings.batch_size)
@@ -56,6 +71,21 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
         metrics.update(scores["metrics"])
         result["benchmarks"] = scores["benchmarks"]
     return result
+
+
+def _constrained_choice(model, tokenizer, prompts, references, locations, config: Config, desc: str
+                        ) -> dict[str, Any]:
+    """The most likely of eval.choices for each prompt, and the confusion matrix against the references."""
+    choices = config.eval.choices
+    for reference, (path, record) in zip(references, locations):
+        if reference.strip() not in choices:
+            raise DataError(f"the reply '{reference}' is not one of eval.choices ({', '.join(choices)})",
+                            path=path, record=record)
+    scores = choice_loglikelihoods(model, tokenizer, prompts, choices, config.eval.batch_size,
+                                   config.data.max_length, desc=f"scoring choices ({desc})")
+    chosen = choose(scores, choices)
+    matrix = confusion_matrix([reference.strip() for reference in references], chosen, choices)
+    return {"choice_predictions": chosen, "confusion_matrix": matrix}
 
 
 def compare_run(run_dir: str | Path, config: Config | None = None, write: bool = True) -> dict[str, Any]:
@@ -76,6 +106,7 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     # Before loading the model, so bad benchmark files fail fast. The task files stay in the run folder:
     # `lm_eval --include_path RUN/benchmark_tasks` reruns them.
     suite = BenchmarkSuite(config.eval.benchmarks, run_dir / "benchmark_tasks") if config.eval.benchmarks else None
+    database = SqlDatabase(config.eval.sql_database, config.eval.sql_timeout) if config.eval.sql_database else None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, base_path = load_model(config.model)
@@ -85,16 +116,18 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
 
         tuned = PeftModel.from_pretrained(base, str(run_dir))
         with tuned.disable_adapter():
-            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base", suite)
-        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite)
+            base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base", suite, database)
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite, database)
     else:
-        base_result = evaluate_model(base, tokenizer, eval_set, config, "base", suite)
+        base_result = evaluate_model(base, tokenizer, eval_set, config, "base", suite, database)
         del base
         gc.collect()
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(run_dir, dtype=pick_dtype(config.model.dtype)).to(device)
-        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite)
+        tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite, database)
+    if database is not None:
+        database.close()
 
     report = build_report(config, base_path, run_dir, base_result, tuned_result, len(eval_set))
     if write:
@@ -109,9 +142,18 @@ def build_report(config: Config, base_path: str, run_dir: Path, base: dict[str, 
         tuned_value = tuned["metrics"][name]
         metrics[name] = {"base": base_value, "tuned": tuned_value, "delta": tuned_value - base_value}
     samples = []
-    for index in range(len(tuned.get("predictions", []))):
-        samples.append({"prompt": tuned["prompts"][index][-1]["content"], "reference": tuned["references"][index],
-                        "base": base["predictions"][index], "tuned": tuned["predictions"][index]})
+    for index in range(len(tuned.get("prompts", []))):
+        sample = {"prompt": tuned["prompts"][index][-1]["content"], "reference": tuned["references"][index]}
+        if "predictions" in tuned:
+            sample.update(base=base["predictions"][index], tuned=tuned["predictions"][index])
+        if "choice_predictions" in tuned:
+            sample.update(base_choice=base["choice_predictions"][index],
+                          tuned_choice=tuned["choice_predictions"][index])
+        samples.append(sample)
+    choices = None
+    if config.eval.choices:
+        choices = {"labels": config.eval.choices, "base": base["confusion_matrix"],
+                   "tuned": tuned["confusion_matrix"]}
     curves = []
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file():
@@ -119,7 +161,9 @@ def build_report(config: Config, base_path: str, run_dir: Path, base: dict[str, 
     return {
         "run": str(run_dir), "base_model": config.model.name_or_path, "base_model_path": base_path,
         "method": config.method, "eval_examples": eval_examples,
-        "generation_examples": len(samples), "extractor": config.eval.extractor,
+        "generation_examples": len(samples) if "predictions" in tuned else 0, "extractor": config.eval.extractor,
+        "choice_examples": len(samples) if choices else 0, "choices": choices,
+        "loss_tokens": config.data.train_on,
         "metrics": metrics, "seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
         "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": curves,
         "benchmarks": _benchmark_details(config, base, tuned),

@@ -13,7 +13,7 @@ from typing import Any
 
 from weitiao.errors import ConfigError
 
-EXTRACTORS = ("none", "last_number", "gsm8k", "json", "label", "regex")
+EXTRACTORS = ("none", "last_number", "gsm8k", "json", "label", "regex", "sql")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -93,6 +93,10 @@ def make_extractor(name: str, pattern: str | None = None, labels: Sequence[str] 
             return (match.group(1) if compiled.groups else match.group(0)).strip() if match else None
 
         return search
+    if name == "sql":
+        from weitiao.eval.sql import normalise_sql
+
+        return normalise_sql
     raise ConfigError(f"unknown extractor '{name}'; choose one of {', '.join(EXTRACTORS)}")
 
 

@@ -19,7 +19,14 @@ METRIC_LABELS = {
     "rouge-2": ("ROUGE-2", False, "{:.2f}"),
     "rouge-l": ("ROUGE-L", False, "{:.2f}"),
     "bleu-4": ("BLEU-4", False, "{:.2f}"),
+    "choice_accuracy": ("choice accuracy % (constrained)", False, "{:.1f}"),
+    "choice_macro_f1": ("choice macro F1 %", False, "{:.1f}"),
+    "sql_execution_match": ("SQL execution match %", False, "{:.1f}"),
+    "sql_executable": ("SQL that runs %", False, "{:.1f}"),
 }
+# Sample fields shown in report.md and on the terminal, in this order, when a report has them.
+SAMPLE_FIELDS = {"prompt": "prompt", "base": "base", "tuned": "tuned", "base_choice": "base choice",
+                 "tuned_choice": "tuned choice", "reference": "reference"}
 # Benchmark metrics are named '<benchmark>/<lm-eval metric>' (mmlu/acc); lm-eval's scores are fractions (0-1).
 BENCHMARK_METRIC_LABELS = {"acc": "accuracy", "acc_norm": "accuracy (length-normalised)",
                            "exact_match": "exact match"}
@@ -35,6 +42,14 @@ def metric_info(name: str) -> tuple[str, bool, str]:
     return name, False, "{:.4f}"
 
 
+def metric_label(name: str, report: dict[str, Any]) -> str:
+    """A metric's label in this report: with train_on: all the 'response-token' loss is over every token."""
+    label = metric_info(name)[0]
+    if name in ("loss", "perplexity") and report.get("loss_tokens") == "all":
+        label = label.replace("(response tokens)", "(trained tokens: all)")
+    return label
+
+
 def _fmt(name: str, value: float) -> str:
     return metric_info(name)[2].format(value)
 
@@ -42,7 +57,7 @@ def _fmt(name: str, value: float) -> str:
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, values in report["metrics"].items():
-        label = metric_info(name)[0]
+        label = metric_label(name, report)
         delta = values["delta"]
         rows.append((label, _fmt(name, values["base"]), _fmt(name, values["tuned"]),
                      ("+" if delta >= 0 else "") + _fmt(name, delta)))
@@ -69,8 +84,8 @@ def format_samples(report: dict[str, Any], count: int | None = None, width: int 
 
     blocks = []
     for sample in report["samples"][:count]:
-        blocks.append(f"prompt:    {clip(sample['prompt'])}\nbase:      {clip(sample['base'])}\n"
-                      f"tuned:     {clip(sample['tuned'])}\nreference: {clip(sample['reference'])}")
+        blocks.append("\n".join(f"{label + ':':<14}{clip(sample[key])}" for key, label in SAMPLE_FIELDS.items()
+                                 if key in sample))
     return "\n\n".join(blocks)
 
 
@@ -79,20 +94,46 @@ def _markdown_cell(text: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    examples = f"- eval examples: {report['eval_examples']} (loss)"
+    if report["generation_examples"]:
+        examples += f"; {report['generation_examples']} generated (extractor for exact match: {report['extractor']})"
+    if report.get("choice_examples"):
+        examples += (f"; {report['choice_examples']} scored by constrained choice among "
+                     f"{', '.join(report['choices']['labels'])}")
     lines = ["# Evaluation: base vs fine-tuned", "",
              f"- run: `{report['run']}`", f"- base model: `{report['base_model']}`", f"- method: {report['method']}",
-             f"- eval examples: {report['eval_examples']} (loss); {report['generation_examples']} generated "
-             f"(extractor for exact match: {report['extractor']})", "",
-             "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+             examples, "", "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(report)]
     lines += ["", "![training and validation loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
+    lines += _confusion_markdown(report.get("choices"))
     lines += _benchmark_markdown(report.get("benchmarks", []))
     if report["samples"]:
-        lines += ["## Samples", "", "| prompt | base | tuned | reference |", "|---|---|---|---|"]
+        fields = [key for key in SAMPLE_FIELDS if key in report["samples"][0]]
+        lines += ["## Samples", "", "| " + " | ".join(SAMPLE_FIELDS[key] for key in fields) + " |",
+                  "|" + "---|" * len(fields)]
         for sample in report["samples"][: report.get("num_samples_shown", 5)]:
-            lines.append("| " + " | ".join(_markdown_cell(sample[k]) for k in ("prompt", "base", "tuned", "reference"))
-                         + " |")
+            lines.append("| " + " | ".join(_markdown_cell(sample[key]) for key in fields) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _confusion_markdown(choices: dict[str, Any] | None) -> list[str]:
+    """The confusion matrix of each model: one row per reference answer, one column per chosen answer."""
+    if not choices:
+        return []
+    labels = choices["labels"]
+    lines = ["## Constrained choice", "",
+             f"Each answer ({', '.join(labels)}) is scored by its log-likelihood as the reply; the most likely is "
+             "the model's choice. Rows: the reference; columns: the choice.", ""]
+    for model in ("base", "tuned"):
+        matrix = choices[model]
+        correct = sum(matrix[k][k] for k in range(len(labels)))
+        lines += [f"**{model}**: {correct} of {sum(map(sum, matrix))} right", "",
+                  "| reference \\ choice | " + " | ".join(_markdown_cell(label) for label in labels) + " | total |",
+                  "|---|" + "---:|" * (len(labels) + 1)]
+        lines += [f"| {_markdown_cell(label)} | " + " | ".join(str(n) for n in row) + f" | {sum(row)} |"
+                  for label, row in zip(labels, matrix)]
+        lines.append("")
+    return lines + ["![confusion matrices](confusion.png)", ""]
 
 
 def _benchmark_markdown(benchmarks: list[dict[str, Any]]) -> list[str]:
@@ -161,9 +202,37 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
         values = report["metrics"][name]
         bars = axis.bar(["base", "tuned"], [values["base"], values["tuned"]], color=["#9aa5b1", "#2f80ed"])
         axis.bar_label(bars, labels=[_fmt(name, values["base"]), _fmt(name, values["tuned"])], fontsize=8)
-        axis.set_title(metric_info(name)[0], fontsize=8)
+        axis.set_title(metric_label(name, report), fontsize=8)
         axis.tick_params(labelsize=8)
         axis.margins(y=0.2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_confusion(choices: dict[str, Any], path: Path) -> None:
+    """The base and the tuned confusion matrices side by side, counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = choices["labels"]
+    size = 1.2 + 0.6 * len(labels)
+    figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size + 0.6))
+    peak = max(max(map(max, choices[model])) for model in ("base", "tuned")) or 1
+    for axis, model in zip(axes, ("base", "tuned")):
+        matrix = choices[model]
+        axis.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)
+        for r, row in enumerate(matrix):
+            for c, count in enumerate(row):
+                axis.text(c, r, str(count), ha="center", va="center", fontsize=9,
+                          color="white" if count > peak / 2 else "black")
+        axis.set_xticks(range(len(labels)), labels, fontsize=8)
+        axis.set_yticks(range(len(labels)), labels, fontsize=8)
+        axis.set_xlabel("choice", fontsize=8)
+        axis.set_ylabel("reference", fontsize=8)
+        axis.set_title(model, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -175,6 +244,8 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     plot_loss_curves(report.get("training_log", []), folder / "loss_curves.png")
     plot_metrics(report, folder / "metrics.png")
+    if report.get("choices"):
+        plot_confusion(report["choices"], folder / "confusion.png")
     (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
     with (folder / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for sample in report["samples"]:
