@@ -6,7 +6,7 @@ synthetic examples of exactly --length tokens; then LoRA vs QLoRA on the default
 
   python bench/methods.py --shape 1b --methods full freeze lora dora qlora ia3 prefix ptuning prompt
   python bench/methods.py --shape 8b --methods lora qlora --length 2048
-  python bench/methods.py --quality          # lora vs qlora eval loss on the default model
+  python bench/methods.py --quality          # lora vs qlora held-out loss, default model, GSM8K
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (PEAK_BF16_FLOPS, build_model_folder, device_name, flops_per_token,  # noqa: E402
                     reset_memory, write_sft_data)
 from train_speed import run_weitiao  # noqa: E402
 
+from tests.conftest import shared_data_dir  # noqa: E402
+
 # What each row sets besides `method` (dora is LoRA with DoRA).
 METHOD_SETTINGS = {"dora": {"method": "lora", "lora.use_dora": True}, "qlora8": {"method": "qlora",
                                                                                  "quantization.bits": 8}}
-DEMO = Path(__file__).resolve().parents[1] / "src" / "weitiao" / "demo"
 
 
 def speed_table(args) -> list[dict]:
@@ -63,17 +65,28 @@ def speed_table(args) -> list[dict]:
 
 
 def quality_gap(args) -> dict:
-    """LoRA and QLoRA with the same settings on the default model and the demo data: eval loss after training."""
+    """LoRA and QLoRA (4-bit NF4) with the same settings on the default model and real data (GSM8K train, 200
+    examples held out): the held-out response loss before and after training, the time and the peak memory."""
     from weitiao.config import load_config
     from weitiao.train.sft import run
 
-    results = {}
+    data = Path(args.quality_data or shared_data_dir() / "gsm8k" / "train.jsonl")
+    recipe = Path(tempfile.mkdtemp()) / "quality.yaml"
+    recipe.write_text(f"""model: {{name_or_path: {args.model}}}
+data: {{train: {data}, val_size: 200, max_length: 512}}
+method: lora
+lora: {{r: 16, alpha: 32}}
+train: {{max_steps: {args.quality_steps}, per_device_train_batch_size: 8, learning_rate: 5.0e-4, warmup_steps: 20,
+        bf16: true, logging_steps: 50, save_steps: 0}}
+eval: {{compare: false}}
+""")
+    results = {"data": str(data), "steps": args.quality_steps, "batch_size": 8, "val_size": 200}
     for method in ("lora", "qlora"):
-        config = load_config(DEMO / "demo.yaml", ["--method", method, "--output_dir", tempfile.mkdtemp(),
-                                                  "--compare", "false", "--bf16", "true"])
+        torch.cuda.reset_peak_memory_stats()
+        config = load_config(recipe, ["--method", method, "--output_dir", tempfile.mkdtemp()])
         result = run(config)
         results[method] = {"eval_loss_before": result.eval_loss_before, "eval_loss": result.eval_loss,
-                           "seconds": result.seconds}
+                           "seconds": result.seconds, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     results["gap"] = results["qlora"]["eval_loss"] - results["lora"]["eval_loss"]
     print(json.dumps(results, indent=2))
     return results
@@ -90,6 +103,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--row-tokens", type=int, help="tokens per packed row (default: max(8192, length + 64))")
     parser.add_argument("--quality", action="store_true", help="only the lora vs qlora quality comparison")
+    parser.add_argument("--quality-data", help="training data of --quality (default: GSM8K train from shared data)")
+    parser.add_argument("--quality-steps", type=int, default=300, help="training steps of --quality")
+    parser.add_argument("--model", default="default", help="the model of --quality")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the default model's)")
