@@ -209,7 +209,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     """Warm-up steps (linear from 0 to learning_rate)."""
     per_device_train_batch_size: int = Field(8, gt=0)
-    """Examples per micro-batch on each device."""
+    """Examples per micro-batch on each device (without packing; a packed micro-batch is one row of
+    data.packing_length tokens, so on a GPU, where packing is on by default, a step holds as many whole examples as
+    fit)."""
     per_device_eval_batch_size: int = Field(8, gt=0)
     """Examples per batch when measuring eval loss."""
     gradient_accumulation_steps: int = Field(1, gt=0)
