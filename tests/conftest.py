@@ -96,3 +96,15 @@ def _isolated_data_cache(tmp_path, monkeypatch):
         return real(*parts)
 
     monkeypatch.setattr("weitiao.data.dataset.cache_dir", cache_dir)
+
+
+def run_interrupted(config, step: int) -> None:
+    """Train with `config` and stop it (as Ctrl-C would) right after the log of optimizer step `step`."""
+    from weitiao.train.sft import run
+
+    def interrupt(record):
+        if record.get("step") == step and "loss" in record:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, on_log=interrupt)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ZH_CORPUS, write_jsonl
+from tests.conftest import ZH_CORPUS, run_interrupted, write_jsonl
 from weitiao.config import load_config
 from weitiao.errors import WeitiaoError
 from weitiao.train.sft import run
@@ -63,12 +63,7 @@ def test_streamed_pretraining_runs_past_the_end_of_the_stream_and_resumes_exactl
 
     config = pt_config(tmp_path / "split", tiny_model_dir, **settings)
 
-    def interrupt(record):
-        if record.get("step") == 6 and "loss" in record:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(config, on_log=interrupt)
+    run_interrupted(config, step=6)
     resumed = run(config, resume=True)
     assert resumed.steps == 10
     expected = load_file(str(Path(reference.output_dir) / "adapter_model.safetensors"))

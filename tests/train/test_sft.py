@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_jsonl
+from tests.conftest import run_interrupted, write_jsonl
 from weitiao.config import load_config
 from weitiao.errors import ConfigError, ModelLoadError
 from weitiao.train.sft import run
@@ -98,12 +98,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
 
     config = make_config(tmp_path / "split", tiny_model_dir, **settings)
 
-    def interrupt(record):
-        if record.get("step") == 4 and "loss" in record:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(config, on_log=interrupt)
+    run_interrupted(config, step=4)
     out = Path(config.train.output_dir)
     checkpoint = out / "checkpoints" / "step-3"
     assert (checkpoint / "trainer_state.json").is_file()
