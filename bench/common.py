@@ -18,6 +18,8 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 PEAK_BF16_FLOPS = 989.4e12  # H100/H200 SXM dense bf16, datasheet
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had "
@@ -37,8 +39,13 @@ def build_model_folder(shape: str, folder: Path, tokenizer) -> Path:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: a 14B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model

@@ -124,7 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
-                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 16k (16k rows)")
+                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 16k (16k rows), "
+                             "compile (torch.compile, without Liger), prof (a profile)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
@@ -152,8 +153,9 @@ def main() -> None:
             elif "prof" in options:  # where the GPU time goes: the top kernels of a short run
                 measured = profile_weitiao(model_dir, data, method, packing_length, Path(args.results))
             else:
+                extra = {"train.torch_compile": True, "train.liger": False} if "compile" in options else None
                 measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048,
-                                       packing_length)
+                                       packing_length, extra)
         except torch.cuda.OutOfMemoryError:
             measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
         trained = measured.get("trainable_params", None if method == "full" else 0)

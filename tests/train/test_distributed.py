@@ -68,10 +68,11 @@ def _train(config, gpus: int | None) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(engine, tmp_path, tiny_model_dir):
-    """2 processes x 2 examples = 1 process x 4: the same losses, tokens and final adapter (gloo on this CPU)."""
-    settings = dict(train__max_steps=3, train__optim="sgd", train__learning_rate=0.5)
+@pytest.mark.parametrize("engine, method", [("ddp", "lora"), ("ddp", "full")])
+def test_two_processes_match_one_with_the_same_global_batch(engine, method, tmp_path, tiny_model_dir):
+    """2 processes x 2 examples = 1 process x 4: the same losses, tokens and final weights (gloo on this CPU).
+    accelerate runs DeepSpeed and FSDP on GPUs only: their parity is bench/distributed.py's, on the GPU machine."""
+    settings = dict(method=method, train__max_steps=3, train__optim="sgd", train__learning_rate=0.5)
     one = make_config(tmp_path / "one", tiny_model_dir, train__per_device_train_batch_size=4, **settings)
     two = make_config(tmp_path / "two", tiny_model_dir, train__per_device_train_batch_size=2,
                       train__distributed=engine, **settings)
@@ -84,7 +85,29 @@ def test_two_processes_match_one_with_the_same_global_batch(engine, tmp_path, ti
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
     from safetensors.torch import load_file
 
-    weights_one = load_file(str(Path(one.train.output_dir) / "adapter_model.safetensors"))
-    weights_two = load_file(str(Path(two.train.output_dir) / "adapter_model.safetensors"))
+    file = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    weights_one = load_file(str(Path(one.train.output_dir) / file))
+    weights_two = load_file(str(Path(two.train.output_dir) / file))
+    assert weights_one.keys() == weights_two.keys()
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_weights_built_partitioned_by_zero3_keep_their_groups_and_counts():
+    """ZeRO-3 builds weights as empty local tensors with ds_shape / ds_numel: weight decay must still reach the
+    matrices, no optimizer group may be empty (the engine drops it and the LR schedule then fails), and the
+    parameter counts are the real ones."""
+    from weitiao.train.methods import parameter_counts
+    from weitiao.train.sft import _make_optimizer
+
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 4, bias=False), "norm": torch.nn.LayerNorm(4, bias=False)})
+    for parameter in model.parameters():  # what deepspeed.zero.Init leaves on each rank
+        parameter.ds_shape, parameter.ds_numel = parameter.shape, parameter.numel()
+        parameter.data = torch.empty(0)
+    config = load_config(None, ["--weight_decay", "0.1"])
+    optimizer = _make_optimizer(model, config)
+    decayed = [group for group in optimizer.param_groups if group["weight_decay"] == 0.1]
+    assert len(decayed) == 1 and decayed[0]["params"] == [model["proj"].weight]
+    assert parameter_counts(model) == (36, 36)
+    model["norm"].weight.requires_grad_(False)  # a group with nothing to train is left out, not kept empty
+    assert [len(group["params"]) for group in _make_optimizer(model, config).param_groups] == [1]

@@ -46,6 +46,10 @@ def deepspeed_config(config: Config, bf16: bool, micro_batch_size: int) -> dict[
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": args.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
+        # weitiao builds the optimizer (torch AdamW, SGD, bitsandbytes...); DeepSpeed then shards its states. With
+        # offload the same optimizer steps on the CPU copy, so no DeepSpeed C++/CUDA op has to be compiled.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,  # weitiao logs; DeepSpeed need not
     }
 

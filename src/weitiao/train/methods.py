@@ -207,6 +207,6 @@ def set_adapter_input_casting(model: torch.nn.Module, enabled: bool) -> None:
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):  # PEFT counts packed 4-bit weights correctly
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    # A model built partitioned by DeepSpeed ZeRO-3 holds empty local tensors; ds_numel is the full size.
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)

@@ -51,6 +51,8 @@ class TrainResult:
     tokens: int
     trainable_params: int
     total_params: int
+    gpu_peak_gib: float | None = None
+    """Peak GPU memory allocated by the main process during the run."""
     data: dict[str, Any] = field(default_factory=dict)
     model: Any = field(default=None, repr=False, compare=False)
     """The trained model in memory (PEFT-wrapped for adapter methods)."""
@@ -91,6 +93,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
                                                   dispatch_batches=False if config.data.streaming else None),
         **engine_plugins(config, bf16, micro_batch_size=1 if packing else args.per_device_train_batch_size))
     is_main = accelerator.is_main_process
+    if is_main and not on_gpu and args.distributed != "ddp":
+        # accelerate runs DeepSpeed and FSDP on GPUs only; on a CPU its processes fall back to plain DDP over gloo.
+        print(f"Note: distributed: {args.distributed} needs GPUs; on this CPU the processes run plain DDP "
+              "(same results, nothing sharded)")
     check_device(config, accelerator.device)
     set_seed(args.seed)
     if on_gpu:
@@ -116,7 +122,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         print("Data:\n" + format_stats(data_stats))
 
     # 4. Kernels and method: fused kernels patch the base model, then the method decides which weights train.
-    liger = apply_liger(model, args.liger, accelerator.device)
+    liger = apply_liger(model, args.liger, accelerator.device,
+                        fused_cross_entropy=args.distributed not in ("zero3", "zero3_offload"))
     set_seed(args.seed)  # adapter initialisation does not depend on how much randomness data loading used
     model = apply_method(model, config)
     # Under autocast the adapters' matmuls already run in bf16/fp16; PEFT's own cast of every adapter input to the
@@ -258,6 +265,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
                   "tokens": state["tokens"], "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if on_gpu:  # this process's peak so far (ranks of a sharded engine hold about the same)
+            record["gpu_peak_gib"] = _gpu_peak_gib(accelerator.device)
         log(record)
         progress.set_postfix(loss=f"{last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}")
         interval.update(loss=torch.zeros((), device=accelerator.device), steps=0, tokens=0, start=time.time())
@@ -313,6 +322,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         output_dir=str(out), base_model=base_path, steps=state["global_step"], epochs=epochs_done(),
         train_loss=last_train_loss, eval_loss_before=state["eval_loss_before"], eval_loss=eval_loss,
         seconds=round(seconds, 1), tokens=state["tokens"], trainable_params=trainable, total_params=total,
+        gpu_peak_gib=_gpu_peak_gib(accelerator.device) if on_gpu else None,
         data={"train_examples": None if streaming else len(train_set),
               "eval_examples": len(eval_set) if eval_set is not None else 0},
         model=accelerator.unwrap_model(model))
@@ -320,6 +330,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         (out / "train_result.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
         print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s, {result.tokens:,} tokens at "
               f"{result.tokens / max(seconds, 1e-9):.0f} tokens/s"
+              + (f", peak GPU memory {result.gpu_peak_gib:.1f} GiB" if result.gpu_peak_gib is not None else "")
               + (f", eval loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f}" if eval_loss is not None
                  and result.eval_loss_before is not None else "") + ")")
         if eval_characters and eval_loss is not None and result.eval_loss_before is not None:
@@ -355,9 +366,13 @@ def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            # Biases and norm weights are not decayed (as in transformers' Trainer).
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            # Biases and norm weights are not decayed (as in transformers' Trainer). A weight that DeepSpeed ZeRO-3
+            # built partitioned is an empty local tensor; ds_shape is its real shape.
+            shape = getattr(parameter, "ds_shape", parameter.shape)
+            (no_decay if len(shape) < 2 or "norm" in name.lower() else decay).append(parameter)
+    # Empty groups are left out: ZeRO drops them, and the LR scheduler must see the same groups as the engine.
+    groups = [group for group in ({"params": decay, "weight_decay": args.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
     adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.9)
@@ -370,7 +385,8 @@ def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
 
         optimizer_class = bnb.optim.PagedAdamW8bit if args.optim.startswith("paged") else bnb.optim.AdamW8bit
         return optimizer_class(groups, **adam)
-    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    # Fused AdamW for weights on the GPU; ZeRO-3 offload steps the optimizer on CPU copies instead.
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"]) and args.distributed != "zero3_offload"
     return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
 
 
@@ -383,6 +399,10 @@ def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:
             weights[index] = {name: tensor for name, tensor in state.items() if name in trainable}
 
     accelerator.register_save_state_pre_hook(hook)
+
+
+def _gpu_peak_gib(device: torch.device) -> float:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
