@@ -262,7 +262,8 @@ class TrainConfig(_Section):
     """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
     full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3
     (parameters sharded too), zero3_offload (ZeRO-3 with optimizer states and parameters in CPU memory), fsdp
-    (PyTorch FSDP2, fully sharded, one unit per decoder layer)."""
+    (PyTorch FSDP2, fully sharded, one unit per decoder layer). The sharded engines need GPUs: on a CPU the
+    processes run plain DDP. Under zero3 Liger's fused linear + cross-entropy is off (the logits are materialised)."""
     deepspeed: str | None = None
     """Path to a DeepSpeed JSON config of your own; used instead of the one weitiao writes for zero2/zero3."""
     dataloader_num_workers: int = Field(0, ge=0)
