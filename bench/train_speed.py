@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -47,6 +48,9 @@ def run_baseline(model_dir: str, data: Path, method: str, steps: int, warmup: in
     from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments)
 
+    from weitiao.train.kernels import undo_liger_patches
+
+    undo_liger_patches()  # the tutorial recipe runs transformers' own code, also after a weitiao variant
     train, tokenizer = tokenized(model_dir, data, max_length)
     dtype = torch.bfloat16 if method == "lora" else torch.float32  # full FT: fp32 master weights + bf16 autocast
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
@@ -124,8 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
-                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 16k (16k rows), "
-                             "compile (torch.compile, without Liger), prof (a profile)")
+                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 12k/16k/... (rows of "
+                             "that many thousand tokens; 8k by default), compile (train.torch_compile), prof (a "
+                             "profile)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
@@ -145,7 +150,8 @@ def main() -> None:
         recipe, method, *options = variant.split(":")
         options = options[0].split(",") if options else []
         checkpointing = "ckpt" in options
-        packing_length = 16384 if "16k" in options else 8192
+        thousands = [int(option[:-1]) for option in options if option[:-1].isdigit() and option.endswith("k")]
+        packing_length = 1024 * thousands[0] if thousands else 8192
         reset_memory()
         try:
             if recipe == "baseline":
@@ -153,11 +159,15 @@ def main() -> None:
             elif "prof" in options:  # where the GPU time goes: the top kernels of a short run
                 measured = profile_weitiao(model_dir, data, method, packing_length, Path(args.results))
             else:
-                extra = {"train.torch_compile": True, "train.liger": False} if "compile" in options else None
+                extra = {"train.torch_compile": True} if "compile" in options else None
                 measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048,
                                        packing_length, extra)
         except torch.cuda.OutOfMemoryError:
             measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
+        except Exception as error:  # one failing variant (a compiler error, say) must not lose the others' rows
+            traceback.print_exc()
+            measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"),
+                        "error": f"{type(error).__name__}: {error}"[:300]}
         trained = measured.get("trainable_params", None if method == "full" else 0)
         measured["mfu"] = measured["real_tokens_per_s"] * flops_per_token(args.shape, trained) / PEAK_BF16_FLOPS
         rows.append({"variant": variant, "recipe": recipe, "method": method, "options": options, **measured})

@@ -252,7 +252,8 @@ class TrainConfig(_Section):
     """With gradient_checkpointing: recompute every Nth decoder layer only (2 keeps the activations of half the
     layers: more memory than 1, less recomputation)."""
     torch_compile: bool = False
-    """Compile the model with torch.compile (inductor) through accelerate; the first steps are slow."""
+    """Compile each decoder layer with torch.compile (inductor; accelerate's regional compilation): the first steps
+    are slow. Liger then keeps only its fused linear + cross-entropy; inductor fuses RMSNorm, SwiGLU and RoPE itself."""
     tf32: bool = True
     """Let float32 matrix products use TF32 tensor cores on NVIDIA GPUs (Ampere and newer)."""
     liger: bool | None = None

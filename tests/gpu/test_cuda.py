@@ -56,6 +56,34 @@ def test_liger_and_packing_train_to_the_same_loss(tmp_path, tiny_model_dir):
     assert abs(plain.eval_loss - fast.eval_loss) < 2e-2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_compiled_layers_with_the_liger_loss_train_to_the_same_loss(tmp_path, tokenizer):
+    """train.torch_compile compiles each decoder layer and keeps Liger's fused loss only. The eager run before it
+    patched transformers' Llama module for the whole process (RoPE, RMSNorm, MLP); the compiled run must not
+    trace those Triton kernels."""
+    from transformers.models.llama import modeling_llama
+
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import kernels
+    from weitiao.train.sft import run
+
+    # Heads of 64 dimensions, as in real models: for the tiny model's heads of 16, inductor's flex-attention lowering
+    # found no kernel configuration ("NoValidChoicesError").
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
+                    data__packing=True, data__packing_length=512)
+    eager = run(make_config(tmp_path / "a", model_dir, **settings))
+    original = kernels._unpatched[modeling_llama.__name__]
+    assert modeling_llama.apply_rotary_pos_emb is not original["apply_rotary_pos_emb"]  # Liger's, process-wide
+    compiled = run(make_config(tmp_path / "b", model_dir, train__torch_compile=True, **settings))
+    assert modeling_llama.apply_rotary_pos_emb is original["apply_rotary_pos_emb"]
+    assert modeling_llama.LlamaRMSNorm is original["LlamaRMSNorm"]
+    assert not [type(module).__name__ for module in compiled.model.modules() if "Liger" in type(module).__name__]
+    print(f"eval loss: eager {eager.eval_loss:.5f}, compiled {compiled.eval_loss:.5f}")
+    assert abs(eager.eval_loss - compiled.eval_loss) < 2e-2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_and_plain_peft_reloads_it(bits, tmp_path, tiny_model_dir):

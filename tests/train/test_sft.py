@@ -89,6 +89,42 @@ def test_gradient_accumulation_gives_the_same_step_as_a_larger_batch(tmp_path, t
         torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-6)
 
 
+def test_torch_compile_trains_the_same_adapter_and_saves_it_for_plain_peft(tmp_path, tiny_model_dir):
+    """Regional compilation replaces each decoder layer with a compiled wrapper; the saved adapter must keep PEFT's
+    own key names (no `_orig_mod`) and hold the weights eager training reaches."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(train__max_steps=2, train__optim="sgd", train__learning_rate=0.5)
+    eager = run(make_config(tmp_path / "eager", tiny_model_dir, **settings))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run(make_config(tmp_path / "compiled", tiny_model_dir, **settings, train__torch_compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
+    first, second = adapter_weights(Path(eager.output_dir)), adapter_weights(Path(compiled.output_dir))
+    assert sorted(first) == sorted(second) and not any("_orig_mod" in name for name in second)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-3, atol=1e-5)
+    assert any((weight != 0).any() for name, weight in second.items() if "lora_B" in name)  # it trained
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), compiled.output_dir)
+
+
+def test_evaluation_of_a_flex_attention_model_runs_on_sdpa_and_training_gets_flex_back(tiny_model_dir):
+    """Packed training rows need flex attention; padded evaluation batches run on sdpa (inductor's flex kernels had
+    no configuration for some padded shapes on the GPU)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from weitiao.train.sft import padded_batch_attention
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention"),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    attention = model.base_model.model.model.layers[0].self_attn
+    with padded_batch_attention(model):
+        assert attention.config._attn_implementation == "sdpa"
+    assert attention.config._attn_implementation == "flex_attention"
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir):
     """Interrupt after the step-3 checkpoint, resume, and land on the weights of a run that never stopped.
     LoRA dropout and accumulation make RNG and data order matter."""

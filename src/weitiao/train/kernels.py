@@ -4,19 +4,37 @@ logits are never materialised, plus fused RMSNorm, SwiGLU and RoPE. CUDA only; t
 from __future__ import annotations
 
 import importlib.util
+import sys
+from typing import Any
 
 import torch
 
 from weitiao.errors import ConfigError
 
 
+# Liger replaces functions and classes of transformers' modeling modules (RoPE, RMSNorm, the MLP) for the whole
+# process, not only in the model it patches: what it replaced, per module, so that each run can start from
+# transformers' own code (a compiled run after a Liger one must not trace Liger's Triton kernels).
+_unpatched: dict[str, dict[str, Any]] = {}
+
+
+def undo_liger_patches() -> None:
+    """Put back what Liger replaced in transformers' modules; models built afterwards are transformers' own."""
+    for module_name, namespace in _unpatched.items():
+        module = sys.modules[module_name]
+        for name, value in namespace.items():
+            setattr(module, name, value)
+
+
 def apply_liger(model: torch.nn.Module, wanted: bool | None, device: torch.device,
-                fused_cross_entropy: bool = True) -> bool:
+                fused_cross_entropy: bool = True, layer_kernels: bool = True) -> bool:
     """Patch `model` in place with Liger kernels; return whether it was patched.
 
     wanted None means: on a CUDA device when liger-kernel is installed and supports the architecture.
     fused_cross_entropy False keeps the model's own output layer and loss: the fused kernel reads the output weight
-    outside that layer's forward, where DeepSpeed ZeRO-3 has not gathered it."""
+    outside that layer's forward, where DeepSpeed ZeRO-3 has not gathered it. layer_kernels False leaves the
+    decoder layers alone (RMSNorm, SwiGLU, RoPE) for torch.compile, which fuses those itself and which Liger's
+    Triton kernels inside a compiled graph have crashed (illegal memory access)."""
     if wanted is False:
         return False
     available = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -31,5 +49,10 @@ def apply_liger(model: torch.nn.Module, wanted: bool | None, device: torch.devic
         if wanted:
             raise ConfigError(f"liger-kernel has no kernels for model type '{model_type}'; set train.liger: false")
         return False
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_cross_entropy)
+    if not (fused_cross_entropy or layer_kernels):
+        return False
+    modeling = sys.modules[type(model).__module__]
+    _unpatched.setdefault(modeling.__name__, {name: value for name, value in vars(modeling).items() if callable(value)})
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_cross_entropy,
+                                    rms_norm=layer_kernels, swiglu=layer_kernels, rope=layer_kernels)
     return True

@@ -12,11 +12,12 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,7 +32,7 @@ from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
 from weitiao.train.distributed import engine_plugins
-from weitiao.train.kernels import apply_liger
+from weitiao.train.kernels import apply_liger, undo_liger_patches
 from weitiao.train.methods import (PROMPT_LEARNING_METHODS, apply_method, check_device, parameter_counts,
                                    quantization_config, set_adapter_input_casting)
 
@@ -63,7 +64,8 @@ class TrainResult:
 
 def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -82,11 +84,21 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     if packing and config.stage == "sft" and config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
                           f"({config.data.packing_length}): an example must fit in a packed row")
+    # accelerate keeps its engine settings (compilation, precision, DeepSpeed/FSDP) in a process-wide singleton that
+    # the first Accelerator fixes: a second run in the same process (a notebook, a benchmark) would silently get the
+    # first one's. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    if args.torch_compile:  # compiled code is cached per function: an earlier run's would count towards the
+        torch._dynamo.reset()  # recompile limit and turn this run's shapes dynamic
     accelerator = Accelerator(
         cpu=not on_gpu,  # without a GPU, several processes still form a (gloo) process group
         mixed_precision="bf16" if bf16 else "fp16" if args.fp16 else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dynamo_backend="inductor" if args.torch_compile else None,
+        # Regional compilation: each decoder layer is compiled once and reused (minutes less than the whole model),
+        # and the loss stays outside, so Liger's fused linear + cross-entropy keeps the logits unmaterialised.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
+        if args.torch_compile else None,
         # A stream is not dispatched from process 0 (accelerate's default): the dispatching loader draws its seed from
         # the global RNG, so a resumed run would replay dropout differently. Each process reads the stream instead.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=on_gpu,
@@ -111,6 +123,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     trains_base = config.method in ("full", "freeze")
     dtype = torch.float32 if trains_base and config.model.dtype == "auto" else None
     quantization = quantization_config(config)
+    undo_liger_patches()  # an earlier run in this process may have patched transformers' classes
     model, tokenizer, base_path = load_model(model_config, dtype=dtype, quantization=quantization,
                                              device_map={"": accelerator.device})
     stops = install_template(tokenizer, config.data)
@@ -123,7 +136,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
 
     # 4. Kernels and method: fused kernels patch the base model, then the method decides which weights train.
     liger = apply_liger(model, args.liger, accelerator.device,
-                        fused_cross_entropy=args.distributed not in ("zero3", "zero3_offload"))
+                        fused_cross_entropy=args.distributed not in ("zero3", "zero3_offload"),
+                        layer_kernels=not args.torch_compile)
     set_seed(args.seed)  # adapter initialisation does not depend on how much randomness data loading used
     model = apply_method(model, config)
     # Under autocast the adapters' matmuls already run in bf16/fp16; PEFT's own cast of every adapter input to the
@@ -229,7 +243,10 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         nonlocal eval_tokens
         if eval_loader is None:
             return None
-        result = evaluate_loss(model, eval_loader, accelerator)
+        # Compiled layers would recompile for every padded eval shape: evaluation runs the same weights uncompiled.
+        plain = accelerator.unwrap_model(model, keep_torch_compile=False)
+        with padded_batch_attention(plain):
+            result = evaluate_loss(plain if args.torch_compile else model, eval_loader, accelerator)
         eval_tokens = result["tokens"]
         record = {"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
                   "eval_tokens": result["tokens"]}
@@ -325,7 +342,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         gpu_peak_gib=_gpu_peak_gib(accelerator.device) if on_gpu else None,
         data={"train_examples": None if streaming else len(train_set),
               "eval_examples": len(eval_set) if eval_set is not None else 0},
-        model=accelerator.unwrap_model(model))
+        model=accelerator.unwrap_model(model, keep_torch_compile=False))
     if is_main:
         (out / "train_result.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
         print(f"Saved to {out} ({result.steps} steps, {result.seconds:.0f} s, {result.tokens:,} tokens at "
@@ -390,6 +407,20 @@ def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
 
 
+@contextmanager
+def padded_batch_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Flex attention serves packed training rows; evaluation batches are padded, which sdpa serves. Inductor's flex
+    kernels found no configuration for some padded shapes (8 rows of 96 tokens with 64-dimension heads, H200)."""
+    if getattr(model.config, "_attn_implementation", None) != "flex_attention":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("flex_attention")
+
+
 def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:
     """Checkpoints of an adapter run hold the adapter, not another copy of the frozen base model."""
 
@@ -433,10 +464,12 @@ def _save_checkpoint(accelerator, out: Path, state: dict[str, Any], limit: int) 
 def _save_final(accelerator, model, tokenizer, out: Path, stops: list[str]) -> None:
     """A PEFT adapter folder or a full model folder, plus tokenizer (with the chat template trained on) and a
     generation config whose EOS list includes the template's end-of-turn token."""
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3 / FSDP: every process calls it
     if not accelerator.is_main_process:
         return
+    # Regionally compiled layers name their weights "layers.0._orig_mod.…"; saved files keep the model's own names.
+    state_dict = {name.replace("_orig_mod.", ""): weight for name, weight in state_dict.items()}
     unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
     generation = copy.deepcopy(getattr(unwrapped, "generation_config", None))
