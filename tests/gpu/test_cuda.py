@@ -1,5 +1,6 @@
 """GPU paths, run on a CUDA machine (skipped elsewhere): flex-attention packing, Liger kernels, QLoRA, 8-bit
-optimizers. CI has no GPU; these run through the device tool and their output is recorded in docs/gpu.md."""
+optimizers. CI has no GPU; these run through the device tool; their output is kept in bench/results/logs
+(run9-gpu-tests-h200.log is the latest) and quoted in docs/performance.md."""
 
 import importlib.util
 from pathlib import Path
