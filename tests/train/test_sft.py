@@ -97,7 +97,6 @@ def test_torch_compile_trains_the_same_adapter_and_saves_it_for_plain_peft(tmp_p
 
     settings = dict(train__max_steps=2, train__optim="sgd", train__learning_rate=0.5)
     eager = run(make_config(tmp_path / "eager", tiny_model_dir, **settings))
-    torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = run(make_config(tmp_path / "compiled", tiny_model_dir, **settings, train__torch_compile=True))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
