@@ -2,8 +2,8 @@
 
 Baseline ("the tutorial recipe"): transformers Trainer + PEFT LoRA r=16 on all linear layers (or full
 fine-tuning), bf16, sdpa attention, batches of 8 padded to the longest. weitiao: `weitiao.train.sft.run` with its
-GPU defaults (packed rows + flex attention, Liger kernels, LoRA dropout 0). Real (non-pad) tokens per second
-after a warm-up, peak GPU memory, MFU = tokens/s x FLOP per token / 989.4 TFLOP/s (FLOP per token: 4N with a
+GPU defaults (packed rows on variable-length FlashAttention, Liger kernels, LoRA dropout 0). Real (non-pad) tokens
+per second after a warm-up, peak GPU memory, MFU = tokens/s x FLOP per token / 989.4 TFLOP/s (FLOP per token: 4N with a
 frozen base, 6N for full fine-tuning, N = weights in linear layers incl. the output head; see common.py).
 
   python bench/train_speed.py --shape 1b --variants baseline:lora weitiao:lora baseline:full weitiao:full
@@ -108,14 +108,15 @@ def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int
             "trainable_params": trainable}
 
 
-def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path) -> dict:
+def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path, name: str,
+                    extra: dict | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length)
-    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:  # 10 steps: GPU time / 10
+        measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra)
+    table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"profile-{method}.txt").write_text(table)
+    (results / f"profile-{name}.txt").write_text(table)
     print(table)
     return measured
 
@@ -129,8 +130,8 @@ def main() -> None:
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
                         help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 12k/16k/... (rows of "
-                             "that many thousand tokens; 8k by default), compile (train.torch_compile), prof (a "
-                             "profile)")
+                             "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
+                             "attention instead of varlen FlashAttention), prof (a profile)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
@@ -156,12 +157,16 @@ def main() -> None:
         try:
             if recipe == "baseline":
                 measured = run_baseline(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048)
-            elif "prof" in options:  # where the GPU time goes: the top kernels of a short run
-                measured = profile_weitiao(model_dir, data, method, packing_length, Path(args.results))
             else:
-                extra = {"train.torch_compile": True} if "compile" in options else None
-                measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048,
-                                       packing_length, extra)
+                extra = {"train.torch_compile": "compile" in options}
+                if "flex" in options:
+                    extra["model.attn_implementation"] = "flex_attention"
+                if "prof" in options:  # where the GPU time goes: the top kernels of a short run
+                    measured = profile_weitiao(model_dir, data, method, packing_length, Path(args.results),
+                                               f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra)
+                else:
+                    measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048,
+                                           packing_length, extra)
         except torch.cuda.OutOfMemoryError:
             measured = {"real_tokens_per_s": 0.0, "peak_mem_gib": float("nan"), "error": "out of memory"}
         except Exception as error:  # one failing variant (a compiler error, say) must not lose the others' rows

@@ -34,7 +34,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     """Allow model code from the hub (needed by some architectures, e.g. ChatGLM, Baichuan)."""
     attn_implementation: str | None = None
-    """e.g. sdpa, eager, flex_attention; None lets transformers choose."""
+    """e.g. sdpa, eager, flex_attention, varlen (packed rows on PyTorch's variable-length FlashAttention: CUDA
+    compute capability 8.0+, bf16/fp16). None: for packed training rows on a GPU varlen, or flex_attention with
+    train.torch_compile (or where varlen cannot run); otherwise transformers' choice."""
     adapter: str | None = None
     """A LoRA adapter (a weitiao run folder) trained on name_or_path to keep training, e.g. SFT after continued
     pre-training. Its rank, targets and modules_to_save are the adapter's own (the lora section is not used)."""

@@ -152,6 +152,10 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None, quantizati
               "dtype": dtype or pick_dtype(config.dtype)}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
+        if config.attn_implementation == "varlen":
+            from weitiao.train.attention import register_varlen_attention
+
+            register_varlen_attention()
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=device_map)
     try:

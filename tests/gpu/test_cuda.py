@@ -1,6 +1,7 @@
-"""GPU paths, run on a CUDA machine (skipped elsewhere): flex-attention packing, Liger kernels, QLoRA, 8-bit
-optimizers. CI has no GPU; these run through the device tool; their output is kept in bench/results/logs
-(run9-gpu-tests-h200.log is the latest) and quoted in docs/performance.md."""
+"""GPU paths, run on a CUDA machine (skipped elsewhere): varlen and flex-attention packing, Liger kernels,
+compiled layers, QLoRA, 8-bit optimizers. CI has no GPU; these run through the device tool; their output is kept in
+bench/results/logs (run9-gpu-tests-h200.log: all of them; run14-varlen-gpu-tests-h200.log: the varlen ones, latest)
+and quoted in docs/performance.md."""
 
 import importlib.util
 from pathlib import Path
@@ -25,7 +26,7 @@ def _loss_and_grads(model_dir, batch, attention):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention,
                                                  dtype=torch.float32).cuda()
-    batch = {k: v.cuda() for k, v in batch.items() if k != "num_tokens"}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != "num_tokens"}
     loss = model(**batch, use_cache=False, num_items_in_batch=1).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -43,6 +44,26 @@ def test_flex_attention_packing_equals_padded_batches(tiny_model_dir):
     worst = max(((packed_grads[n] - g).norm() / g.norm()).item() for n, g in padded_grads.items() if g.norm() > 0)
     print(f"largest relative gradient difference: {worst:.2e}")
     assert worst < 1e-3
+
+
+def test_varlen_flash_attention_packing_equals_padded_batches(tiny_model_dir):
+    """FlashAttention runs in bf16: fp32 weights under bf16 autocast (as in full fine-tuning; RoPE leaves q and k in
+    fp32 there), padded batches on sdpa under the same autocast."""
+    from weitiao.data.collate import PadCollator
+    from weitiao.data.packing import PackedCollator
+    from weitiao.train.attention import VARLEN, register_varlen_attention
+
+    register_varlen_attention()
+    examples = _examples()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        padded_loss, padded_grads = _loss_and_grads(tiny_model_dir, PadCollator(0)(examples), "sdpa")
+        packed_loss, packed_grads = _loss_and_grads(tiny_model_dir, PackedCollator(0, 1024, boundaries=True)(examples),
+                                                    VARLEN)
+    print(f"bf16 summed loss: padded {padded_loss.item():.4f} packed(varlen) {packed_loss.item():.4f}")
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=2e-3, atol=1e-2)
+    worst = max(((packed_grads[n] - g).norm() / g.norm()).item() for n, g in padded_grads.items() if g.norm() > 0)
+    print(f"largest relative gradient difference: {worst:.2e}")
+    assert worst < 3e-2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
@@ -112,3 +133,27 @@ def test_qlora_trains_and_plain_peft_reloads_it(bits, tmp_path, tiny_model_dir):
         torch.testing.assert_close(reloaded(ids).logits.float(), result.model.eval()(ids).logits.float(),
                                    rtol=0, atol=5e-2)
     assert (Path(result.output_dir) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_varlen_and_flex_attention_train_to_the_same_loss_eager_and_compiled(tmp_path, tokenizer):
+    """Packed rows default to variable-length FlashAttention on a GPU, and to flex attention in compiled layers;
+    each, compiled or not, trains the same model to the same loss."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train.sft import run
+
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
+                    data__packing=True, data__packing_length=512)
+    losses = {}
+    runs = {"varlen": {}, "flex": dict(model__attn_implementation="flex_attention"),
+            "flex compiled": dict(train__torch_compile=True),
+            "varlen compiled": dict(train__torch_compile=True, model__attn_implementation="varlen")}
+    for name, options in runs.items():
+        result = run(make_config(tmp_path / name.replace(" ", "-"), model_dir, **options, **settings))
+        losses[name] = result.eval_loss
+        expected = "varlen" if name.startswith("varlen") else "flex_attention"
+        assert result.model.config._attn_implementation == expected
+    print("eval loss: " + ", ".join(f"{name} {loss:.5f}" for name, loss in losses.items()))
+    assert max(losses.values()) - min(losses.values()) < 2e-2

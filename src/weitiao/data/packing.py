@@ -69,23 +69,35 @@ class PackedBatchSampler:
 class PackedCollator:
     """Concatenate a row's examples into one sequence of shape (1, T); pad to a multiple of `pad_to_multiple_of`
     (a fixed shape keeps compiled attention kernels from recompiling). Padding is a sequence of its own with no
-    labels. `num_tokens` (real tokens, for throughput) is not a model input: the training loop pops it."""
+    labels. `num_tokens` (real tokens, for throughput) is not a model input: the training loop pops it.
+    With `boundaries`, the row also carries where each example starts and ends (`cu_seq_lens_q`/`_k`) and the
+    longest example (`max_length_q`/`_k`; transformers' names), which variable-length attention reads. `longest`
+    fixes that number (data.max_length): compiled code would otherwise specialise on each row's longest example and
+    recompile until it gives up; padding is then cut into sequences no longer than it."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, boundaries: bool = False,
+                 longest: int | None = None):
         self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+        self.boundaries, self.longest = boundaries, longest
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, labels, positions = [], [], []
-        real = sum(len(example["input_ids"]) for example in examples)
-        for example in examples:
-            n = len(example["input_ids"])
+        lengths = [len(example["input_ids"]) for example in examples]
+        for example, n in zip(examples, lengths):
             input_ids += example["input_ids"]
             labels += [IGNORE_INDEX] + list(example["labels"][1:])
             positions += range(n)
-        if self.pad_to_multiple_of:
-            padding = -len(input_ids) % self.pad_to_multiple_of
+        padding = -len(input_ids) % self.pad_to_multiple_of if self.pad_to_multiple_of else 0
+        if padding:
             input_ids += [self.pad_token_id] * padding
             labels += [IGNORE_INDEX] * padding
-            positions += range(padding)
-        return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]), "num_tokens": real}
+            piece = min(padding, self.longest or padding)
+            positions += [i % piece for i in range(padding)]
+            lengths = lengths + [piece] * (padding // piece) + ([padding % piece] if padding % piece else [])
+        batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+                 "position_ids": torch.tensor([positions]), "num_tokens": len(input_ids) - padding}
+        if self.boundaries:
+            ends = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            longest = self.longest or max(lengths)
+            batch.update(cu_seq_lens_q=ends, cu_seq_lens_k=ends, max_length_q=longest, max_length_k=longest)
+        return batch

@@ -31,6 +31,7 @@ from weitiao.data.templates import install_template
 from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
+from weitiao.train.attention import VARLEN, packed_row_attention
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.kernels import apply_liger, undo_liger_patches
 from weitiao.train.methods import (PROMPT_LEARNING_METHODS, apply_method, check_device, parameter_counts,
@@ -116,16 +117,20 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
 
     # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
     #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
-    model_config = config.model
-    if packing and on_gpu and model_config.attn_implementation is None:
-        # Flex attention skips the empty blocks of a packed row's block-diagonal mask; sdpa would compute them.
-        model_config = model_config.model_copy(update={"attn_implementation": "flex_attention"})
+    attention = config.model.attn_implementation
+    if attention == VARLEN and on_gpu and not (bf16 or args.fp16):
+        raise ConfigError("model.attn_implementation: varlen (FlashAttention) needs train.bf16 or train.fp16")
     trains_base = config.method in ("full", "freeze")
     dtype = torch.float32 if trains_base and config.model.dtype == "auto" else None
     quantization = quantization_config(config)
     undo_liger_patches()  # an earlier run in this process may have patched transformers' classes
-    model, tokenizer, base_path = load_model(model_config, dtype=dtype, quantization=quantization,
+    model, tokenizer, base_path = load_model(config.model, dtype=dtype, quantization=quantization,
                                              device_map={"": accelerator.device})
+    if packing and on_gpu and attention is None:
+        # Packed rows need attention confined to each example (sdpa would compute the whole row's mask): variable-
+        # length FlashAttention computes exactly that, flex attention skips the empty blocks of the block mask.
+        attention = packed_row_attention(model.config, accelerator.device, bf16 or args.fp16, args.torch_compile)
+        model.set_attn_implementation(attention)
     stops = install_template(tokenizer, config.data)
 
     # 3. Data: read, check, tokenize, mask, truncate; every drop counted (main process first fills the cache).
@@ -158,8 +163,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     streaming = config.data.streaming
     if config.stage == "pt":
         # Blocks are full rows already; packing only decides whether attention may cross documents in a block.
-        collate = DocumentBlockCollator(tokenizer.pad_token_id, config.data.max_length if on_gpu else None
-                                        ) if packing else pad_collate
+        collate = DocumentBlockCollator(tokenizer.pad_token_id, config.data.max_length if on_gpu else None,
+                                        boundaries=attention == VARLEN) if packing else pad_collate
         train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
                                   collate_fn=collate, num_workers=args.dataloader_num_workers,
                                   generator=generator, pin_memory=on_gpu)
@@ -167,7 +172,9 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
                                             config.data.packing_length, args.seed)
         # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
-        collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None)
+        collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None,
+                                 boundaries=attention == VARLEN,
+                                 longest=config.data.max_length if args.torch_compile else None)
         train_loader = DataLoader(train_set, batch_sampler=packed_sampler, collate_fn=collate,
                                   num_workers=args.dataloader_num_workers, generator=generator, pin_memory=on_gpu)
         if is_main:

@@ -1,0 +1,113 @@
+"""Attention for packed rows on PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen`).
+
+A packed row holds several examples; each must attend only to itself. Flex attention does that with a block mask,
+but computes every 128x128 block an example touches, so short examples waste about half of the work, and its
+backward kernel is slow. Variable-length FlashAttention gets the example boundaries (`cu_seq_lens_q`, made by
+`PackedCollator`, or found from position ids that restart at 0) and computes exactly the causal triangle of each
+example, with no mask to build.
+
+Registered with transformers as `model.attn_implementation: varlen`. A padded batch (an attention mask: evaluation,
+generation with a cache) runs on sdpa with transformers' own mask. On a CPU each example runs through sdpa in
+turn: the same result, for tests and CPU users."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "varlen"
+# Keyword arguments that make torch's varlen_attn causal and grouped-query, found once: torch 2.10 took
+# is_causal=True, later versions take window_size=(-1, 0) and need enable_gqa=True for fewer key/value heads.
+_flash_options: dict[str, Any] = {}
+
+
+def has_varlen_flash_attention(device: torch.device | None = None) -> bool:
+    """Whether this torch has variable-length FlashAttention (torch >= 2.10) and, given a device, whether it runs
+    there (FlashAttention 2 needs a CUDA GPU of compute capability 8.0 or later: A100, H100, RTX 30xx and newer)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return device is None or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def packed_row_attention(config: Any, device: torch.device, half_precision: bool, compiled: bool) -> str:
+    """The attention for packed training rows when the config names none: varlen where it runs (a recent GPU,
+    bf16/fp16) and the model uses plain causal attention; flex attention in compiled layers, whose code would
+    specialise on varlen's longest-example integer, and for sliding windows or logit soft-capping (Mistral, Gemma),
+    which transformers implements for flex."""
+    plain_causal = not (getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None))
+    if plain_causal and half_precision and not compiled and has_varlen_flash_attention(device):
+        register_varlen_attention()
+        return VARLEN
+    return "flex_attention"
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="varlen"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not _flash_options and has_varlen_flash_attention():
+        from torch.nn.attention.varlen import varlen_attn
+
+        parameters = inspect.signature(varlen_attn).parameters
+        _flash_options.update({"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True})
+        if "enable_gqa" in parameters:
+            _flash_options["enable_gqa"] = True
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, _padding_mask_only)
+
+
+def _padding_mask_only(**kwargs) -> torch.Tensor | None:
+    """transformers' sdpa mask where there is padding; none for packed or unpadded rows (boundaries serve them)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
+
+
+def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (B, Hq, T, D), key/value (B, Hkv, T, D); returns the
+    output as (B, T, Hq, D). `cu_seq_lens_q` holds the example boundaries over the B*T tokens of the batch."""
+    batch, heads, length, dim = query.shape
+    boundaries = kwargs.get("cu_seq_lens_q")
+    positions = kwargs.get("position_ids")
+    if boundaries is None and attention_mask is None and positions is not None and key.shape[2] == length:
+        starts = (positions.reshape(-1) == 0).nonzero().flatten()  # an example starts where its positions do
+        boundaries = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
+    if boundaries is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ValueError("varlen attention implements plain causal attention: no attention dropout, sliding window "
+                         "or logit soft-capping; set model.attn_implementation: flex_attention for this model")
+    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
+    if query.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        # Under autocast with fp32 weights (full fine-tuning), RoPE leaves q and k in fp32 while v comes out of a
+        # bf16 matmul: FlashAttention takes one 16-bit dtype.
+        q, k, v = (t.to(value.dtype) for t in flat)
+        longest = kwargs.get("max_length_q") or int(boundaries.diff().max())
+        output = varlen_attn(q, k, v, boundaries, boundaries, longest, longest, scale=scaling, **_flash_options)
+    else:
+        output = _per_example_sdpa(*flat, boundaries.tolist(), scaling)
+    return output.view(batch, length, heads, dim), None
+
+
+def _per_example_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
+                      scaling: float | None) -> torch.Tensor:
+    pieces = []
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        if end > start:
+            q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+            pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                         enable_gqa=True).transpose(0, 1))
+    return torch.cat(pieces)

@@ -1,0 +1,120 @@
+"""Variable-length attention for packed rows: on the CPU each example runs through sdpa in turn, so these tests
+check the plumbing (boundaries from the collator or from position ids, padded batches on sdpa) against padded
+batches; tests/gpu/test_cuda.py checks the FlashAttention kernel itself."""
+
+import pytest
+import torch
+
+from weitiao.data.collate import PadCollator
+from weitiao.data.encode import IGNORE_INDEX
+from weitiao.data.packing import PackedCollator
+from weitiao.train.attention import VARLEN
+
+
+def _examples():
+    torch.manual_seed(0)
+    examples = []
+    for length in (7, 12, 5, 9):
+        ids = torch.randint(5, 1000, (length,)).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (length // 3) + ids[length // 3:]})
+    return examples
+
+
+def _loss_and_grads(model_dir, batch, attention):
+    from weitiao.config import ModelConfig
+    from weitiao.models import load_model
+
+    model, _, _ = load_model(ModelConfig(name_or_path=model_dir, attn_implementation=attention),
+                             dtype=torch.float32)
+    batch = {k: v for k, v in batch.items() if k != "num_tokens"}
+    loss = model(**batch, use_cache=False, num_items_in_batch=1).loss  # the sum over label tokens
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_collator_marks_where_each_example_and_the_padding_start():
+    examples = [{"input_ids": [11, 12, 13], "labels": [11, 12, 13]}, {"input_ids": [21, 22], "labels": [-100, 22]}]
+    batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=8, boundaries=True)(examples)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == 3 and batch["num_tokens"] == 5
+    assert "cu_seq_lens_q" not in PackedCollator(pad_token_id=0)(examples)
+    # A fixed longest example (data.max_length) for compiled code: the padding is cut into sequences that long.
+    batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=16, boundaries=True, longest=4)(examples)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 13, 16] and batch["max_length_q"] == 4
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("boundaries", [True, False], ids=["from-collator", "from-position-ids"])
+def test_varlen_packed_rows_equal_padded_batches(tiny_model_dir, boundaries):
+    examples = _examples()
+    padded_loss, padded_grads = _loss_and_grads(tiny_model_dir, PadCollator(0)(examples), "sdpa")
+    packed = PackedCollator(0, pad_to_multiple_of=16, boundaries=boundaries)(examples)
+    packed_loss, packed_grads = _loss_and_grads(tiny_model_dir, packed, VARLEN)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_model_runs_padded_batches_and_generation_on_sdpa(tiny_model_dir):
+    """Evaluation and generation batches are padded: the varlen model uses transformers' mask there."""
+    examples = _examples()
+    padded = PadCollator(0)(examples)
+    torch.testing.assert_close(_loss_and_grads(tiny_model_dir, padded, VARLEN)[0],
+                               _loss_and_grads(tiny_model_dir, padded, "sdpa")[0])
+
+    from weitiao.config import ModelConfig
+    from weitiao.models import load_model
+
+    outputs = []
+    for attention in (VARLEN, "sdpa"):
+        model, _, _ = load_model(ModelConfig(name_or_path=tiny_model_dir, attn_implementation=attention))
+        prompt = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+        outputs.append(model.generate(prompt, attention_mask=(prompt != 0).long(), max_new_tokens=6,
+                                      do_sample=False, pad_token_id=0))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_packed_training_on_varlen_follows_the_same_losses_as_on_sdpa(tmp_path, tiny_model_dir):
+    """The training loop hands the collator's boundaries to the model: every step's loss is that of sdpa with
+    transformers' own packed-sequence mask."""
+    import json
+
+    from tests.train.test_sft import make_config
+    from weitiao.train.sft import run
+
+    losses = {}
+    for attention in ("sdpa", VARLEN):
+        result = run(make_config(tmp_path / attention, tiny_model_dir, data__packing=True, data__packing_length=256,
+                                 model__attn_implementation=attention, train__max_steps=3))
+        lines = (tmp_path / attention / "out" / "metrics.jsonl").read_text().splitlines()
+        losses[attention] = [json.loads(line)["loss"] for line in lines if '"loss"' in line] + [result.eval_loss]
+    assert len(losses["sdpa"]) == 4
+    assert losses[VARLEN] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
+def test_packed_rows_take_varlen_only_for_plain_causal_attention_uncompiled_in_16_bit(monkeypatch):
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from weitiao.train import attention
+
+    monkeypatch.setattr(attention, "has_varlen_flash_attention", lambda device=None: True)  # as on an A100/H100
+    gpu = torch.device("cuda")
+    for plain in (LlamaConfig(), Qwen2Config()):
+        assert attention.packed_row_attention(plain, gpu, half_precision=True, compiled=False) == VARLEN
+        assert attention.packed_row_attention(plain, gpu, half_precision=True, compiled=True) == "flex_attention"
+        assert attention.packed_row_attention(plain, gpu, half_precision=False, compiled=False) == "flex_attention"
+    for windowed in (MistralConfig(sliding_window=4096), Gemma2Config()):  # transformers does these for flex
+        assert attention.packed_row_attention(windowed, gpu, half_precision=True, compiled=False) == "flex_attention"
+    monkeypatch.undo()
+    assert attention.packed_row_attention(LlamaConfig(), torch.device("cpu"), True, False) == "flex_attention"
+
+
+def test_varlen_refuses_attention_it_does_not_implement():
+    from weitiao.train.attention import varlen_attention_forward
+
+    q = torch.zeros(1, 2, 4, 8)
+    boundaries = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="flex_attention"):
+        varlen_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=boundaries, softcap=50.0)
+    with pytest.raises(ValueError, match="sliding window"):
+        varlen_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=boundaries, sliding_window=2)
