@@ -31,7 +31,7 @@ from weitiao.data.templates import install_template
 from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
-from weitiao.train.attention import VARLEN, packed_row_attention
+from weitiao.train.attention import VARLEN, has_varlen_flash_attention, packed_row_attention
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.kernels import apply_liger, undo_liger_patches
 from weitiao.train.methods import (PROMPT_LEARNING_METHODS, apply_method, check_device, parameter_counts,
@@ -118,8 +118,9 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     # 2. Model and tokenizer. Methods that update base weights keep fp32 master weights (mixed precision does the
     #    speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora.
     attention = config.model.attn_implementation
-    if attention == VARLEN and on_gpu and not (bf16 or args.fp16):
-        raise ConfigError("model.attn_implementation: varlen (FlashAttention) needs train.bf16 or train.fp16")
+    if attention == VARLEN and on_gpu and not (has_varlen_flash_attention(accelerator.device) and (bf16 or args.fp16)):
+        raise ConfigError("model.attn_implementation: varlen (FlashAttention) needs torch >= 2.10, a GPU of compute "
+                          "capability 8.0 or later and train.bf16 or train.fp16; use flex_attention otherwise")
     trains_base = config.method in ("full", "freeze")
     dtype = torch.float32 if trains_base and config.model.dtype == "auto" else None
     quantization = quantization_config(config)
