@@ -123,3 +123,14 @@ def test_adapter_to_continue_must_be_lora_on_this_base(tmp_path, tiny_model_dir,
         run(config)
     with pytest.raises(WeitiaoError, match="not an adapter folder"):
         run(pt_config(tmp_path / "other", tiny_model_dir, model={"adapter": str(tmp_path)}))
+
+
+def test_per_document_attention_on_varlen_follows_sdpa(tmp_path, tiny_model_dir):
+    """Stage pt with packing: the block collator's document boundaries give varlen sdpa's per-step losses."""
+    losses = {}
+    for attention in ("sdpa", "varlen"):
+        result = run(pt_config(tmp_path / attention, tiny_model_dir, data={"packing": True},
+                               model={"attn_implementation": attention}))
+        losses[attention] = [r["loss"] for r in metrics(result.output_dir) if "loss" in r] + [result.eval_loss]
+    assert len(losses["sdpa"]) == 3
+    assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-5)

@@ -78,8 +78,9 @@ class DocumentBlockCollator:
     """data.packing in stage pt: a micro-batch of blocks becomes one row whose position ids restart at every
     document piece, so transformers keeps attention within each document (see weitiao.data.packing)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, boundaries: bool = False):
-        self.packed = PackedCollator(pad_token_id, pad_to_multiple_of, boundaries, longest=pad_to_multiple_of)
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, boundaries: bool = False,
+                 longest: int | None = None):
+        self.packed = PackedCollator(pad_token_id, pad_to_multiple_of, boundaries, longest)
 
     def __call__(self, blocks: list[dict[str, Any]]) -> dict[str, Any]:
         return self.packed([piece for block in blocks for piece in document_segments(block)])

@@ -1,10 +1,10 @@
 """Attention for packed rows on PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen`).
 
-A packed row holds several examples; each must attend only to itself. Flex attention does that with a block mask,
-but computes every 128x128 block an example touches, so short examples waste about half of the work, and its
-backward kernel is slow. Variable-length FlashAttention gets the example boundaries (`cu_seq_lens_q`, made by
-`PackedCollator`, or found from position ids that restart at 0) and computes exactly the causal triangle of each
-example, with no mask to build.
+A packed row holds several examples; each must attend only to itself. Flex attention does that with a block mask
+and compiles its kernels on first use (about 50 s on an H200). Variable-length FlashAttention gets the example
+boundaries (`cu_seq_lens_q`, made by `PackedCollator`, or found from position ids that restart at 0) and computes
+each example's causal triangle with no mask to build and nothing to compile; once running, the two measured level
+(docs/performance.md).
 
 Registered with transformers as `model.attn_implementation: varlen`. A padded batch (an attention mask: evaluation,
 generation with a cache) runs on sdpa with transformers' own mask. On a CPU each example runs through sdpa in

@@ -162,10 +162,12 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     generator = torch.Generator().manual_seed(args.seed)
     packed_sampler = None
     streaming = config.data.streaming
+    # varlen reads each row's example boundaries; compiled code needs their longest fixed (see PackedCollator).
+    boundaries = {"boundaries": attention == VARLEN, "longest": config.data.max_length if args.torch_compile else None}
     if config.stage == "pt":
         # Blocks are full rows already; packing only decides whether attention may cross documents in a block.
         collate = DocumentBlockCollator(tokenizer.pad_token_id, config.data.max_length if on_gpu else None,
-                                        boundaries=attention == VARLEN) if packing else pad_collate
+                                        **boundaries) if packing else pad_collate
         train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
                                   collate_fn=collate, num_workers=args.dataloader_num_workers,
                                   generator=generator, pin_memory=on_gpu)
@@ -173,9 +175,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
                                             config.data.packing_length, args.seed)
         # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
-        collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None,
-                                 boundaries=attention == VARLEN,
-                                 longest=config.data.max_length if args.torch_compile else None)
+        collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None, **boundaries)
         train_loader = DataLoader(train_set, batch_sampler=packed_sampler, collate_fn=collate,
                                   num_workers=args.dataloader_num_workers, generator=generator, pin_memory=on_gpu)
         if is_main:
