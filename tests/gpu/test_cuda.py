@@ -1,7 +1,8 @@
 """GPU paths, run on a CUDA machine (skipped elsewhere): varlen and flex-attention packing, Liger kernels,
-compiled layers, QLoRA, 8-bit optimizers. CI has no GPU; these run through the device tool; their output is kept in
-bench/results/logs (run9-gpu-tests-h200.log: all of them; run14-varlen-gpu-tests-h200.log: the varlen ones, latest)
-and quoted in docs/performance.md."""
+compiled layers, the fused LoRA update, QLoRA, 8-bit optimizers. CI has no GPU; these run through the device tool;
+their output is kept in bench/results/logs (run9-gpu-tests-h200.log: all of them; run14-varlen-gpu-tests-h200.log:
+the varlen ones; run15-fused-lora-and-chunks-1b.log, at its end: the fused LoRA one) and quoted in
+docs/performance.md."""
 
 import importlib.util
 from pathlib import Path
@@ -157,3 +158,26 @@ def test_varlen_and_flex_attention_train_to_the_same_loss_eager_and_compiled(tmp
         assert result.model.config._attn_implementation == expected
     print("eval loss: " + ", ".join(f"{name} {loss:.5f}" for name, loss in losses.items()))
     assert max(losses.values()) - min(losses.values()) < 2e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_fused_lora_update_trains_as_peft_eager_and_compiled(tmp_path, tokenizer):
+    """train.fused_lora (LoRA's update inside the base product's epilogue) under bf16 autocast, eager and in compiled
+    layers, trains to PEFT's own loss."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train.sft import run
+
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
+                    data__packing=True, data__packing_length=512)
+    losses = {}
+    for compiled in (False, True):
+        for fused in (False, True):
+            name = ("compiled " if compiled else "eager ") + ("fused" if fused else "peft")
+            result = run(make_config(tmp_path / name.replace(" ", "-"), model_dir, train__fused_lora=fused,
+                                     train__torch_compile=compiled, **settings))
+            losses[name] = result.eval_loss
+    print("eval loss: " + ", ".join(f"{name} {loss:.5f}" for name, loss in losses.items()))
+    assert abs(losses["eager fused"] - losses["eager peft"]) < 1e-2
+    assert abs(losses["compiled fused"] - losses["compiled peft"]) < 1e-2

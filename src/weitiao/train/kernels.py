@@ -12,6 +12,12 @@ import torch
 from weitiao.errors import ConfigError
 
 
+# Liger's fused linear + cross-entropy computes the logits chunk by chunk of tokens, the chunk size following from
+# a budget of transient logits of chunk_mem_const x tokens x hidden elements. Its default, 1, cuts an 8k-token row
+# of a 128k-vocabulary model into 256-token chunks, and under full fine-tuning each chunk reads and writes the whole
+# fp32 gradient of the output weight (2 GB for a 128k x 2k head). 8 means 1k-2k-token chunks, 0.25-0.5 GB of logits.
+LOGITS_CHUNK_BUDGET = 8
+
 # Liger replaces functions and classes of transformers' modeling modules (RoPE, RMSNorm, the MLP) for the whole
 # process, not only in the model it patches: what it replaced, per module, so that each run can start from
 # transformers' own code (a compiled run after a Liger one must not trace Liger's Triton kernels).

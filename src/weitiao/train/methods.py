@@ -16,6 +16,7 @@ never home-made layers.
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import torch
 
@@ -202,6 +203,45 @@ def set_adapter_input_casting(model: torch.nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = enabled
+
+
+def fuse_lora_updates(model: torch.nn.Module, enabled: bool) -> int:
+    """Add each plain LoRA layer's update to the base layer's output inside one matrix product,
+    out.addmm_(A(x), B^T, alpha=scaling), where PEFT computes B(A(x)), scales it and adds it: that is three passes
+    over the output-sized tensor forward and one backward which the product's epilogue makes unnecessary (eager 1B
+    LoRA on an H200: 61.6k instead of 57.4k tokens/s, docs/performance.md). The parameters, their gradients and
+    the saved adapter are PEFT's. Layers with DoRA, several active adapters, merged or disabled adapters, or
+    per-call arguments keep PEFT's forward. enabled False puts PEFT's forward back. Returns how many layers were
+    switched."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    switched = 0
+    for module in model.modules():
+        if type(module) is not LoraLinear:  # quantized (bitsandbytes) and other LoRA layers keep their own forward
+            continue
+        installed = getattr(vars(module).get("forward"), "__func__", None) is _lora_forward_fused
+        if enabled and "forward" not in vars(module):  # an instance forward is someone's hook: leave it
+            module.forward = types.MethodType(_lora_forward_fused, module)
+            switched += 1
+        elif not enabled and installed:
+            del module.forward
+            switched += 1
+    return switched
+
+
+def _lora_forward_fused(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    out = self.base_layer(flat)
+    low = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(flat, self.lora_A[name].weight.dtype)))
+    # In place on the base product (whose backward does not need it); autocast leaves in-place ops alone, hence the
+    # explicit casts (a rank-r matrix each).
+    out.addmm_(low.to(out.dtype), self.lora_B[name].weight.t().to(out.dtype), alpha=self.scaling[name])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
