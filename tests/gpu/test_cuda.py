@@ -1,8 +1,8 @@
 """GPU paths, run on a CUDA machine (skipped elsewhere): varlen and flex-attention packing, Liger kernels,
 compiled layers, the fused LoRA update, QLoRA, 8-bit optimizers. CI has no GPU; these run through the device tool;
 their output is kept in bench/results/logs (run9-gpu-tests-h200.log: all of them; run14-varlen-gpu-tests-h200.log:
-the varlen ones; run15-fused-lora-and-chunks-1b.log, at its end: the fused LoRA one) and quoted in
-docs/performance.md."""
+the varlen ones; the end of run15-fused-lora-and-chunks-1b.log: the fused LoRA one, in an earlier form that also
+fused in compiled layers) and quoted in docs/performance.md."""
 
 import importlib.util
 from pathlib import Path
@@ -161,9 +161,9 @@ def test_varlen_and_flex_attention_train_to_the_same_loss_eager_and_compiled(tmp
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
-def test_fused_lora_update_trains_as_peft_eager_and_compiled(tmp_path, tokenizer):
-    """train.fused_lora (LoRA's update inside the base product's epilogue) under bf16 autocast, eager and in compiled
-    layers, trains to PEFT's own loss."""
+def test_fused_lora_update_trains_as_peft(tmp_path, tokenizer):
+    """train.fused_lora (LoRA's update inside the base product's epilogue) under bf16 autocast trains to PEFT's own
+    loss; compiled layers keep PEFT's forward (inductor fuses it) and reach the same loss."""
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
     from weitiao.train.sft import run
@@ -171,13 +171,9 @@ def test_fused_lora_update_trains_as_peft_eager_and_compiled(tmp_path, tokenizer
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
                     data__packing=True, data__packing_length=512)
-    losses = {}
-    for compiled in (False, True):
-        for fused in (False, True):
-            name = ("compiled " if compiled else "eager ") + ("fused" if fused else "peft")
-            result = run(make_config(tmp_path / name.replace(" ", "-"), model_dir, train__fused_lora=fused,
-                                     train__torch_compile=compiled, **settings))
-            losses[name] = result.eval_loss
+    runs = {"eager peft": dict(train__fused_lora=False), "eager fused": {}, "compiled": dict(train__torch_compile=True)}
+    losses = {name: run(make_config(tmp_path / name.replace(" ", "-"), model_dir, **options, **settings)).eval_loss
+              for name, options in runs.items()}
     print("eval loss: " + ", ".join(f"{name} {loss:.5f}" for name, loss in losses.items()))
     assert abs(losses["eager fused"] - losses["eager peft"]) < 1e-2
-    assert abs(losses["compiled fused"] - losses["compiled peft"]) < 1e-2
+    assert abs(losses["compiled"] - losses["eager peft"]) < 2e-2
