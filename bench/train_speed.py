@@ -218,8 +218,7 @@ def main() -> None:
     for variant in args.variants:
         recipe, method, *options = variant.split(":")
         options = options[0].split(",") if options else []
-        # Each variant in a fresh process: a run leaves process-wide state behind (the full-FT baseline ran 15.6k
-        # tokens/s after other variants in one process and 6.6k-7.7k first in a fresh one, bench/results/logs/run16).
+        # A fresh process per variant: no variant is timed in a state an earlier one left (see measure()).
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", variant, result.name])
             text = Path(result.name).read_text()

@@ -141,9 +141,9 @@ def test_fused_lora_update_follows_adapter_switches_and_leaves_dora_alone(tiny_m
         assert not torch.allclose(tuned, base, atol=1e-3)
     dora = _lora_model(tiny_model_dir, use_dora=True)
     assert fuse_lora_updates(dora, enabled=True) == 14  # installed, but DoRA layers fall through to PEFT
-    loss, grads = _loss_and_gradients(dora)
+    loss, _ = _loss_and_gradients(dora)
     fuse_lora_updates(dora, enabled=False)
-    reference, reference_grads = _loss_and_gradients(dora)
+    reference, _ = _loss_and_gradients(dora)
     torch.testing.assert_close(loss, reference, rtol=0, atol=0)
 
 
