@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (StepTimer, build_model_folder, device_name, flops_per_token, peak_memory_gib,  # noqa: E402
                     reset_memory, write_sft_data, PEAK_BF16_FLOPS)
+from trace_gaps import idle_gaps  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOG_EVERY = 5  # steps between throughput observations (each one waits for the GPU)
@@ -129,17 +130,20 @@ def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int
         marks.append(time.perf_counter())
         profiler.step()
 
-    # Recorded: steps 6-10 only, after the warm-up (and compilation) of steps 1-5.
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                 schedule=schedule(wait=1, warmup=0, active=1)) as profiler:
+    # Recorded: steps 6-10 only, after the warm-up (and compilation) of steps 1-5, with Python stacks for the gaps.
+    results.mkdir(parents=True, exist_ok=True)
+    trace = Path(tempfile.gettempdir()) / f"trace-{name}.json.gz"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                 schedule=schedule(wait=1, warmup=0, active=1),
+                 on_trace_ready=lambda done: done.export_chrome_trace(str(trace))) as profiler:
         measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra, observer)
     events = profiler.key_averages()
     kernels = [event for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
     busy = sum(event.self_device_time_total for event in kernels) / 1e3 / 5
     table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
     table += (f"\nper step: GPU kernel time {busy:.1f} ms of {(marks[1] - marks[0]) / 5 * 1e3:.1f} ms wall "
-              "(steps 6-10, profiler overhead included)\n")
-    results.mkdir(parents=True, exist_ok=True)
+              "(steps 6-10, profiler overhead included)\n\n")
+    table += idle_gaps(trace)
     (results / f"profile-{name}.txt").write_text(table)
     print(table)
     return measured
@@ -159,6 +163,8 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
     thousands = [int(option[:-1]) for option in options if option[:-1].isdigit() and option.endswith("k")]
     packing_length = 1024 * thousands[0] if thousands else 8192
     try:
+        if "expseg" in options:  # the CUDA caching allocator's expandable segments (less fragmentation)
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         if recipe == "baseline":
             # The Trainer measured first in a fresh process ran full fine-tuning at 6.6k-7.7k tokens/s, and at
             # 15.0k-15.6k after another run in the same process (logs run15-run18; TF32 ruled out, cause not
@@ -173,6 +179,9 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
         per_step = [int(option[2:]) for option in options if option.startswith("ga") and option[2:].isdigit()]
         if per_step:
             extra["train.gradient_accumulation_steps"] = per_step[0]
+        workers = [int(option[1:]) for option in options if option.startswith("w") and option[1:].isdigit()]
+        if workers:
+            extra["train.dataloader_num_workers"] = workers[0]
         if "flex" in options:
             extra["model.attn_implementation"] = "flex_attention"
         if "prof" in options:  # where the GPU time goes: the top kernels of a short run
@@ -195,7 +204,8 @@ def main() -> None:
                         help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 12k/16k/... (rows of "
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), ceN "
-                             "(Liger's logits chunk budget N), gaN (N rows per optimizer step), prof (a profile)")
+                             "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
+                             "worker processes), expseg (expandable allocator segments), prof (a profile)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
