@@ -276,8 +276,11 @@ class TrainConfig(_Section):
     processes run plain DDP. Under zero3 Liger's fused linear + cross-entropy is off (the logits are materialised)."""
     deepspeed: str | None = None
     """Path to a DeepSpeed JSON config of your own; used instead of the one weitiao writes for zero2/zero3."""
-    dataloader_num_workers: int = Field(0, ge=0)
-    """Worker processes that collate batches."""
+    dataloader_num_workers: int | None = Field(None, ge=0)
+    """Worker processes that read and collate the next batches while the GPU trains. None: 2 with a CUDA GPU (the
+    training thread then only launches GPU work: +23% tokens/s for eager 1B LoRA, 1.03x compiled, H200) unless the
+    data streams (each worker would read the whole stream), 0 on a CPU, where workers compete with training for
+    the cores."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -74,22 +74,83 @@ def test_varlen_model_runs_padded_batches_and_generation_on_sdpa(tiny_model_dir)
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_packed_training_on_varlen_follows_the_same_losses_as_on_sdpa(tmp_path, tiny_model_dir):
-    """The training loop hands the collator's boundaries to the model: every step's loss is that of sdpa with
-    transformers' own packed-sequence mask."""
+def test_packed_training_follows_sdpa_losses_without_searching_for_examples(tmp_path, tiny_model_dir, monkeypatch):
+    """The training loop hands varlen the collator's boundaries (under PACKED_VARLEN, with no mask): every step's
+    loss is that of sdpa with transformers' own packed-sequence mask, but transformers never searches the position
+    ids for the examples (on a GPU a host-GPU sync per forward). The returned model is on varlen again, which serves
+    padded batches. (Flex attention has no backward on a CPU: the next test and tests/gpu cover it.)"""
     import json
+
+    import transformers.masking_utils as masking
 
     from tests.train.test_sft import make_config
     from weitiao.train.sft import run
 
-    losses = {}
+    searches = []
+    search = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda ids: searches.append(ids) or search(ids))
+    losses, searched = {}, {}
     for attention in ("sdpa", VARLEN):
+        searches.clear()
         result = run(make_config(tmp_path / attention, tiny_model_dir, data__packing=True, data__packing_length=256,
                                  model__attn_implementation=attention, train__max_steps=3))
+        searched[attention] = len(searches)
+        assert result.model.config._attn_implementation == attention
         lines = (tmp_path / attention / "out" / "metrics.jsonl").read_text().splitlines()
         losses[attention] = [json.loads(line)["loss"] for line in lines if '"loss"' in line] + [result.eval_loss]
-    assert len(losses["sdpa"]) == 4
+    assert len(losses["sdpa"]) == 4 and searched["sdpa"] >= 3
+    assert searched[VARLEN] == 0
     assert losses[VARLEN] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
+def test_flex_attention_on_the_loops_block_mask_gives_the_packed_sdpa_loss(tiny_model_dir, monkeypatch):
+    """The block mask the training loop builds for flex attention: the loss of transformers' own packed-sequence
+    mask on sdpa, and transformers takes it as it is (no search of the position ids)."""
+    import transformers.masking_utils as masking
+
+    from weitiao.config import ModelConfig
+    from weitiao.models import load_model
+    from weitiao.train.attention import packed_rows_block_mask
+
+    packed = PackedCollator(0, pad_to_multiple_of=16)(_examples())
+    del packed["num_tokens"]
+    losses = {}
+    for attention in ("sdpa", "flex_attention"):
+        model, _, _ = load_model(ModelConfig(name_or_path=tiny_model_dir, attn_implementation=attention))
+        if attention == "flex_attention":
+            packed["attention_mask"] = packed_rows_block_mask(packed["position_ids"])
+            monkeypatch.setattr(masking, "find_packed_sequence_indices", None)  # calling it would fail
+        with torch.no_grad():
+            losses[attention] = model(**packed, use_cache=False).loss
+    torch.testing.assert_close(losses["flex_attention"], losses["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_block_mask_is_causal_within_each_example():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from weitiao.train.attention import packed_rows_block_mask
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 7, 0, 1, 2, 3, 0]])  # row 2 starts mid-document
+    dense = create_mask(packed_rows_block_mask(positions).mask_mod, 2, 1, 8, 8)[:, 0]
+    examples = [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1, 1, 2]]
+    for row, owners in zip(dense, examples):
+        owner = torch.tensor(owners)
+        expected = (owner[:, None] == owner[None, :]) & torch.ones(8, 8, dtype=torch.bool).tril()
+        assert torch.equal(row, expected)
+
+
+def test_packed_varlen_refuses_a_batch_without_boundaries(tiny_model_dir):
+    """PACKED_VARLEN builds no padding mask: a padded batch under it must fail, not attend to the padding."""
+    from weitiao.config import ModelConfig
+    from weitiao.models import load_model
+    from weitiao.train.attention import PACKED_VARLEN, register_varlen_attention
+
+    register_varlen_attention()
+    model, _, _ = load_model(ModelConfig(name_or_path=tiny_model_dir))
+    model.set_attn_implementation(PACKED_VARLEN)
+    batch = PadCollator(0)(_examples())
+    with pytest.raises(ValueError, match="boundaries"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 def test_packed_rows_take_varlen_only_for_plain_causal_attention_uncompiled_in_16_bit(monkeypatch):

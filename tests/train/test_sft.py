@@ -89,6 +89,18 @@ def test_gradient_accumulation_gives_the_same_step_as_a_larger_batch(tmp_path, t
         torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-6)
 
 
+def test_data_loading_workers_train_the_same_adapter(tmp_path, tiny_model_dir):
+    """Worker processes (the GPU default) collate the same rows in the same order as the training process does."""
+    settings = dict(train__max_steps=3, train__optim="sgd", train__learning_rate=0.5, data__packing=True,
+                    data__packing_length=256)
+    inline = run(make_config(tmp_path / "a", tiny_model_dir, **settings))
+    workers = run(make_config(tmp_path / "b", tiny_model_dir, **settings, train__dataloader_num_workers=2))
+    assert workers.train_loss == inline.train_loss
+    first, second = adapter_weights(Path(inline.output_dir)), adapter_weights(Path(workers.output_dir))
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
+
+
 def test_torch_compile_trains_the_same_adapter_and_saves_it_for_plain_peft(tmp_path, tiny_model_dir):
     """Regional compilation replaces each decoder layer with a compiled wrapper; the saved adapter must keep PEFT's
     own key names (no `_orig_mod`) and hold the weights eager training reaches."""

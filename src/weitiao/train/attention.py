@@ -8,7 +8,12 @@ each example's causal triangle with no mask to build and nothing to compile; onc
 
 Registered with transformers as `model.attn_implementation: varlen`. A padded batch (an attention mask: evaluation,
 generation with a cache) runs on sdpa with transformers' own mask. On a CPU each example runs through sdpa in
-turn: the same result, for tests and CPU users."""
+turn: the same result, for tests and CPU users.
+
+The training loop runs packed rows under a second name, `PACKED_VARLEN`, with no mask function: transformers then
+builds no mask and does not search the position ids for example boundaries, which costs a host-GPU sync per forward
+(the rows carry their boundaries). For flex attention the loop builds the rows' block mask itself, for the same
+reason (`packed_rows_block_mask`)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 VARLEN = "varlen"
+PACKED_VARLEN = "varlen_packed_rows"  # packed training rows only: never a padded batch (see the module docstring)
 # Keyword arguments that make torch's varlen_attn causal and grouped-query, found once: torch 2.10 took
 # is_causal=True, later versions take window_size=(-1, 0) and need enable_gqa=True for fewer key/value heads.
 _flash_options: dict[str, Any] = {}
@@ -59,7 +65,20 @@ def register_varlen_attention() -> None:
         if "enable_gqa" in parameters:
             _flash_options["enable_gqa"] = True
     AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionInterface.register(PACKED_VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, _padding_mask_only)
+
+
+def packed_rows_block_mask(position_ids: torch.Tensor) -> Any:
+    """Flex attention's block mask for packed rows: causal within each example, an example being a run of
+    consecutive position ids (transformers' rule), built without the host-GPU sync of transformers' own search."""
+    from transformers.masking_utils import (and_masks, causal_mask_function, flex_attention_mask,
+                                            packed_sequence_mask_function)
+
+    restarts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    batch, length = position_ids.shape
+    examples = and_masks(causal_mask_function, packed_sequence_mask_function(restarts.cumsum(-1)))
+    return flex_attention_mask(batch, length, length, mask_function=examples, device=position_ids.device)
 
 
 def _padding_mask_only(**kwargs) -> torch.Tensor | None:
@@ -77,6 +96,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     batch, heads, length, dim = query.shape
     boundaries = kwargs.get("cu_seq_lens_q")
     positions = kwargs.get("position_ids")
+    if boundaries is None and getattr(getattr(module, "config", None), "_attn_implementation", None) == PACKED_VARLEN:
+        raise ValueError(f"{PACKED_VARLEN} attention serves packed rows with example boundaries (cu_seq_lens_q), "
+                         "not padded batches; use varlen or sdpa for those")
     if boundaries is None and attention_mask is None and positions is not None and key.shape[2] == length:
         starts = (positions.reshape(-1) == 0).nonzero().flatten()  # an example starts where its positions do
         boundaries = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)

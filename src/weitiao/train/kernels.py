@@ -15,8 +15,10 @@ from weitiao.errors import ConfigError
 # Liger's fused linear + cross-entropy computes the logits chunk by chunk of tokens, the chunk size following from
 # a budget of transient logits of chunk_mem_const x tokens x hidden elements. Its default, 1, cuts an 8k-token row
 # of a 128k-vocabulary model into 256-token chunks, and under full fine-tuning each chunk reads and writes the whole
-# fp32 gradient of the output weight (2 GB for a 128k x 2k head). 8 means 1k-2k-token chunks, 0.25-0.5 GB of logits.
-LOGITS_CHUNK_BUDGET = 8
+# fp32 gradient of the output weight (2 GB for a 128k x 2k head). 32 means 4k-8k-token chunks, at most 32 times the
+# memory of the hidden states (1 GB of bf16 logits for an 8k-token row of a 2k-hidden model). Measured on the 1B
+# shape (H200): 32 vs 8, compiled LoRA 76.6k vs 73.7k tokens/s, eager full fine-tuning 56.1k vs 55.1k, +0.4-0.7 GiB.
+LOGITS_CHUNK_BUDGET = 32
 
 # Liger replaces functions and classes of transformers' modeling modules (RoPE, RMSNorm, the MLP) for the whole
 # process, not only in the model it patches: what it replaced, per module, so that each run can start from

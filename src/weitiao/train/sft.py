@@ -31,7 +31,8 @@ from weitiao.data.templates import install_template
 from weitiao.errors import ConfigError
 from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
-from weitiao.train.attention import VARLEN, has_varlen_flash_attention, packed_row_attention
+from weitiao.train.attention import (PACKED_VARLEN, VARLEN, has_varlen_flash_attention, packed_row_attention,
+                                     packed_rows_block_mask)
 from weitiao.train.distributed import engine_plugins
 from weitiao.train import kernels
 from weitiao.train.kernels import apply_liger, undo_liger_patches
@@ -133,6 +134,9 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         # length FlashAttention computes exactly that, flex attention skips the empty blocks of the block mask.
         attention = packed_row_attention(model.config, accelerator.device, bf16 or args.fp16, args.torch_compile)
         model.set_attn_implementation(attention)
+    if packing and attention == VARLEN:  # the rows carry their boundaries: no mask, no search for them (attention.py)
+        attention = PACKED_VARLEN
+        model.set_attn_implementation(attention)
     stops = install_template(tokenizer, config.data)
 
     # 3. Data: read, check, tokenize, mask, truncate; every drop counted (main process first fills the cache).
@@ -165,19 +169,23 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
               + (f"; LoRA update fused into {fused} layers' products" if fused else "") + engine)
 
     pad_collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
+    workers = args.dataloader_num_workers
+    if workers is None:  # see TrainConfig.dataloader_num_workers
+        workers = 2 if on_gpu and not config.data.streaming else 0
     # The loader gets its own generator: starting an epoch's iterator then leaves the global RNG (dropout) alone,
     # which a resumed run relies on to replay the same random numbers.
     generator = torch.Generator().manual_seed(args.seed)
     packed_sampler = None
     streaming = config.data.streaming
     # varlen reads each row's example boundaries; compiled code needs their longest fixed (see PackedCollator).
-    boundaries = {"boundaries": attention == VARLEN, "longest": config.data.max_length if args.torch_compile else None}
+    boundaries = {"boundaries": attention in (VARLEN, PACKED_VARLEN),
+                  "longest": config.data.max_length if args.torch_compile else None}
     if config.stage == "pt":
         # Blocks are full rows already; packing only decides whether attention may cross documents in a block.
         collate = DocumentBlockCollator(tokenizer.pad_token_id, config.data.max_length if on_gpu else None,
                                         **boundaries) if packing else pad_collate
         train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=not streaming,
-                                  collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                  collate_fn=collate, num_workers=workers,
                                   generator=generator, pin_memory=on_gpu)
     elif packing:
         packed_sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]],
@@ -185,13 +193,13 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
         # A fixed row length on the GPU keeps compiled flex-attention kernels from recompiling per row length.
         collate = PackedCollator(tokenizer.pad_token_id, config.data.packing_length if on_gpu else None, **boundaries)
         train_loader = DataLoader(train_set, batch_sampler=packed_sampler, collate_fn=collate,
-                                  num_workers=args.dataloader_num_workers, generator=generator, pin_memory=on_gpu)
+                                  num_workers=workers, generator=generator, pin_memory=on_gpu)
         if is_main:
             print(f"Packing: {len(train_set)} examples in {len(packed_sampler)} rows of up to "
                   f"{config.data.packing_length} tokens ({100 * packed_sampler.fill:.1f}% filled)")
     else:
         train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                  collate_fn=pad_collate, num_workers=args.dataloader_num_workers,
+                                  collate_fn=pad_collate, num_workers=workers,
                                   generator=generator, pin_memory=on_gpu)
     eval_loader = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=pad_collate)
                    if eval_set is not None and len(eval_set) else None)
@@ -283,6 +291,7 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
                     dynamic_ncols=True)
     started = time.time()
     interval = {"loss": torch.zeros((), device=accelerator.device), "steps": 0, "tokens": 0, "start": time.time()}
+    block_masks = packing and attention == "flex_attention"  # built here: see attention.packed_rows_block_mask
     last_train_loss, grad_norm = None, None
 
     def flush_log(step: int) -> None:
@@ -319,6 +328,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
             window_tokens = accelerator.reduce(sum(count_label_tokens(b["labels"]) for b in window), "sum")
             scale = accumulation * accelerator.num_processes  # undoes accelerate's /accumulation and DDP's mean
             for batch in window:
+                if block_masks:
+                    batch["attention_mask"] = packed_rows_block_mask(batch["position_ids"])
                 with accelerator.accumulate(model):
                     loss = model(**batch, use_cache=False, num_items_in_batch=window_tokens, **loss_kwargs).loss
                     accelerator.backward(loss * scale)
@@ -350,6 +361,8 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
     eval_loss = evaluate(state["global_step"])
     accelerator.wait_for_everyone()
     fuse_lora_updates(model, enabled=False)  # the saved and returned model runs PEFT's own code
+    if attention == PACKED_VARLEN:  # and meets padded batches
+        accelerator.unwrap_model(model, keep_torch_compile=False).set_attn_implementation(VARLEN)
     _save_final(accelerator, model, tokenizer, out, stops)
     set_adapter_input_casting(model, enabled=True)  # the returned model also works outside autocast
     result = TrainResult(
@@ -424,18 +437,24 @@ def _make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
 
 
+# The attention that padded batches (evaluation, the returned model) get instead of the one for packed training rows.
+# Inductor's flex kernels found no configuration for some padded shapes (8 rows of 96 tokens, 64-dimension heads,
+# H200); PACKED_VARLEN has no mask for padding at all.
+PADDED_BATCH_ATTENTION = {"flex_attention": "sdpa", PACKED_VARLEN: VARLEN}
+
+
 @contextmanager
 def padded_batch_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Flex attention serves packed training rows; evaluation batches are padded, which sdpa serves. Inductor's flex
-    kernels found no configuration for some padded shapes (8 rows of 96 tokens with 64-dimension heads, H200)."""
-    if getattr(model.config, "_attn_implementation", None) != "flex_attention":
+    """Run `model` on padded batches inside the block, with the attention for packed rows back afterwards."""
+    packed = getattr(model.config, "_attn_implementation", None)
+    if packed not in PADDED_BATCH_ATTENTION:
         yield
         return
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(PADDED_BATCH_ATTENTION[packed])
     try:
         yield
     finally:
-        model.set_attn_implementation("flex_attention")
+        model.set_attn_implementation(packed)
 
 
 def _keep_only_trainable_weights_in_checkpoints(accelerator) -> None:
