@@ -169,14 +169,14 @@ def run(config: Config, resume: bool = False, on_log: Callable[[dict[str, Any]],
               + (f"; LoRA update fused into {fused} layers' products" if fused else "") + engine)
 
     pad_collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else None)
-    workers = args.dataloader_num_workers
-    if workers is None:  # see TrainConfig.dataloader_num_workers
-        workers = 2 if on_gpu and not config.data.streaming else 0
     # The loader gets its own generator: starting an epoch's iterator then leaves the global RNG (dropout) alone,
     # which a resumed run relies on to replay the same random numbers.
     generator = torch.Generator().manual_seed(args.seed)
     packed_sampler = None
     streaming = config.data.streaming
+    workers = args.dataloader_num_workers
+    if workers is None:  # see TrainConfig.dataloader_num_workers
+        workers = 2 if on_gpu and not streaming else 0
     # varlen reads each row's example boundaries; compiled code needs their longest fixed (see PackedCollator).
     boundaries = {"boundaries": attention in (VARLEN, PACKED_VARLEN),
                   "longest": config.data.max_length if args.torch_compile else None}
