@@ -35,16 +35,21 @@ class HostStacks:
         self.starts = [event["ts"] for event in calls]
         self.longest = max((event.get("dur", 0) for event in calls), default=0)
 
-    def at(self, moment: float, thread: int | None = None, depth: int = 4) -> str:
-        """The innermost `depth` calls running at `moment` (on `thread` if given), outermost first."""
+    def at(self, moment: float, thread: int | None = None) -> list[str]:
+        """The calls running at `moment` (on `thread` if given; any thread if none was recorded there), outermost
+        first."""
         first = bisect.bisect_left(self.starts, moment - self.longest)
         last = bisect.bisect_right(self.starts, moment)
         running = [call for call in self.calls[first:last]
                    if call["ts"] + call.get("dur", 0) >= moment and (thread is None or call.get("tid") == thread)]
         if not running and thread is not None:
-            return self.at(moment, None, depth)
+            return self.at(moment, None)
         running.sort(key=lambda call: (call["ts"], -call.get("dur", 0)))  # enclosing calls start first
-        return " > ".join(_short(call["name"]) for call in running[-depth:]) or "(nothing recorded)"
+        return [_short(call["name"]) for call in running]
+
+
+def _innermost(frames: list[str], depth: int) -> str:
+    return " > ".join(frames[-depth:]) or "(nothing recorded)"
 
 
 def _short(name: str) -> str:
@@ -86,9 +91,9 @@ def idle_gaps(path: Path, top: int = 25, min_us: float = 50.0) -> str:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         thread = launch.get("tid") if launch else None
         waiting = stacks.at(opened + 1, thread)
-        by_cause[waiting].append(gap)
-        rows.append((gap, stacks.at(opened + 1, thread, depth=7),
-                     stacks.at(launch["ts"], thread, depth=7) if launch else "?", kernel["name"][:50]))
+        by_cause[_innermost(waiting, 4)].append(gap)
+        launching = _innermost(stacks.at(launch["ts"], thread), 7) if launch else "?"
+        rows.append((gap, _innermost(waiting, 7), launching, kernel["name"][:50]))
     lines.append("\nidle by what the launching thread ran when the gap opened (largest sums):")
     for cause, sizes in sorted(by_cause.items(), key=lambda item: -sum(item[1]))[:top]:
         lines.append(f"{sum(sizes) / 1e3:8.2f} ms {len(sizes):5d}x  {cause}")

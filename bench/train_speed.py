@@ -163,8 +163,6 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
     thousands = [int(option[:-1]) for option in options if option[:-1].isdigit() and option.endswith("k")]
     packing_length = 1024 * thousands[0] if thousands else 8192
     try:
-        if "expseg" in options:  # the CUDA caching allocator's expandable segments (less fragmentation)
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         if recipe == "baseline":
             # The Trainer measured first in a fresh process ran full fine-tuning at 6.6k-7.7k tokens/s, and at
             # 15.0k-15.6k after another run in the same process (logs run15-run18; TF32 ruled out, cause not
@@ -205,7 +203,7 @@ def main() -> None:
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), ceN "
                              "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
-                             "worker processes), expseg (expandable allocator segments), prof (a profile)")
+                             "worker processes), prof (a profile)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
