@@ -34,7 +34,7 @@ def main() -> None:
 
     from weitiao.config import load_config
     from weitiao.models import load_tokenizer, resolve_model
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     workdir = Path(args.workdir)
     tokenizer = load_tokenizer(args.tokenizer or resolve_model("default"))

@@ -1,6 +1,6 @@
 """Every fine-tuning method on one GPU: trainable parameters, peak memory and real tokens per second.
 
-All methods run through `weitiao.train.sft.run` with weitiao's GPU defaults on a random-weight Llama shape and
+All methods run through `weitiao.train.run` with weitiao's GPU defaults on a random-weight Llama shape and
 synthetic examples of exactly --length tokens; then LoRA vs QLoRA on the default model with the demo data
 (held-out response loss after the same training), for the quality gap.
 
@@ -68,7 +68,7 @@ def quality_gap(args) -> dict:
     """LoRA and QLoRA (4-bit NF4) with the same settings on the default model and real data (GSM8K train, 200
     examples held out): the held-out response loss before and after training, the time and the peak memory."""
     from weitiao.config import load_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     data = Path(args.quality_data or shared_data_dir() / "gsm8k" / "train.jsonl")
     recipe = Path(tempfile.mkdtemp()) / "quality.yaml"

@@ -115,7 +115,7 @@ def evaluate(model, tokenizer, heldout: Path, config, name: str) -> dict:
 
 def train_and_evaluate(name: str, subset: Path, heldout: Path, work: Path, args: argparse.Namespace) -> dict:
     from weitiao.models import load_tokenizer
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     config = bench_config(subset, work / "runs" / name, args)
     started = time.time()

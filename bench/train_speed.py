@@ -2,7 +2,7 @@
 a fresh process of its own (a run leaves process-wide state behind), the baseline timed in a second run.
 
 Baseline ("the tutorial recipe"): transformers Trainer + PEFT LoRA r=16 on all linear layers (or full
-fine-tuning), bf16, sdpa attention, batches of 8 padded to the longest. weitiao: `weitiao.train.sft.run` with its
+fine-tuning), bf16, sdpa attention, batches of 8 padded to the longest. weitiao: `weitiao.train.run` with its
 GPU defaults (packed rows on variable-length FlashAttention, Liger kernels, LoRA dropout 0, the LoRA update in the
 base product's epilogue). Real (non-pad) tokens
 per second after a warm-up, peak GPU memory, MFU = tokens/s x FLOP per token / 989.4 TFLOP/s (FLOP per token: 4N with a
@@ -90,7 +90,7 @@ def run_baseline(model_dir: str, data: Path, method: str, steps: int, warmup: in
 def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int, checkpointing: bool,
                 max_length: int, packing_length: int, extra: dict | None = None, observer=None) -> dict:
     from weitiao.config import load_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     settings = {
         "model": {"name_or_path": model_dir},

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from weitiao.config import BenchmarkConfig, CleanConfig, Config, DataSource, SelectConfig, _section_type
+from weitiao.methods import method_table
 
 TARGET = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -53,7 +54,9 @@ def render() -> str:
                       f"Each key is an option of `weitiao data {command}`, written with dashes (`max_length` is "
                       "`--max-length 512`); a switch is `--key` / `--no-key`. See docs/data-selection.md."]
         commands += lines
-    return "\n".join(intro + _section(Config, "") + source + benchmark + commands) + "\n"
+    methods = ["## Methods", "", "`method` takes one of these (the registry in `src/weitiao/methods.py`); each reads "
+               "its settings from the section named:", "", method_table(), ""]
+    return "\n".join(intro + _section(Config, "") + source + benchmark + methods + commands) + "\n"
 
 
 if __name__ == "__main__":

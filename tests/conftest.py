@@ -100,7 +100,7 @@ def _isolated_data_cache(tmp_path, monkeypatch):
 
 def run_interrupted(config, step: int) -> None:
     """Train with `config` and stop it (as Ctrl-C would) right after the log of optimizer step `step`."""
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     def interrupt(record):
         if record.get("step") == step and "loss" in record:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from weitiao.config import load_config
-from weitiao.train.sft import run
+from weitiao.train import run
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

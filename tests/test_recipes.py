@@ -10,7 +10,7 @@ from tests.conftest import write_jsonl
 from weitiao.cli import main
 from weitiao.config import load_config
 from weitiao.eval.compare import compare_run
-from weitiao.train.sft import run
+from weitiao.train import run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # pt_vocab_zh is a pipeline (run.sh: data, vocabulary, then pt.yaml on their outputs), tested by tests/test_vocab.py
@@ -109,6 +109,6 @@ def test_recipe_configs_read_the_public_layouts(tmp_path):
         source = config.data.train[0].model_copy(update={"path": str(write_jsonl(tmp_path / f"{len(name)}.jsonl",
                                                                                   [record]))})
         examples, _ = load_source(source)
-        user, reply = examples[0]["messages"][-2:]
+        user, reply = examples[0].messages[-2:]
         assert reply["content"] in record.values() and user["content"], name
 

@@ -40,7 +40,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.config import load_config
     from weitiao.eval.compare import compare_run
     from weitiao.eval.report import format_table
-    from weitiao.train.sft import run
+    from weitiao.runs import RunFolder
+    from weitiao.train import run
 
     config = load_config(args.config, overrides)  # validate here, before any process starts
     if args.gpus:
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         print("\nComparing the base model and the fine-tuned model on the eval split...")
         report = compare_run(result.output_dir, config)
         print("\n" + format_table(report))
-        print(f"\nReport: {Path(result.output_dir) / 'report.md'}")
+        print(f"\nReport: {Path(result.output_dir) / RunFolder.REPORT_MARKDOWN}")
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -68,14 +69,15 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.config import load_config
+    from weitiao.runs import RunFolder
     from weitiao.eval.compare import compare_run
     from weitiao.eval.report import format_samples, format_table
 
-    run_dir = Path(args.run)
-    config = load_config(args.config or run_dir / "config.yaml", overrides)
-    report = compare_run(run_dir, config)
+    run = RunFolder(args.run)
+    config = load_config(args.config, overrides) if args.config else run.config(overrides)
+    report = compare_run(run.path, config)
     print(format_table(report) + "\n\n" + format_samples(report))
-    print(f"\nReport: {run_dir / 'report.md'}")
+    print(f"\nReport: {run.path / RunFolder.REPORT_MARKDOWN}")
 
 
 def _source_from_args(args: argparse.Namespace):
@@ -179,11 +181,12 @@ def _engine(args: argparse.Namespace, adapters: dict[str, str]):
 
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.serve.chat import chat_loop
-    from weitiao.serve.engine import SamplingParams, check_adapter_folder
+    from weitiao.runs import RunFolder
+    from weitiao.serve.engine import SamplingParams
 
     adapters = {}
     if args.adapter:
-        adapters[check_adapter_folder(args.adapter).resolve().name] = args.adapter
+        adapters[RunFolder.adapter(args.adapter).path.resolve().name] = args.adapter
     engine = _engine(args, adapters)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())

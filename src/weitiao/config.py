@@ -7,6 +7,7 @@ Training hyper-parameters keep the names users know from transformers' TrainingA
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weitiao.errors import ConfigError
+from weitiao.methods import METHODS
+
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
@@ -83,6 +86,25 @@ class CustomTemplate(_Section):
         if "{content}" not in value:
             raise ValueError("must contain the placeholder {content}")
         return value
+
+
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+
+# Named templates (data.template) for base models that ship without a chat template: presets of custom_template.
+NAMED_TEMPLATES: dict[str, CustomTemplate] = {
+    "alpaca": CustomTemplate(default_system=ALPACA_SYSTEM, user="### Instruction:\n{content}\n\n### Response:\n",
+                             assistant="{content}{eos}\n\n"),
+    "qa": CustomTemplate(user="### Question:\n{content}\n\n### Answer:\n", assistant="{content}{eos}\n\n"),
+    "dolly": CustomTemplate(default_system=ALPACA_SYSTEM, user="### Instruction:\n{content}\n\n### Response:\n",
+                            assistant="{content}\n\n### End{eos}\n\n"),
+    "chatml": CustomTemplate(system="<|im_start|>system\n{content}<|im_end|>\n",
+                             user="<|im_start|>user\n{content}<|im_end|>\n",
+                             assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
+                             generation_prompt="<|im_start|>assistant\n"),
+}
+# Text that ends an assistant turn besides the tokenizer's EOS; generation stops on it.
+TEMPLATE_STOPS = {"dolly": ["### End"], "chatml": ["<|im_end|>"]}
 
 
 class DataConfig(_Section):
@@ -276,6 +298,13 @@ class TrainConfig(_Section):
     processes run plain DDP. Under zero3 Liger's fused linear + cross-entropy is off (the logits are materialised)."""
     deepspeed: str | None = None
     """Path to a DeepSpeed JSON config of your own; used instead of the one weitiao writes for zero2/zero3."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab", "trackio"]] = Field(default_factory=list)
+    """Experiment trackers that get the loss curve, learning rate, throughput and eval metrics (accelerate's own
+    trackers; pip install 'weitiao[track]' for the first three). tensorboard writes event files to OUTPUT_DIR/runs;
+    wandb follows WANDB_MODE (offline works without network; files in OUTPUT_DIR/wandb) and WANDB_PROJECT (default
+    weitiao); mlflow follows MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME (a local folder: file:///PATH with
+    MLFLOW_ALLOW_FILE_STORE=true). The config is logged as the run's hyper-parameters."""
     dataloader_num_workers: int | None = Field(None, ge=0)
     """Worker processes that read and collate the next batches while the GPU trains. None: 2 with a CUDA GPU (the
     training thread then only launches GPU work: +23% tokens/s for eager 1B LoRA, 1.03x compiled, H200) unless the
@@ -287,6 +316,13 @@ class TrainConfig(_Section):
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both set; choose one")
         return self
+
+
+# Benchmarks that read local files (eval.benchmarks[].path); weitiao.eval.benchmarks knows their layouts.
+CSV_BENCHMARK_TASKS = ("mmlu", "ceval", "cmmlu")
+TRUTHFULQA_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2")
+LOCAL_BENCHMARK_TASKS = (*CSV_BENCHMARK_TASKS, *TRUTHFULQA_TASKS)
+_BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class BenchmarkConfig(_Section):
@@ -313,10 +349,22 @@ class BenchmarkConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> BenchmarkConfig:
-        # The local layouts live with the code that reads them; imported here so a typo fails at load time.
-        from weitiao.eval.benchmarks import check_benchmark_config
-
-        check_benchmark_config(self)
+        """What can be checked without reading files."""
+        if not _BENCHMARK_NAME.match(self.metric_prefix):
+            raise ValueError(f"benchmark name '{self.metric_prefix}' may hold only letters, digits, '_', '.', '-'")
+        if self.path is None:
+            if self.split is not None:
+                raise ValueError(f"{self.task}: `split` applies to local folders (set `path`)")
+            return self
+        if self.task not in LOCAL_BENCHMARK_TASKS:
+            raise ValueError(f"task '{self.task}' cannot read local files; with `path`, task is one of "
+                             f"{', '.join(LOCAL_BENCHMARK_TASKS)} (without `path`, any lm-eval task name)")
+        if self.task in TRUTHFULQA_TASKS:
+            if self.num_fewshot:
+                raise ValueError(f"{self.task}: num_fewshot must be 0; its prompt already holds six solved "
+                                 "questions and mc_task.json has no few-shot split")
+            if self.split is not None:
+                raise ValueError(f"{self.task}: `split` applies to folders; mc_task.json has one split")
         return self
 
     @property
@@ -473,8 +521,6 @@ class SelectConfig(_Section):
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from weitiao.data.templates import NAMED_TEMPLATES  # templates.py imports this module
-
         if value != "auto" and value not in NAMED_TEMPLATES:
             raise ValueError(f"unknown template '{value}'; choose auto or {', '.join(NAMED_TEMPLATES)}")
         return value
@@ -493,10 +539,10 @@ class Config(_Section):
     """sft: supervised fine-tuning on conversations; pt: continued pre-training on plain text."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["lora", "qlora", "full", "freeze", "prefix", "ptuning", "prompt", "ia3"] = "lora"
-    """lora: a LoRA adapter (settings in `lora`; DoRA and rsLoRA are switches there); qlora: LoRA on a 4-/8-bit
-    base (`quantization`, CUDA only); full: every weight; freeze: the last layers (`freeze`); prefix (P-Tuning v2),
-    ptuning, prompt: learned virtual tokens (`prompt_learning`); ia3: learned activation scales (`ia3`)."""
+    method: str = "lora"
+    """One of weitiao.methods.METHODS: lora (a LoRA adapter; DoRA and rsLoRA are switches in `lora`), qlora (LoRA
+    on a 4-/8-bit base, `quantization`, CUDA only), full (every weight), freeze (the last layers, `freeze`), prefix
+    (P-Tuning v2), ptuning, prompt (learned virtual tokens, `prompt_learning`), ia3 (activation scales, `ia3`)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -505,15 +551,28 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(METHODS)}")
+        return value
+
+    @property
+    def method_spec(self):
+        """The registry entry of `method` (weitiao.methods.Method)."""
+        return METHODS[self.method]
+
     @model_validator(mode="after")
     def _check(self) -> Config:
+        method = self.method_spec
         if self.stage == "pt" and self.data.train_on == "responses":
             self.data.train_on = "all"
-        if self.data.packing and self.method in ("prefix", "ptuning", "prompt"):
+        if self.data.packing and not method.packable:
             raise ValueError(f"data.packing cannot be used with method {self.method}: its virtual tokens would be "
                              "shared by every example of a packed row; set data.packing: false")
-        if self.method == "qlora" and self.train.distributed in ("zero3", "zero3_offload", "fsdp"):
-            raise ValueError(f"method qlora cannot shard its 4-/8-bit base with {self.train.distributed}; "
+        if method.quantized_base and self.train.distributed in ("zero3", "zero3_offload", "fsdp"):
+            raise ValueError(f"method {self.method} cannot shard its 4-/8-bit base with {self.train.distributed}; "
                              "use distributed: ddp or zero2 (each GPU holds the small quantized base)")
         if self.train.deepspeed and self.train.distributed not in ("zero2", "zero3", "zero3_offload"):
             raise ValueError("train.deepspeed is a DeepSpeed config: set distributed to zero2, zero3 or "
@@ -525,10 +584,11 @@ class Config(_Section):
                 raise ValueError("data.streaming needs train.max_steps: the length of a stream is not known in advance")
             if self.data.val_size and not self.data.eval:
                 raise ValueError("data.val_size cannot hold records out of a stream; give held-out files in data.eval")
-        if self.model.adapter is not None and self.method not in ("lora", "qlora"):
-            raise ValueError(f"model.adapter continues a LoRA adapter, so method must be lora or qlora, not "
+        if self.model.adapter is not None and not method.continues_adapter:
+            methods = [name for name, entry in METHODS.items() if entry.continues_adapter]
+            raise ValueError(f"model.adapter continues a LoRA adapter, so method must be {' or '.join(methods)}, not "
                              f"'{self.method}'")
-        if self.quantization.bits is not None and self.method != "qlora":
+        if self.quantization.bits is not None and not method.quantized_base:
             raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "
                              "possible)")

@@ -142,6 +142,17 @@ def load_tokenizer(source: str, config: ModelConfig | None = None):
     return tokenizer
 
 
+def load_model_config(config: ModelConfig):
+    """The model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    source = resolve_model(config.name_or_path, config.revision)
+    try:
+        return AutoConfig.from_pretrained(source, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load the config of model '{config.name_or_path}': {error}") from None
+
+
 def load_model(config: ModelConfig, dtype: torch.dtype | None = None, quantization=None, device_map=None):
     """(model, tokenizer, resolved path). Without a device_map the model is on the CPU; callers move it."""
     from transformers import AutoModelForCausalLM

@@ -69,10 +69,10 @@ def text_documents(paths: Iterable[str], sample_by: str = "paragraph") -> Iterat
     """The text of every record of the corpus files: plain text, or the turns of a conversation one per line."""
     for path in paths:
         for example in iter_source(DataSource(path=path, sample_by=sample_by), "skip", SourceStats(path=path)):
-            if example["text"] is not None:
-                yield example["text"]
+            if example.text is not None:
+                yield example.text
             else:
-                yield "\n".join(message["content"] for message in example["messages"])
+                yield "\n".join(message["content"] for message in example.messages)
 
 
 def split_held_out(documents: Iterable[str], fraction: float) -> tuple[list[str], list[str]]:

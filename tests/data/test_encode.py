@@ -2,7 +2,8 @@ import pytest
 
 from weitiao.config import CustomTemplate, DataConfig
 from weitiao.data.encode import IGNORE_INDEX, Encoded, encode_conversation, encode_text, truncate
-from weitiao.data.templates import NAMED_TEMPLATES, install_template
+from weitiao.config import NAMED_TEMPLATES
+from weitiao.data.templates import install_template
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

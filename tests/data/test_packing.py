@@ -71,7 +71,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_model_d
 
 def test_packed_training_run(tmp_path, tiny_model_dir):
     from tests.train.test_sft import make_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     packed = run(make_config(tmp_path / "p", tiny_model_dir, data__packing=True, data__packing_length=256,
                              train__max_steps=3))

@@ -13,7 +13,7 @@ from weitiao.errors import DataError
 from weitiao.eval.choices import (candidate_tokens, choice_loglikelihoods, choice_metrics, choose,
                                   confusion_matrix)
 from weitiao.eval.compare import compare_run
-from weitiao.train.sft import run
+from weitiao.train import run
 
 PROMPTS = [[{"role": "user", "content": "Review: a warm, funny film with a great cast. Sentiment?"}],
            [{"role": "system", "content": "Answer with one word."},

@@ -10,7 +10,7 @@ from tests.train.test_sft import make_config
 from weitiao.errors import DataError
 from weitiao.eval.compare import compare_run, evaluate_model
 from weitiao.eval.report import format_table, metric_rows
-from weitiao.train.sft import run
+from weitiao.train import run
 
 
 @pytest.fixture(scope="module")

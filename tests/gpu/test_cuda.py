@@ -70,7 +70,7 @@ def test_varlen_flash_attention_packing_equals_padded_batches(tiny_model_dir):
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
 def test_liger_and_packing_train_to_the_same_loss(tmp_path, tiny_model_dir):
     from tests.train.test_sft import make_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5)
     plain = run(make_config(tmp_path / "a", tiny_model_dir, data__packing=False, train__liger=False, **settings))
@@ -89,7 +89,7 @@ def test_compiled_layers_with_the_liger_loss_train_to_the_same_loss(tmp_path, to
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
     from weitiao.train import kernels
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     # Heads of 64 dimensions, as in real models: for the tiny model's heads of 16, inductor's flex-attention lowering
     # found no kernel configuration ("NoValidChoicesError").
@@ -114,7 +114,7 @@ def test_qlora_trains_and_plain_peft_reloads_it(bits, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from tests.train.test_sft import make_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     # Liger off: the reload below runs plain transformers kernels, so the comparison is like for like.
     result = run(make_config(tmp_path, tiny_model_dir, method="qlora", quantization__bits=bits, train__max_steps=8,
@@ -142,7 +142,7 @@ def test_varlen_and_flex_attention_train_to_the_same_loss_eager_and_compiled(tmp
     each, compiled or not, trains the same model to the same loss."""
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
@@ -166,7 +166,7 @@ def test_fused_lora_update_trains_as_peft(tmp_path, tokenizer):
     loss; compiled layers keep PEFT's forward (inductor fuses it) and reach the same loss."""
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,

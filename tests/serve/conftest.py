@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from tests.conftest import make_tiny_model
-from weitiao.data.templates import NAMED_TEMPLATES, build_chat_template
+from weitiao.config import NAMED_TEMPLATES
+from weitiao.data.templates import build_chat_template
 from weitiao.models import load_tokenizer
 
 

@@ -84,7 +84,7 @@ def test_packed_training_follows_sdpa_losses_without_searching_for_examples(tmp_
     import transformers.masking_utils as masking
 
     from tests.train.test_sft import make_config
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     searches = []
     search = masking.find_packed_sequence_indices
@@ -153,21 +153,17 @@ def test_packed_varlen_refuses_a_batch_without_boundaries(tiny_model_dir):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
-def test_packed_rows_take_varlen_only_for_plain_causal_attention_uncompiled_in_16_bit(monkeypatch):
+def test_packed_rows_take_varlen_only_for_plain_causal_attention_uncompiled_where_it_runs():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     from weitiao.train import attention
 
-    monkeypatch.setattr(attention, "has_varlen_flash_attention", lambda device=None: True)  # as on an A100/H100
-    gpu = torch.device("cuda")
-    for plain in (LlamaConfig(), Qwen2Config()):
-        assert attention.packed_row_attention(plain, gpu, half_precision=True, compiled=False) == VARLEN
-        assert attention.packed_row_attention(plain, gpu, half_precision=True, compiled=True) == "flex_attention"
-        assert attention.packed_row_attention(plain, gpu, half_precision=False, compiled=False) == "flex_attention"
+    for plain in (LlamaConfig(), Qwen2Config()):  # varlen_runs: a GPU of compute capability 8.0+, bf16/fp16
+        assert attention.packed_row_attention(plain, varlen_runs=True, compiled=False) == VARLEN
+        assert attention.packed_row_attention(plain, varlen_runs=True, compiled=True) == "flex_attention"
+        assert attention.packed_row_attention(plain, varlen_runs=False, compiled=False) == "flex_attention"
     for windowed in (MistralConfig(sliding_window=4096), Gemma2Config()):  # transformers does these for flex
-        assert attention.packed_row_attention(windowed, gpu, half_precision=True, compiled=False) == "flex_attention"
-    monkeypatch.undo()
-    assert attention.packed_row_attention(LlamaConfig(), torch.device("cpu"), True, False) == "flex_attention"
+        assert attention.packed_row_attention(windowed, varlen_runs=True, compiled=False) == "flex_attention"
 
 
 def test_varlen_refuses_attention_it_does_not_implement():

@@ -98,16 +98,16 @@ def test_weights_built_partitioned_by_zero3_keep_their_groups_and_counts():
     matrices, no optimizer group may be empty (the engine drops it and the LR schedule then fails), and the
     parameter counts are the real ones."""
     from weitiao.train.methods import parameter_counts
-    from weitiao.train.sft import _make_optimizer
+    from weitiao.train.core import make_optimizer
 
     model = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 4, bias=False), "norm": torch.nn.LayerNorm(4, bias=False)})
     for parameter in model.parameters():  # what deepspeed.zero.Init leaves on each rank
         parameter.ds_shape, parameter.ds_numel = parameter.shape, parameter.numel()
         parameter.data = torch.empty(0)
     config = load_config(None, ["--weight_decay", "0.1"])
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     decayed = [group for group in optimizer.param_groups if group["weight_decay"] == 0.1]
     assert len(decayed) == 1 and decayed[0]["params"] == [model["proj"].weight]
     assert parameter_counts(model) == (36, 36)
     model["norm"].weight.requires_grad_(False)  # a group with nothing to train is left out, not kept empty
-    assert [len(group["params"]) for group in _make_optimizer(model, config).param_groups] == [1]
+    assert [len(group["params"]) for group in make_optimizer(model, config).param_groups] == [1]

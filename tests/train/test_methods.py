@@ -1,6 +1,5 @@
 """Every method trains a tiny model, lowers its loss, and saves what plain PEFT / transformers reload exactly."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,9 +8,11 @@ import torch
 from tests.train.test_sft import logits, make_config
 from weitiao.config import load_config
 from weitiao.errors import ConfigError
-from weitiao.train.methods import ADAPTER_METHODS, check_device, fuse_lora_updates
-from weitiao.train.sft import run
+from weitiao.methods import METHODS
+from weitiao.train import run
+from weitiao.train.settings import Machine, resolve_settings
 
+CPU = Machine(cuda=False, device_name="cpu", bf16=False, varlen_flash=False, liger_installed=False, processes=1)
 SETTINGS = {
     "full": {"train__learning_rate": 3e-3},
     "freeze": {"freeze__trainable_layers": 1, "freeze__extra_modules": ["lm_head"]},
@@ -35,7 +36,7 @@ def test_method_trains_saves_and_reloads(name, tmp_path, tiny_model_dir, tokeniz
     assert result.eval_loss < result.eval_loss_before, (result.eval_loss_before, result.eval_loss)
     assert 0 < result.trainable_params <= result.total_params
     out = Path(result.output_dir)
-    if method in ADAPTER_METHODS:
+    if METHODS[method].saves_adapter:
         assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
     else:
@@ -68,9 +69,11 @@ def test_quantized_full_fine_tuning_is_rejected_at_load():
     (["--optim", "paged_adamw_8bit"], "optim paged_adamw_8bit needs a CUDA GPU"),
     (["--fp16", "true"], "fp16 training needs a GPU"),
 ])
-def test_gpu_only_choices_are_rejected_on_a_cpu(overrides, message):
+def test_gpu_only_choices_are_rejected_on_a_cpu(overrides, message, tiny_model_dir):
+    from transformers import AutoConfig
+
     with pytest.raises(ConfigError, match=message):
-        check_device(load_config(None, overrides), torch.device("cpu"))
+        resolve_settings(load_config(None, overrides), CPU, AutoConfig.from_pretrained(tiny_model_dir))
 
 
 @pytest.mark.parametrize("optim", ["adafactor", "sgd"])
@@ -90,69 +93,3 @@ def test_gradient_checkpointing_gives_the_same_gradients(every, tmp_path, tiny_m
     for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def _lora_model(tiny_model_dir, dropout: float = 0.0, **options):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
-                                      init_lora_weights=False, **options))  # B random: the update is not zero
-    return model
-
-
-def _loss_and_gradients(model, seed: int = 0):
-    torch.manual_seed(seed)
-    ids = torch.randint(0, 500, (2, 12))
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_lora_update_gives_peft_loss_and_gradients(dropout, tiny_model_dir):
-    model = _lora_model(tiny_model_dir, dropout).train()
-    loss, grads = _loss_and_gradients(model)
-    assert fuse_lora_updates(model, enabled=True) == 14  # 7 linear layers x 2 decoder layers
-    fused_loss, fused_grads = _loss_and_gradients(model)
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
-    assert grads.keys() == fused_grads.keys() and any("lora_B" in name for name in grads)
-    for name in grads:
-        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    assert fuse_lora_updates(model, enabled=False) == 14
-    assert not any("forward" in vars(module) for module in model.modules())
-
-
-def test_fused_lora_update_follows_adapter_switches_and_leaves_dora_alone(tiny_model_dir):
-    model = _lora_model(tiny_model_dir).eval()
-    ids = torch.arange(10).unsqueeze(0)
-    with torch.no_grad():
-        tuned = model(input_ids=ids).logits
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        fuse_lora_updates(model, enabled=True)
-        torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-6)
-        with model.disable_adapter():  # PEFT's own forward takes over: the base model's output
-            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(tuned, base, atol=1e-3)
-    dora = _lora_model(tiny_model_dir, use_dora=True)
-    assert fuse_lora_updates(dora, enabled=True) == 14  # installed, but DoRA layers fall through to PEFT
-    loss, _ = _loss_and_gradients(dora)
-    fuse_lora_updates(dora, enabled=False)
-    reference, _ = _loss_and_gradients(dora)
-    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
-
-
-def test_fused_lora_training_follows_peft_step_by_step(tmp_path, tiny_model_dir):
-    runs = [run(make_config(tmp_path / str(fused), tiny_model_dir, train__max_steps=4, train__fused_lora=fused))
-            for fused in (False, True)]
-    losses = [[json.loads(line)["loss"] for line in (Path(r.output_dir) / "metrics.jsonl").read_text().splitlines()
-               if "loss" in json.loads(line)] for r in runs]
-    assert len(losses[0]) == 4
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
-    assert runs[1].eval_loss < runs[1].eval_loss_before
-    assert not any("forward" in vars(module) for module in runs[1].model.modules())  # PEFT's code after training

@@ -9,7 +9,7 @@ import torch
 from tests.conftest import ZH_CORPUS, run_interrupted, write_jsonl
 from weitiao.config import load_config
 from weitiao.errors import WeitiaoError
-from weitiao.train.sft import run
+from weitiao.train import run
 
 
 def pt_config(tmp_path, model_dir, **sections):

@@ -7,7 +7,7 @@ import torch
 from tests.conftest import run_interrupted, write_jsonl
 from weitiao.config import load_config
 from weitiao.errors import ConfigError, ModelLoadError
-from weitiao.train.sft import run
+from weitiao.train import run
 
 DEMO = Path(__file__).resolve().parents[2] / "src" / "weitiao" / "demo"
 
@@ -126,7 +126,7 @@ def test_evaluation_of_a_flex_attention_model_runs_on_sdpa_and_training_gets_fle
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from weitiao.train.sft import padded_batch_attention
+    from weitiao.train.core import padded_batch_attention
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention"),
                            LoraConfig(r=4, target_modules="all-linear"))

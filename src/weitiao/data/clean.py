@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from weitiao.config import CleanConfig, DataSource
+from weitiao.data.dataset import Example, load_source
 from weitiao.data.readers import SUPPORTED_SUFFIXES, Record, expand_paths, read_records, write_records
 from weitiao.errors import ConfigError, DataError
 
@@ -53,7 +54,9 @@ class Removed:
 @dataclass
 class CleanResult:
     records: int
-    kept: list[dict[str, Any]]
+    kept: list[Example]
+    originals: list[dict[str, Any]]
+    """The kept records exactly as their files hold them, in the order of `kept`."""
     removed: list[Removed]
     counts: Counter = field(default_factory=Counter)
 
@@ -73,18 +76,18 @@ def check_output(output: Path, source: str) -> Path:
     return output
 
 
-def original_records(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def original_records(examples: list[Example]) -> list[dict[str, Any]]:
     """The records behind these examples exactly as their files hold them (every column, the file's own field
     names), in the examples' order: what `clean` and `select` write, so nothing of the input is lost."""
     wanted: dict[str, set[int]] = defaultdict(set)
     for example in examples:
-        wanted[example["_source"]].add(example["_record"])
+        wanted[example.source].add(example.record)
     found = {}
     for path, numbers in wanted.items():
         for record in read_records(Path(path)):
             if record.number in numbers:
                 found[(path, record.number)] = record.data
-    return [found[(example["_source"], example["_record"])] for example in examples]
+    return [found[(example.source, example.record)] for example in examples]
 
 
 def visible(text: str) -> str:
@@ -194,39 +197,38 @@ class NearDuplicateIndex:
 
 def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
     """Apply the rules to every record of `source`; keep or remove each, counting removals per rule."""
-    from weitiao.data.dataset import load_source
-
     rejected: list[tuple[Record, DataError]] = []
     examples, stats = load_source(source, on_error="skip", rejected=rejected)
-    if examples and examples[0]["messages"] is None:
+    if examples and examples[0].messages is None:
         raise DataError("clean works on conversations, and this source is plain text", path=source.path)
     # The reader's own "empty response" check is this command's empty_response rule; its other checks are invalid.
     removed = [Removed("empty_response" if error.reason == "empty response" else "invalid", str(error),
                        record.path, record.number, record.data) for record, error in rejected]
     originals = original_records(examples)
-    kept = []
-    seen_exact: dict[str, dict[str, Any]] = {}
+    kept, kept_originals = [], []
+    seen_exact: dict[str, Example] = {}
     near = (NearDuplicateIndex(config.near_dup_threshold, config.num_perm, config.shingle_size)
             if config.near_dedup else None)
     for example, original in zip(examples, originals, strict=True):
-        verdict = _rule_violation(example["messages"], config)
-        text = dedup_text(example["messages"], config.dedup_on)
+        verdict = _rule_violation(example.messages, config)
+        text = dedup_text(example.messages, config.dedup_on)
         if verdict is None and config.exact_dedup and text in seen_exact:
             first = seen_exact[text]
-            verdict = "exact_duplicate", f"same as record {first['_record']} of {first['_source']}"
+            verdict = "exact_duplicate", f"same as record {first.record} of {first.source}"
         signature = near.signature(text) if near is not None and verdict is None else None
         if signature is not None and (match := near.find(signature)):
             first, similarity = kept[match[0]], match[1]
-            verdict = "near_duplicate", (f"similarity {similarity:.2f} with record {first['_record']} of "
-                                         f"{first['_source']}")
+            verdict = "near_duplicate", (f"similarity {similarity:.2f} with record {first.record} of "
+                                         f"{first.source}")
         if verdict is not None:
-            removed.append(Removed(verdict[0], verdict[1], example["_source"], example["_record"], original))
+            removed.append(Removed(verdict[0], verdict[1], example.source, example.record, original))
             continue
         seen_exact.setdefault(text, example)
         if signature is not None:
             near.add(len(kept), signature)
-        kept.append({**example, "_original": original})
-    return CleanResult(stats.records, kept, removed, Counter(r.rule for r in removed))
+        kept.append(example)
+        kept_originals.append(original)
+    return CleanResult(stats.records, kept, kept_originals, removed, Counter(r.rule for r in removed))
 
 
 def write_clean(result: CleanResult, output: Path, source: str) -> dict[str, Any]:
@@ -234,7 +236,7 @@ def write_clean(result: CleanResult, output: Path, source: str) -> dict[str, Any
     if not result.kept:
         counts = ", ".join(f"{count} {rule}" for rule, count in result.counts.most_common())
         raise DataError(f"every record was removed ({counts}); nothing to write", path=source)
-    write_records([example["_original"] for example in result.kept], output)
+    write_records(result.originals, output)
     removed_path = side_file(output, "removed.jsonl")
     with removed_path.open("w", encoding="utf-8") as handle:
         for item in sorted(result.removed, key=lambda item: (item.source, item.record)):

@@ -47,11 +47,33 @@ class SourceStats:
                 "examples_used": self.used}
 
 
+@dataclass(frozen=True)
+class Example:
+    """One normalised record as it leaves the readers: a conversation (`messages`) or a document (`text`), and
+    where it came from, for error messages and for writing the original record back (clean, select)."""
+    messages: list[dict[str, str]] | None
+    text: str | None
+    source: str
+    """The file it was read from."""
+    record: int
+    """Its 1-based record number in that file."""
+
+    def content(self) -> dict[str, Any]:
+        """What the encoders read: {'messages': ...} or {'text': ...}."""
+        return {"messages": self.messages} if self.messages is not None else {"text": self.text}
+
+    def row(self) -> dict[str, Any]:
+        """A row of a datasets.Dataset (ROW_COLUMNS)."""
+        return {"messages": self.messages, "text": self.text, "source": self.source, "record": self.record}
+
+
+ROW_COLUMNS = ["messages", "text", "source", "record"]
+
+
 def iter_source(source: DataSource, on_error: str, stats: SourceStats,
-                rejected: list[tuple[Record, DataError]] | None = None) -> Iterator[dict[str, Any]]:
-    """Read and normalise one source lazily, counting into `stats`. Each example carries `_source`/`_record`
-    for later error messages. With on_error "skip", `rejected` (when given) receives each skipped record with its
-    error."""
+                rejected: list[tuple[Record, DataError]] | None = None) -> Iterator[Example]:
+    """Read and normalise one source lazily, counting into `stats`. With on_error "skip", `rejected` (when given)
+    receives each skipped record with its error."""
     for path in expand_paths(source.path):
         stats.files += 1
         normalizer = None
@@ -78,20 +100,19 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
                 if len(stats.skipped_examples) < 5:
                     stats.skipped_examples.append(str(error))
                 continue
-            yield {"messages": example.get("messages"), "text": example.get("text"), "_source": str(path),
-                   "_record": record.number}
+            yield Example(example.get("messages"), example.get("text"), str(path), record.number)
         if normalizer is not None:
             stats.notes.update(normalizer.notes)
 
 
 def load_source(source: DataSource, on_error: str = "raise", rejected: list[tuple[Record, DataError]] | None = None
-                ) -> tuple[list[dict[str, Any]], SourceStats]:
+                ) -> tuple[list[Example], SourceStats]:
     """Read and normalise one source (see iter_source)."""
     stats = SourceStats(path=source.path, weight=source.weight)
     return list(iter_source(source, on_error, stats, rejected)), stats
 
 
-def apply_weight(examples: list[dict[str, Any]], weight: float, rng: random.Random) -> list[dict[str, Any]]:
+def apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
     """weight 2.5 -> every example twice plus a random half of them once more."""
     whole, fraction = int(weight), weight - int(weight)
     extra = rng.sample(examples, round(len(examples) * fraction)) if fraction else []
@@ -106,7 +127,7 @@ def _length_summary(lengths: list[int]) -> dict[str, Any]:
             **{f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 95, 99)}, "max": int(values.max())}
 
 
-def encode_examples(examples: list[dict[str, Any]], tokenizer, data: DataConfig, stage: str,
+def encode_examples(examples: list[Example], tokenizer, data: DataConfig, stage: str,
                     keep_source: bool = False):
     """Tokenize with datasets.map; return the kept rows and a summary of lengths, truncations and drops.
     With keep_source the rows keep their messages/text (references for generation metrics)."""
@@ -119,14 +140,14 @@ def encode_examples(examples: list[dict[str, Any]], tokenizer, data: DataConfig,
         try:
             encoded = encode_example(tokenizer, example, "all" if stage == "pt" else data.train_on)
         except TemplateMismatch as error:
-            raise DataError(str(error), path=row["_source"], record=row["_record"]) from None
+            raise DataError(str(error), path=row["source"], record=row["record"]) from None
         kept, event = truncate(encoded, data.max_length, data.truncation)
         return {"input_ids": kept.input_ids if kept else [], "labels": kept.labels if kept else [],
                 "full_length": len(encoded.input_ids), "event": event or ""}
 
-    dataset = datasets.Dataset.from_list(examples)
+    dataset = datasets.Dataset.from_list([example.row() for example in examples])
     dataset = dataset.map(encode, num_proc=data.num_proc if len(examples) > 1000 else None,
-                          remove_columns=[] if keep_source else ["messages", "text", "_source", "_record"],
+                          remove_columns=[] if keep_source else ROW_COLUMNS,
                           desc="tokenizing")
     events = Counter(e for e in dataset["event"] if e)
     full_lengths = dataset["full_length"]
@@ -141,7 +162,7 @@ def encode_examples(examples: list[dict[str, Any]], tokenizer, data: DataConfig,
     return dataset.remove_columns(["full_length", "event"]), summary
 
 
-def encode_documents(examples: list[dict[str, Any]], tokenizer, data: DataConfig):
+def encode_documents(examples: list[Example], tokenizer, data: DataConfig):
     """Stage pt: tokenize documents (datasets.map) and cut their concatenation into blocks of data.max_length
     (weitiao.data.blocks); return the blocks and a summary."""
     import datasets
@@ -150,9 +171,9 @@ def encode_documents(examples: list[dict[str, Any]], tokenizer, data: DataConfig
         document = encode_document(tokenizer, {"text": row["text"], "messages": row["messages"]})
         return {"input_ids": document.input_ids, "characters": document.characters}
 
-    documents = datasets.Dataset.from_list(examples).map(
-        encode, num_proc=data.num_proc if len(examples) > 1000 else None,
-        remove_columns=["messages", "text", "_source", "_record"], desc="tokenizing")
+    documents = datasets.Dataset.from_list([example.row() for example in examples]).map(
+        encode, num_proc=data.num_proc if len(examples) > 1000 else None, remove_columns=ROW_COLUMNS,
+        desc="tokenizing")
     blocks = list(pack_blocks(documents["input_ids"], data.max_length))
     dataset = datasets.Dataset.from_dict({name: [block[name] for block in blocks] for name in block_features()},
                                          features=block_features())
@@ -186,7 +207,7 @@ def _source_documents(source: DataSource, on_error: str, tokenizer, rng: random.
         keep = min(1.0, source.weight - index)
         for example in iter_source(source, on_error, SourceStats(path=source.path)):
             if keep == 1.0 or rng.random() < keep:
-                yield encode_document(tokenizer, example).input_ids
+                yield encode_document(tokenizer, example.content()).input_ids
 
 
 def _build_streaming(data: DataConfig, tokenizer, seed: int):
@@ -212,7 +233,7 @@ def _cache_key(data: DataConfig, tokenizer, stage: str, seed: int) -> str:
     payload = json.dumps({"data": data.model_dump(mode="json", exclude={"num_proc", "cache"}), "files": files,
                           "stage": stage, "seed": seed, "tokenizer": tokenizer.name_or_path,
                           "vocab": len(tokenizer), "template": tokenizer.chat_template,
-                          "eos": tokenizer.eos_token, "version": 2}, sort_keys=True)
+                          "eos": tokenizer.eos_token, "version": 3}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -295,8 +316,8 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
     return train, evaluation, stats
 
 
-def _check_stage(examples: list[dict[str, Any]], source: DataSource, stage: str) -> None:
-    if stage == "sft" and any(example["text"] is not None for example in examples):
+def _check_stage(examples: list[Example], source: DataSource, stage: str) -> None:
+    if stage == "sft" and any(example.text is not None for example in examples):
         raise DataError("this source is plain text; plain text trains with stage: pt (continued pre-training)",
                         path=source.path)
 

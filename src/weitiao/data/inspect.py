@@ -51,7 +51,7 @@ def inspect(source: DataSource, tokenizer, data: DataConfig, example_index: int 
         lines.append("repairs:  " + ", ".join(f"{n} {note}" for note, n in stats.notes.items()))
     if not examples:
         return "\n".join(lines)
-    stage = "pt" if examples[0]["text"] is not None else "sft"
+    stage = "pt" if examples[0].text is not None else "sft"
     _, summary = encode_examples(examples, tokenizer, data, stage)
     lengths = summary["length_before_truncation"]
     lines.append(f"tokens:   per example min {lengths['min']}, mean {lengths['mean']}, p50 {lengths['p50']}, "
@@ -63,9 +63,9 @@ def inspect(source: DataSource, tokenizer, data: DataConfig, example_index: int 
                                          if dropped else "") + f"; {summary['label_tokens']} of {summary['tokens']} "
                  f"tokens trained ({data.train_on})")
     example = examples[min(example_index, len(examples) - 1)]
-    encoded = encode_example(tokenizer, example, "all" if stage == "pt" else data.train_on)
+    encoded = encode_example(tokenizer, example.content(), "all" if stage == "pt" else data.train_on)
     color = sys.stdout.isatty() if color is None else color
-    lines.append(f"\nexample {example['_record']} of {example['_source']} (trained tokens "
+    lines.append(f"\nexample {example.record} of {example.source} (trained tokens "
                  f"{'in green' if color else 'inside [[ ]]'}):")
     lines.append(highlight_labels(tokenizer, encoded.input_ids, encoded.labels, color))
     return "\n".join(lines)
@@ -76,11 +76,10 @@ def convert(source: DataSource, target_format: str, output: Path, on_error: str 
     records, failed = [], 0
     for example in examples:
         try:
-            records.append(to_format({"messages": example["messages"]} if example["messages"] is not None
-                                     else {"text": example["text"]}, target_format))
+            records.append(to_format(example.content(), target_format))
         except DataError as error:
             if on_error == "raise":
-                raise DataError(error.reason, path=example["_source"], record=example["_record"]) from None
+                raise DataError(error.reason, path=example.source, record=example.record) from None
             failed += 1
     if not records:
         raise DataError("nothing to write: every record was skipped", path=source.path)

@@ -34,6 +34,7 @@ import numpy as np
 
 from weitiao.config import ModelConfig, SelectConfig
 from weitiao.data.clean import original_records, side_file
+from weitiao.data.dataset import Example
 from weitiao.data.encode import IGNORE_INDEX, Encoded, TemplateMismatch, encode_conversation, truncate
 from weitiao.data.readers import write_records
 from weitiao.data.scoring import (ScoreCache, cached_scores, classifier_scores, encoder_embeddings, expected_ratings,
@@ -91,21 +92,21 @@ def _first_label_tokens(encoded: Encoded, count: int) -> Encoded:
     return encoded
 
 
-def _where(example: dict[str, Any]) -> dict[str, Any]:
-    return {"path": example["_source"], "record": example["_record"]}
+def _where(example: Example) -> dict[str, Any]:
+    return {"path": example.source, "record": example.record}
 
 
-def encode_for_scoring(tokenizer, examples: list[dict[str, Any]], max_length: int
+def encode_for_scoring(tokenizer, examples: list[Example], max_length: int
                        ) -> tuple[list[Encoded], list[Encoded]]:
     """Per example: (prompt + last reply, labels on that reply), cut at max_length as training cuts it; and the
     reply alone after an empty user turn, labels on the same number of reply tokens."""
     with_prompt, alone = [], []
     for example in examples:
-        if example["messages"] is None:
+        if example.messages is None:
             raise DataError("selection scores conversations, and this record is plain text", **_where(example))
-        _, reply = prompt_messages(example["messages"])
+        _, reply = prompt_messages(example.messages)
         try:
-            full = encode_conversation(tokenizer, example["messages"])
+            full = encode_conversation(tokenizer, example.messages)
             bare = encode_conversation(tokenizer, [{"role": "user", "content": ""},
                                                    {"role": "assistant", "content": reply}])
         except TemplateMismatch as error:
@@ -133,10 +134,10 @@ def _fit(ids: list[int], max_length: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (max_length - head):]
 
 
-def _judge_rows(tokenizer, examples: list[dict[str, Any]], judge_prompt: str, max_length: int) -> list[list[int]]:
+def _judge_rows(tokenizer, examples: list[Example], judge_prompt: str, max_length: int) -> list[list[int]]:
     rows = []
     for example in examples:
-        prompt, reply = prompt_messages(example["messages"])
+        prompt, reply = prompt_messages(example.messages)
         question = judge_prompt.replace("{prompt}", prompt[-1]["content"]).replace("{response}", reply)
         text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
@@ -144,16 +145,16 @@ def _judge_rows(tokenizer, examples: list[dict[str, Any]], judge_prompt: str, ma
     return rows
 
 
-def _classifier_rows(tokenizer, examples: list[dict[str, Any]], max_length: int) -> list[list[int]]:
+def _classifier_rows(tokenizer, examples: list[Example], max_length: int) -> list[list[int]]:
     """The conversation in the classifier's own chat template (reward models are trained on it), else as plain
     'prompt\\n\\nreply' text."""
     rows = []
     for example in examples:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+            text = tokenizer.apply_chat_template(example.messages, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            prompt, reply = prompt_messages(example["messages"])
+            prompt, reply = prompt_messages(example.messages)
             ids = tokenizer(prompt[-1]["content"] + "\n\n" + reply)["input_ids"]
         rows.append(_fit(ids, max_length))
     return rows
@@ -221,7 +222,7 @@ def _load_scoring_model(resolved: str, name: str, kind: str, dtype: str):
     return model.to(_device()).eval()
 
 
-def _loss_scores(examples: list[dict[str, Any]], config: SelectConfig, timing: dict[str, Any], embed: bool,
+def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str, Any], embed: bool,
                  alone: bool) -> dict[str, np.ndarray]:
     """loss_with_prompt and perplexity; with `embed` the prompt embeddings of the same pass; with `alone` the
     reply-alone losses and IFD."""
@@ -254,18 +255,18 @@ def _loss_scores(examples: list[dict[str, Any]], config: SelectConfig, timing: d
     return scores
 
 
-def _encoder_embeddings(examples: list[dict[str, Any]], config: SelectConfig, timing: dict[str, Any]
+def _encoder_embeddings(examples: list[Example], config: SelectConfig, timing: dict[str, Any]
                         ) -> np.ndarray:
     encoder = _Scorer(config, config.embedding_model, "encoder", timing)
     tokenizer = encoder.tokenizer
-    rows = [tokenizer(_prompt_text(example["messages"]), truncation=True, max_length=config.max_length)["input_ids"]
+    rows = [tokenizer(_prompt_text(example.messages), truncation=True, max_length=config.max_length)["input_ids"]
             for example in examples]
     values = encoder.run("embedding", [row_key(row) for row in rows], lambda model, missing: encoder_embeddings(
         model, [rows[i] for i in missing], config.batch_size, tokenizer.pad_token_id or 0))
     return np.stack(values)
 
 
-def _quality_scores(examples: list[dict[str, Any]], config: SelectConfig, timing: dict[str, Any]) -> np.ndarray:
+def _quality_scores(examples: list[Example], config: SelectConfig, timing: dict[str, Any]) -> np.ndarray:
     from weitiao.config import DataConfig
     from weitiao.data.templates import install_template
 
@@ -293,7 +294,7 @@ def _quality_scores(examples: list[dict[str, Any]], config: SelectConfig, timing
     return np.array([value[0] for value in values])
 
 
-def score_examples(examples: list[dict[str, Any]], config: SelectConfig) -> tuple[dict[str, np.ndarray],
+def score_examples(examples: list[Example], config: SelectConfig) -> tuple[dict[str, np.ndarray],
                                                                                    dict[str, Any]]:
     """The scores config.method needs (see the module docstring), and how long they took."""
     timing: dict[str, Any] = {"passes": {}}
@@ -424,7 +425,7 @@ def choose(scores: dict[str, np.ndarray], config: SelectConfig, total: int
     return sorted(picked), excluded, clusters
 
 
-def select_examples(examples: list[dict[str, Any]], config: SelectConfig) -> Selection:
+def select_examples(examples: list[Example], config: SelectConfig) -> Selection:
     if not examples:
         raise DataError("no examples to select from")
     scores, timing = score_examples(examples, config)
@@ -481,7 +482,7 @@ def plot_histograms(selection: Selection, path: Path) -> bool:
     return True
 
 
-def write_selection(examples: list[dict[str, Any]], selection: Selection, output: Path, config: SelectConfig,
+def write_selection(examples: list[Example], selection: Selection, output: Path, config: SelectConfig,
                     source: str) -> dict[str, Any]:
     """OUT (the selected records as they are in the input), OUT.scores.jsonl (every example: scores, selected or
     why excluded), OUT.summary.json and OUT.scores.png. Returns the summary."""
@@ -492,7 +493,7 @@ def write_selection(examples: list[dict[str, Any]], selection: Selection, output
     scores_path = side_file(output, "scores.jsonl")
     with scores_path.open("w", encoding="utf-8") as handle:
         for index, example in enumerate(examples):
-            row = {"index": index, "source": example["_source"], "record": example["_record"],
+            row = {"index": index, "source": example.source, "record": example.record,
                    "selected": index in chosen, "excluded": selection.excluded.get(index)}
             row.update({name: _plain(selection.scores[name][index]) for name in names})
             if selection.clusters is not None:

@@ -8,26 +8,8 @@ from __future__ import annotations
 import json
 import re
 
-from weitiao.config import CustomTemplate, DataConfig
+from weitiao.config import NAMED_TEMPLATES, TEMPLATE_STOPS, CustomTemplate, DataConfig
 from weitiao.errors import ConfigError
-
-ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
-
-# Named templates for base models that ship without a chat template.
-NAMED_TEMPLATES: dict[str, CustomTemplate] = {
-    "alpaca": CustomTemplate(default_system=ALPACA_SYSTEM, user="### Instruction:\n{content}\n\n### Response:\n",
-                             assistant="{content}{eos}\n\n"),
-    "qa": CustomTemplate(user="### Question:\n{content}\n\n### Answer:\n", assistant="{content}{eos}\n\n"),
-    "dolly": CustomTemplate(default_system=ALPACA_SYSTEM, user="### Instruction:\n{content}\n\n### Response:\n",
-                            assistant="{content}\n\n### End{eos}\n\n"),
-    "chatml": CustomTemplate(system="<|im_start|>system\n{content}<|im_end|>\n",
-                             user="<|im_start|>user\n{content}<|im_end|>\n",
-                             assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
-                             generation_prompt="<|im_start|>assistant\n"),
-}
-# Text that ends an assistant turn besides the tokenizer's EOS; generation stops on it.
-TEMPLATE_STOPS = {"dolly": ["### End"], "chatml": ["<|im_end|>"]}
 
 
 def _jinja_expr(fmt: str, content: str) -> str:

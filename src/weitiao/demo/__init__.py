@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from weitiao.config import load_config
+from weitiao.runs import RunFolder
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -13,7 +14,7 @@ DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 def run_demo(overrides: list[str] | None = None) -> dict:
     from weitiao.eval.compare import compare_run
     from weitiao.eval.report import format_samples, format_table
-    from weitiao.train.sft import run
+    from weitiao.train import run
 
     started = time.time()
     config = load_config(DEMO_CONFIG, overrides)
@@ -24,7 +25,8 @@ def run_demo(overrides: list[str] | None = None) -> dict:
     report = compare_run(result.output_dir, config)
     print("\n" + format_table(report) + "\n")
     print(format_samples(report) + "\n")
-    print(f"Report: {Path(result.output_dir) / 'report.md'} (with loss_curves.png and metrics.png)")
+    print(f"Report: {Path(result.output_dir) / RunFolder.REPORT_MARKDOWN} (with {RunFolder.LOSS_PLOT} and "
+          f"{RunFolder.METRICS_PLOT})")
     print(f"Adapter: {result.output_dir} (loads with peft.PeftModel.from_pretrained)")
     print(f"Demo finished in {time.time() - started:.0f} s")
     return report

@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+# The config checks the local task names at load (LOCAL_TASKS); CSV_LAYOUTS below has the layout of each CSV one.
+from weitiao.config import LOCAL_BENCHMARK_TASKS as LOCAL_TASKS
+from weitiao.config import TRUTHFULQA_TASKS, BenchmarkConfig
 from weitiao.data.readers import Record, read_records
 from weitiao.errors import ConfigError, DataError
 
@@ -37,14 +39,11 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from weitiao.config import BenchmarkConfig
-
 CHOICES = ("A", "B", "C", "D")
 FEWSHOT_SPLIT = "dev"
 TASK_PREFIX = "weitiao_"
 """lm-eval names of local tasks: weitiao_<name> (the group) and weitiao_<name>_<subject>, apart from
 lm-eval's own mmlu_* and truthfulqa_* tasks."""
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -86,27 +85,6 @@ CSV_LAYOUTS = {
                        "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n",
                        "lm_eval.tasks.cmmlu._generate_configs"),
 }
-TRUTHFULQA_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2")
-LOCAL_TASKS = (*CSV_LAYOUTS, *TRUTHFULQA_TASKS)
-
-
-def check_benchmark_config(benchmark: BenchmarkConfig) -> None:
-    """What can be checked without reading files (raises ValueError, which the config loader reports)."""
-    if not _NAME.match(benchmark.metric_prefix):
-        raise ValueError(f"benchmark name '{benchmark.metric_prefix}' may hold only letters, digits, '_', '.', '-'")
-    if benchmark.path is None:
-        if benchmark.split is not None:
-            raise ValueError(f"{benchmark.task}: `split` applies to local folders (set `path`)")
-        return
-    if benchmark.task not in LOCAL_TASKS:
-        raise ValueError(f"task '{benchmark.task}' cannot read local files; with `path`, task is one of "
-                         f"{', '.join(LOCAL_TASKS)} (without `path`, any lm-eval task name)")
-    if benchmark.task in TRUTHFULQA_TASKS:
-        if benchmark.num_fewshot:
-            raise ValueError(f"{benchmark.task}: num_fewshot must be 0; its prompt already holds six solved "
-                             "questions and mc_task.json has no few-shot split")
-        if benchmark.split is not None:
-            raise ValueError(f"{benchmark.task}: `split` applies to folders; mc_task.json has one split")
 
 
 @dataclass

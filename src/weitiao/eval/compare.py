@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from weitiao.config import Config, load_config
+from weitiao.config import Config
 from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets
 from weitiao.data.templates import template_stops
-from weitiao.errors import ConfigError, DataError
+from weitiao.errors import DataError
 from weitiao.eval.benchmarks import BenchmarkSuite
 from weitiao.eval.choices import choice_loglikelihoods, choice_metrics, choose, confusion_matrix
 from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
@@ -24,6 +23,7 @@ from weitiao.eval.metrics import generation_metrics
 from weitiao.eval.report import write_report
 from weitiao.eval.sql import SqlDatabase, execution_scores
 from weitiao.models import load_model, load_tokenizer, pick_dtype
+from weitiao.runs import RunFolder
 
 LOSS_KEYS = ("loss", "perplexity", "loss_all_tokens", "perplexity_all_tokens")
 
@@ -45,7 +45,7 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
             and eval_set[0]["messages"] is not None:
         rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
         prompts, references = zip(*(prompt_messages(m) for m in rows["messages"]))
-        locations = list(zip(rows["_source"], rows["_record"]))
+        locations = list(zip(rows["source"], rows["record"]))
         result.update(prompts=list(prompts), references=list(references))
         if settings.generation:
             started = time.time()
@@ -90,31 +90,25 @@ def _constrained_choice(model, tokenizer, prompts, references, locations, config
 
 def compare_run(run_dir: str | Path, config: Config | None = None, write: bool = True) -> dict[str, Any]:
     """Evaluate the run's base model and the run's result (adapter or full model) on the run's eval split."""
-    run_dir = Path(run_dir)
-    if config is None:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a weitiao run folder (no config.yaml)")
-        config = load_config(run_dir / "config.yaml")
-    is_adapter = (run_dir / "adapter_config.json").is_file()
-    if not is_adapter and not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} holds neither a PEFT adapter nor a model")
-
-    tokenizer = load_tokenizer(str(run_dir))  # carries the chat template the run trained with
+    run = RunFolder(run_dir)
+    config = config or run.config()
+    run.check_trained()
+    tokenizer = load_tokenizer(str(run.path))  # carries the chat template the run trained with
     _, eval_set, _ = build_datasets(config.data, tokenizer, config.stage, config.train.seed)
     if eval_set is None or len(eval_set) == 0:
         raise DataError("no evaluation data: set data.eval or data.val_size in the config")
     # Before loading the model, so bad benchmark files fail fast. The task files stay in the run folder:
     # `lm_eval --include_path RUN/benchmark_tasks` reruns them.
-    suite = BenchmarkSuite(config.eval.benchmarks, run_dir / "benchmark_tasks") if config.eval.benchmarks else None
+    suite = BenchmarkSuite(config.eval.benchmarks, run.path / "benchmark_tasks") if config.eval.benchmarks else None
     database = SqlDatabase(config.eval.sql_database, config.eval.sql_timeout) if config.eval.sql_database else None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, base_path = load_model(config.model)
     base.to(device)
-    if is_adapter:
+    if run.holds_adapter:
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(base, str(run_dir))
+        tuned = PeftModel.from_pretrained(base, str(run.path))
         with tuned.disable_adapter():
             base_result = evaluate_model(tuned, tokenizer, eval_set, config, "base", suite, database)
         tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite, database)
@@ -124,18 +118,18 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
         gc.collect()
         from transformers import AutoModelForCausalLM
 
-        tuned = AutoModelForCausalLM.from_pretrained(run_dir, dtype=pick_dtype(config.model.dtype)).to(device)
+        tuned = AutoModelForCausalLM.from_pretrained(run.path, dtype=pick_dtype(config.model.dtype)).to(device)
         tuned_result = evaluate_model(tuned, tokenizer, eval_set, config, "tuned", suite, database)
     if database is not None:
         database.close()
 
-    report = build_report(config, base_path, run_dir, base_result, tuned_result, len(eval_set))
+    report = build_report(config, base_path, run, base_result, tuned_result, len(eval_set))
     if write:
-        write_report(run_dir, report)
+        write_report(run, report)
     return report
 
 
-def build_report(config: Config, base_path: str, run_dir: Path, base: dict[str, Any], tuned: dict[str, Any],
+def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str, Any], tuned: dict[str, Any],
                  eval_examples: int) -> dict[str, Any]:
     metrics = {}
     for name, base_value in base["metrics"].items():
@@ -154,18 +148,14 @@ def build_report(config: Config, base_path: str, run_dir: Path, base: dict[str, 
     if config.eval.choices:
         choices = {"labels": config.eval.choices, "base": base["confusion_matrix"],
                    "tuned": tuned["confusion_matrix"]}
-    curves = []
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        curves = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     return {
-        "run": str(run_dir), "base_model": config.model.name_or_path, "base_model_path": base_path,
+        "run": str(run.path), "base_model": config.model.name_or_path, "base_model_path": base_path,
         "method": config.method, "eval_examples": eval_examples,
         "generation_examples": len(samples) if "predictions" in tuned else 0, "extractor": config.eval.extractor,
         "choice_examples": len(samples) if choices else 0, "choices": choices,
         "loss_tokens": config.data.train_on,
         "metrics": metrics, "seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
-        "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": curves,
+        "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": run.metrics(),
         "benchmarks": _benchmark_details(config, base, tuned),
     }
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from weitiao.runs import RunFolder
+
 # name in report.json -> (label, lower is better, format)
 METRIC_LABELS = {
     "loss": ("eval loss (response tokens)", True, "{:.4f}"),
@@ -94,6 +96,13 @@ def _markdown_cell(text: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the summary, the plots, then the samples."""
+    return render_summary(report, plots=True) + render_samples(report)
+
+
+def render_summary(report: dict[str, Any], plots: bool = False) -> str:
+    """What was evaluated and the base-vs-tuned table (with confusion matrices and benchmark subjects); with plots,
+    the markdown links to the run folder's images."""
     examples = f"- eval examples: {report['eval_examples']} (loss)"
     if report["generation_examples"]:
         examples += f"; {report['generation_examples']} generated (extractor for exact match: {report['extractor']})"
@@ -104,15 +113,24 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- run: `{report['run']}`", f"- base model: `{report['base_model']}`", f"- method: {report['method']}",
              examples, "", "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(report)]
-    lines += ["", "![training and validation loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
+    lines.append("")
+    if plots:
+        lines += [f"![training and validation loss]({RunFolder.LOSS_PLOT})", "",
+                  f"![metrics]({RunFolder.METRICS_PLOT})", ""]
     lines += _confusion_markdown(report.get("choices"))
     lines += _benchmark_markdown(report.get("benchmarks", []))
-    if report["samples"]:
-        fields = [key for key in SAMPLE_FIELDS if key in report["samples"][0]]
-        lines += ["## Samples", "", "| " + " | ".join(SAMPLE_FIELDS[key] for key in fields) + " |",
-                  "|" + "---|" * len(fields)]
-        for sample in report["samples"][: report.get("num_samples_shown", 5)]:
-            lines.append("| " + " | ".join(_markdown_cell(sample[key]) for key in fields) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_samples(report: dict[str, Any]) -> str:
+    """The Samples section: prompt, reference, base and tuned answer of the first eval examples."""
+    if not report["samples"]:
+        return ""
+    fields = [key for key in SAMPLE_FIELDS if key in report["samples"][0]]
+    lines = ["## Samples", "", "| " + " | ".join(SAMPLE_FIELDS[key] for key in fields) + " |",
+             "|" + "---|" * len(fields)]
+    for sample in report["samples"][: report.get("num_samples_shown", 5)]:
+        lines.append("| " + " | ".join(_markdown_cell(sample[key]) for key in fields) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,15 +256,15 @@ def plot_confusion(choices: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(folder: Path, report: dict[str, Any]) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    plot_loss_curves(report.get("training_log", []), folder / "loss_curves.png")
-    plot_metrics(report, folder / "metrics.png")
+def write_report(run: RunFolder, report: dict[str, Any]) -> None:
+    """report.json in the run folder, and its renderings: the plots, report.md, predictions.jsonl."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_report(report)
+    plot_loss_curves(report.get("training_log", []), run.path / RunFolder.LOSS_PLOT)
+    plot_metrics(report, run.path / RunFolder.METRICS_PLOT)
     if report.get("choices"):
-        plot_confusion(report["choices"], folder / "confusion.png")
-    (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    with (folder / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        plot_confusion(report["choices"], run.path / RunFolder.CONFUSION_PLOT)
+    (run.path / RunFolder.REPORT_MARKDOWN).write_text(render_markdown(report), encoding="utf-8")
+    with (run.path / RunFolder.PREDICTIONS).open("w", encoding="utf-8") as handle:
         for sample in report["samples"]:
             handle.write(json.dumps(sample, ensure_ascii=False) + "\n")

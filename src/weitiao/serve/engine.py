@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import queue
 import re
@@ -30,9 +29,9 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from weitiao.config import ModelConfig
-from weitiao.data.templates import TEMPLATE_STOPS
-from weitiao.errors import ModelLoadError, WeitiaoError
-from weitiao.models import load_model, load_tokenizer, resolve_model
+from weitiao.errors import WeitiaoError
+from weitiao.models import load_model, load_tokenizer
+from weitiao.runs import RunFolder
 
 log = logging.getLogger("weitiao.serve")
 
@@ -40,9 +39,6 @@ DEFAULT_MAX_TOKENS = 512
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Command-line spelling -> weitiao.models.pick_dtype spelling.
 DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Model config fields that must agree between an adapter's base and the model it is attached to.
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "vocab_size")
 
 
 class UnknownModelError(WeitiaoError):
@@ -84,7 +80,7 @@ class ServedModel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Folders: adapters, run folders, their bases.
+# Names and dtypes.
 
 
 def dtype_name(short: str) -> str:
@@ -111,103 +107,6 @@ def parse_adapter_specs(specs: list[str] | None) -> dict[str, str]:
             raise WeitiaoError(f"adapter name '{name}' is given twice")
         adapters[name] = path
     return adapters
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def check_adapter_folder(path: str | Path) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise WeitiaoError(f"adapter folder not found: {path}")
-    if not is_adapter_folder(folder):
-        if (folder / "config.json").is_file():
-            raise WeitiaoError(f"{path} holds a full model, not an adapter: pass it as the MODEL argument instead")
-        raise WeitiaoError(f"{path} is not an adapter folder (no adapter_config.json)")
-    return folder
-
-
-def _run_config(folder: Path) -> dict[str, Any]:
-    """The weitiao config a run folder was trained with (config.yaml), or {} for folders from elsewhere."""
-    import yaml
-
-    path = folder / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def adapter_base(path: str | Path) -> str:
-    """The base model an adapter was trained on: the run's config.yaml model as the user named it (e.g.
-    'default'), else the base_model_name_or_path PEFT recorded (the resolved folder at training time), which
-    is also the fallback when the first one does not resolve here (a path relative to another directory)."""
-    folder = check_adapter_folder(path)
-    peft_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    candidates = [str(name) for name in ((_run_config(folder).get("model") or {}).get("name_or_path"),
-                                         peft_config.get("base_model_name_or_path")) if name]
-    if not candidates:
-        raise WeitiaoError(f"{path}: adapter_config.json does not name its base model; pass the base explicitly")
-    for candidate in candidates:
-        try:
-            resolve_model(candidate)
-            return candidate
-        except ModelLoadError:
-            continue
-    return candidates[0]
-
-
-def _architecture(model_folder: str) -> dict[str, Any] | None:
-    config_file = Path(model_folder) / "config.json"
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    return {key: config.get(key) for key in ARCHITECTURE_KEYS}
-
-
-def check_adapter_base(adapter: str | Path, base_path: str) -> None:
-    """Refuse an adapter whose recorded base is a different model than `base_path` (a resolved model folder).
-
-    Two folders holding the same architecture are accepted (a copied or merged base); when the recorded base
-    cannot be found here (a hub id offline), PEFT's own shape checks are the last line of defence."""
-    declared = adapter_base(adapter)
-    try:
-        declared_path = resolve_model(declared)
-    except ModelLoadError:
-        log.warning("cannot check that %s was trained on this base: its base %s is not available here",
-                    adapter, declared)
-        return
-    if Path(declared_path).resolve() == Path(base_path).resolve():
-        return
-    expected, actual = _architecture(declared_path), _architecture(base_path)
-    if expected is not None and actual is not None and expected != actual:
-        differences = ", ".join(f"{key} {expected[key]} vs {actual[key]}" for key in expected
-                                if expected[key] != actual[key])
-        raise WeitiaoError(f"adapter {adapter} was trained on {declared}, a different model than {base_path} "
-                           f"({differences})")
-
-
-def _eos_token_ids(folder: Path | None, tokenizer, fallback: Any) -> list[int]:
-    """End-of-reply ids: the folder's generation_config.json (a weitiao run lists its end-of-turn token there)
-    or the model's, plus the tokenizer's EOS."""
-    from transformers import GenerationConfig
-
-    eos = fallback
-    if folder is not None and (folder / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(folder).eos_token_id
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def _template_stops(folder: Path | None) -> list[str]:
-    template = ((_run_config(folder).get("data") or {}).get("template") if folder is not None else None)
-    return list(TEMPLATE_STOPS.get(template, [])) if template else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,13 +303,13 @@ class Engine:
         self.model, tokenizer, self.base_path = load_model(model_config)
         self.model.to(self.device).eval()
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
-        base_folder = Path(self.base_path) if Path(self.base_path).is_dir() else None
+        base_folder = RunFolder(self.base_path)  # a merged weitiao run ends replies at its template's stops too
         self.base_name = base_name or model
         self.default_model = self.base_name  # what chat and the web UI talk to unless told otherwise
         self.models: dict[str, ServedModel] = {self.base_name: ServedModel(
             self.base_name, self.base_path, None, tokenizer,
-            _eos_token_ids(base_folder, tokenizer, self.model.generation_config.eos_token_id),
-            _template_stops(base_folder))}
+            base_folder.eos_token_ids(tokenizer, self.model.generation_config.eos_token_id),
+            base_folder.stop_strings())}
         self.max_queue = max_queue
         self._tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self._model_lock = threading.Lock()  # held while generating or attaching an adapter
@@ -426,11 +325,11 @@ class Engine:
         its base and attaches the adapter under the folder's name (and makes it `default_model`)."""
         adapters = dict(adapters or {})
         default_adapter = None
-        if Path(model).expanduser().is_dir() and is_adapter_folder(Path(model).expanduser()):
-            folder = Path(model).expanduser()
-            default_adapter = folder.resolve().name
-            adapters = {default_adapter: str(folder), **adapters}
-            model = adapter_base(folder)
+        run = RunFolder(model)
+        if run.holds_adapter:
+            default_adapter = run.path.resolve().name
+            adapters = {default_adapter: str(run.path), **adapters}
+            model = run.base_model()
         engine = cls(model, adapters, **kwargs)
         if default_adapter:
             engine.default_model = default_adapter
@@ -458,10 +357,10 @@ class Engine:
         check_adapter_name(name)
         if name in self.models:
             raise WeitiaoError(f"the name '{name}' is already taken by another model or adapter")
-        folder = check_adapter_folder(path)
-        check_adapter_base(folder, self.base_path)
-        has_tokenizer = (folder / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(folder)) if has_tokenizer else self.models[self.base_name].tokenizer
+        run = RunFolder.adapter(path)
+        run.check_base(self.base_path)
+        folder = run.path
+        tokenizer = load_tokenizer(str(folder)) if run.has_tokenizer else self.models[self.base_name].tokenizer
         with self._model_lock:
             try:
                 if isinstance(self.model, PeftModel):
@@ -472,8 +371,8 @@ class Engine:
                 raise WeitiaoError(f"cannot attach adapter {path}: {str(error).splitlines()[0]}") from None
             self.model.eval()
         served = ServedModel(name, str(folder), name, tokenizer,
-                             _eos_token_ids(folder, tokenizer, self.model.generation_config.eos_token_id),
-                             _template_stops(folder))
+                             run.eos_token_ids(tokenizer, self.model.generation_config.eos_token_id),
+                             run.stop_strings())
         self.models[name] = served
         log.info("attached adapter %s from %s", name, folder)
         return served

@@ -15,7 +15,8 @@ import torch
 from weitiao.config import ModelConfig
 from weitiao.errors import WeitiaoError
 from weitiao.models import load_model, load_tokenizer
-from weitiao.serve.engine import adapter_base, check_adapter_base, check_adapter_folder, dtype_name
+from weitiao.runs import RunFolder
+from weitiao.serve.engine import dtype_name
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "fp32") -> Path:
@@ -23,35 +24,33 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
 
     The merge is computed in float32 and the result cast to `dtype` (fp32, bf16 or fp16) before saving."""
     from peft import PeftConfig, PeftModel
-    from transformers import GenerationConfig
 
-    folder = check_adapter_folder(adapter)
+    run = RunFolder.adapter(adapter)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WeitiaoError(f"--out {out} already exists and is not empty; choose a new folder")
-    peft_config = PeftConfig.from_pretrained(str(folder))
+    peft_config = PeftConfig.from_pretrained(str(run.path))
     if peft_config.is_prompt_learning or peft_config.is_adaption_prompt:
         raise WeitiaoError(f"{adapter} is a {peft_config.peft_type} adapter: it adds learned prompt tokens, not weight "
                            "changes, so it cannot be merged into the model; serve it as an adapter instead "
                            "(weitiao serve BASE --adapter NAME=PATH)")
-    base = base or adapter_base(folder)
+    base = base or run.base_model()
     model, base_tokenizer, base_path = load_model(ModelConfig(name_or_path=base), dtype=torch.float32)
-    check_adapter_base(folder, base_path)
+    run.check_base(base_path)
     try:
-        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, str(run.path)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches: an adapter of another architecture
         raise WeitiaoError(f"cannot apply adapter {adapter} to {base}: {str(error).splitlines()[0]}") from None
     merged = merged.to(getattr(torch, dtype_name(dtype)))
 
-    has_tokenizer = (folder / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(folder)) if has_tokenizer else base_tokenizer
-    if (folder / "generation_config.json").is_file():
-        merged.generation_config = GenerationConfig.from_pretrained(folder)
+    tokenizer = load_tokenizer(str(run.path)) if run.has_tokenizer else base_tokenizer
+    if run.generation_config() is not None:
+        merged.generation_config = run.generation_config()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    if (folder / "config.yaml").is_file():
+    if (run.path / RunFolder.CONFIG).is_file():
         # Keeps the run's template (its stop strings) and base model known, so `weitiao eval OUT` compares
         # the base with the merged model.
-        shutil.copy(folder / "config.yaml", out / "config.yaml")
+        shutil.copy(run.path / RunFolder.CONFIG, out / RunFolder.CONFIG)
     return out

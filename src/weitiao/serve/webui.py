@@ -3,7 +3,7 @@
 - Chat: pick the base or an adapter and stream the reply; side by side sends one prompt to two models.
 - Train: the main hyper-parameters become a weitiao config, run as `weitiao train CONFIG` in a subprocess
   (exactly the CLI run; Stop terminates it); its metrics.jsonl feeds a live loss plot.
-- Eval: a run folder's report.md with its plots.
+- Eval: a run folder's report (report.json) with its plots.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import pandas as pd  # noqa: E402
 
 from weitiao.config import config_from_dict, dump_config  # noqa: E402
 from weitiao.errors import WeitiaoError  # noqa: E402
+from weitiao.eval.report import plot_loss_curves, render_samples, render_summary  # noqa: E402
+from weitiao.runs import RunFolder  # noqa: E402
 from weitiao.serve.engine import Engine, Generation, SamplingParams  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
@@ -99,7 +101,7 @@ class TrainingRun:
                 self.process.kill()
 
     def metrics(self) -> list[dict[str, Any]]:
-        return read_metrics(self.output_dir / "metrics.jsonl")
+        return RunFolder(self.output_dir).metrics()
 
     def log_tail(self) -> str:
         """The last lines of the run's output, with progress-bar redraws (carriage returns) collapsed."""
@@ -143,20 +145,6 @@ class Trainer:
             self.current.stop()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            break
-    return records
-
-
 def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Training and validation loss by step, in the long format LinePlot draws one line per series from.
 
@@ -175,37 +163,34 @@ def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def list_runs(runs_dir: Path) -> list[str]:
-    """Run folders under runs_dir (those with a metrics.jsonl or report.md), newest first."""
+    """Run folders under runs_dir (weitiao wrote them: a config or a metrics log), newest first."""
     if not runs_dir.is_dir():
         return []
-    runs = [p for p in runs_dir.iterdir() if (p / "metrics.jsonl").is_file() or (p / "report.md").is_file()]
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and RunFolder(p).is_run]
     return [str(p) for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def load_report(run: str) -> tuple[str, Any, Any, str]:
-    """A run folder's report.md split for display: (summary and metric table, loss-curve image, metrics image,
-    sample answers), without the markdown's image links (the images are shown as images)."""
+def load_report(path: str) -> tuple[str, Any, Any, str]:
+    """A run folder's report.json for display: (summary and metric table, loss-curve image, metrics image,
+    sample answers)."""
     from PIL import Image
 
-    folder = Path(run or "")
-    if not run or not folder.is_dir():
-        return f"No run folder at `{run}`." if run else "Pick a run folder.", None, None, ""
-    report = folder / "report.md"
-    images = [Image.open(folder / name).copy() if (folder / name).is_file() else None
-              for name in ("loss_curves.png", "metrics.png")]
-    if not report.is_file():
-        note = (f"`{folder}` has no report yet: it is written after training when eval.compare is on, or by "
-                f"`weitiao eval {folder}`.")
-        if images[0] is None and (folder / "metrics.jsonl").is_file():
-            from weitiao.eval.report import plot_loss_curves
-
-            plot = Path(tempfile.mkdtemp(prefix="weitiao-webui-")) / "loss_curves.png"
-            if plot_loss_curves(read_metrics(folder / "metrics.jsonl"), plot):
+    run = RunFolder(path or "")
+    if not path or not run.path.is_dir():
+        return f"No run folder at `{path}`." if path else "Pick a run folder.", None, None, ""
+    images = [Image.open(run.path / name).copy() if (run.path / name).is_file() else None
+              for name in (RunFolder.LOSS_PLOT, RunFolder.METRICS_PLOT)]
+    report = run.report()
+    if report is None:
+        note = (f"`{run.path}` has no report yet: it is written after training when eval.compare is on, or by "
+                f"`weitiao eval {run.path}`.")
+        metrics = run.metrics()
+        if images[0] is None and metrics:
+            plot = Path(tempfile.mkdtemp(prefix="weitiao-webui-")) / RunFolder.LOSS_PLOT
+            if plot_loss_curves(metrics, plot):
                 images[0] = Image.open(plot).copy()
         return note, images[0], images[1], ""
-    text = "\n".join(line for line in report.read_text(encoding="utf-8").splitlines() if not line.startswith("!["))
-    summary, samples_heading, samples = text.partition("## Samples")
-    return summary, images[0], images[1], samples_heading + samples
+    return render_summary(report), images[0], images[1], render_samples(report)
 
 
 # ---------------------------------------------------------------------------------------------

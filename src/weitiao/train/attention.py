@@ -40,13 +40,13 @@ def has_varlen_flash_attention(device: torch.device | None = None) -> bool:
     return device is None or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
-def packed_row_attention(config: Any, device: torch.device, half_precision: bool, compiled: bool) -> str:
-    """The attention for packed training rows when the config names none: varlen where it runs (a recent GPU,
-    bf16/fp16) and the model uses plain causal attention; flex attention in compiled layers, whose code would
-    specialise on varlen's longest-example integer, and for sliding windows or logit soft-capping (Mistral, Gemma),
-    which transformers implements for flex."""
+def packed_row_attention(config: Any, varlen_runs: bool, compiled: bool) -> str:
+    """The attention for packed training rows when the config names none: varlen where it runs (`varlen_runs`: a
+    recent GPU, bf16/fp16) and the model uses plain causal attention; flex attention in compiled layers, whose code
+    would specialise on varlen's longest-example integer, and for sliding windows or logit soft-capping (Mistral,
+    Gemma), which transformers implements for flex."""
     plain_causal = not (getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None))
-    if plain_causal and half_precision and not compiled and has_varlen_flash_attention(device):
+    if plain_causal and varlen_runs and not compiled:
         register_varlen_attention()
         return VARLEN
     return "flex_attention"

@@ -3,13 +3,10 @@ logits are never materialised, plus fused RMSNorm, SwiGLU and RoPE. CUDA only; t
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Any
 
 import torch
-
-from weitiao.errors import ConfigError
 
 
 # Liger's fused linear + cross-entropy computes the logits chunk by chunk of tokens, the chunk size following from
@@ -34,33 +31,16 @@ def undo_liger_patches() -> None:
             setattr(module, name, value)
 
 
-def apply_liger(model: torch.nn.Module, wanted: bool | None, device: torch.device,
-                fused_cross_entropy: bool = True, layer_kernels: bool = True) -> bool:
-    """Patch `model` in place with Liger kernels; return whether it was patched.
+def apply_liger(model: torch.nn.Module, fused_cross_entropy: bool, layer_kernels: bool) -> None:
+    """Patch `model` in place with Liger kernels (weitiao.train.settings decides whether they run here).
 
-    wanted None means: on a CUDA device when liger-kernel is installed and supports the architecture.
     fused_cross_entropy False keeps the model's own output layer and loss: the fused kernel reads the output weight
     outside that layer's forward, where DeepSpeed ZeRO-3 has not gathered it. layer_kernels False leaves the
     decoder layers alone (RMSNorm, SwiGLU, RoPE) for torch.compile, which fuses those itself and which Liger's
     Triton kernels inside a compiled graph have crashed (illegal memory access)."""
-    if wanted is False:
-        return False
-    available = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-    if not available:
-        if wanted:
-            raise ConfigError("train.liger needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
-        return False
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        if wanted:
-            raise ConfigError(f"liger-kernel has no kernels for model type '{model_type}'; set train.liger: false")
-        return False
-    if not (fused_cross_entropy or layer_kernels):
-        return False
     modeling = sys.modules[type(model).__module__]
     _unpatched.setdefault(modeling.__name__, {name: value for name, value in vars(modeling).items() if callable(value)})
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=fused_cross_entropy,
                                     rms_norm=layer_kernels, swiglu=layer_kernels, rope=layer_kernels)
-    return True

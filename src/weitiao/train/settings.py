@@ -1,0 +1,185 @@
+"""Every automatic choice of a training run, made once, up front, into one frozen record.
+
+The config may leave a choice to weitiao (`packing: null`, `bf16: null`, `attn_implementation: null`, `liger:
+null`, ...); what it resolves to depends on the machine. `resolve_settings` makes all of those choices from the
+config, the machine and the model's config, before any weight is loaded. The training code reads only the record,
+which is printed when the run starts and saved in the run folder as settings.json, so the folder says what ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from weitiao.config import Config
+from weitiao.errors import ConfigError
+from weitiao.train.attention import PACKED_VARLEN, VARLEN, has_varlen_flash_attention, packed_row_attention
+
+# The attention that padded batches (evaluation, the returned model) get instead of the one for packed training rows.
+# Inductor's flex kernels found no configuration for some padded shapes (8 rows of 96 tokens, 64-dimension heads,
+# H200); PACKED_VARLEN has no mask for padding at all.
+PADDED_BATCH_ATTENTION = {"flex_attention": "sdpa", PACKED_VARLEN: VARLEN}
+CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this process runs on, as far as the choices depend on it (tests pass their own)."""
+    cuda: bool
+    device_name: str
+    bf16: bool
+    """A CUDA GPU with bfloat16 (Ampere and newer)."""
+    varlen_flash: bool
+    """PyTorch's variable-length FlashAttention runs here (torch >= 2.10, compute capability >= 8.0)."""
+    liger_installed: bool
+    processes: int
+    """Processes of this run (torchrun / accelerate launch set WORLD_SIZE)."""
+
+    @classmethod
+    def detect(cls) -> Machine:
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        return cls(cuda=cuda, device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
+                   bf16=cuda and torch.cuda.is_bf16_supported(), varlen_flash=has_varlen_flash_attention(device),
+                   liger_installed=importlib.util.find_spec("liger_kernel") is not None,
+                   processes=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run does where its config says auto (None), and the facts those choices rest on."""
+    device: str
+    processes: int
+    distributed: str
+    """The engine that runs: the configured one, or ddp where a sharded engine cannot run (a CPU)."""
+    precision: str
+    """Mixed precision: bf16, fp16 or fp32 (none)."""
+    weights_dtype: str
+    """dtype the model is loaded in: float32 master weights when the base trains, else model.dtype resolved."""
+    packing: bool
+    attention: str
+    """Attention of the training forward (varlen_packed_rows: varlen on the collator's example boundaries)."""
+    eval_attention: str
+    """Attention of padded batches: evaluation and the returned model."""
+    liger: bool
+    """Liger kernels patched into the model."""
+    liger_layer_kernels: bool
+    """Liger's RMSNorm, SwiGLU and RoPE too (off in compiled layers, which fuse those themselves)."""
+    fused_cross_entropy: bool
+    """Liger's fused linear + cross-entropy (the logits never materialised; off under ZeRO-3)."""
+    fused_lora: bool
+    """The LoRA update inside the base layer's product (weitiao.train.fused_lora)."""
+    torch_compile: bool
+    loader_workers: int
+    tf32: bool
+    row_length: int | None
+    """Fixed length of every training row on a GPU (compiled kernels then see one shape); None: as long as the
+    longest row of the batch."""
+    pad_to_multiple_of: int | None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line per setting, as printed when the run starts."""
+        width = max(len(name) for name in self.to_dict())
+        return "\n".join(f"  {name:<{width}}  {value}" for name, value in self.to_dict().items())
+
+
+def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Settings:
+    """The record of every automatic choice of this run; `model_config` is the model's transformers config."""
+    args, method = config.train, config.method_spec
+    _check_machine(config, machine)
+    precision = _precision(config, machine)
+    packing = config.data.packing if config.data.packing is not None else machine.cuda and method.packable
+    if packing and config.stage == "sft" and config.data.max_length > config.data.packing_length:
+        raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
+                          f"({config.data.packing_length}): an example must fit in a packed row")
+    attention = _attention(config, machine, model_config, packing, precision)
+    distributed = args.distributed if machine.cuda else "ddp"  # accelerate shards on GPUs only
+    fused_cross_entropy = distributed not in ("zero3", "zero3_offload")
+    liger = (_liger(args.liger, machine, getattr(model_config, "model_type", None))
+             and (fused_cross_entropy or not args.torch_compile))  # else nothing of Liger's would be used
+    weights = "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype
+    if weights == "auto":
+        weights = "bfloat16" if machine.bf16 else "float32"
+    return Settings(
+        device=machine.device_name, processes=machine.processes, distributed=distributed, precision=precision,
+        weights_dtype=weights, packing=packing, attention=attention,
+        eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
+        liger=liger, liger_layer_kernels=liger and not args.torch_compile,
+        fused_cross_entropy=liger and fused_cross_entropy,
+        # Eager layers only: inductor already fuses PEFT's scale and add into the neighbouring kernels (compiled 1B
+        # LoRA: 75.8k tokens/s with PEFT's forward, 73.7k with this one); zero3 and fsdp gather B only in its own
+        # forward.
+        fused_lora=(args.fused_lora and method.fused_lora and not config.lora.use_dora and not args.torch_compile
+                    and distributed in ("ddp", "zero2")),
+        torch_compile=args.torch_compile,
+        loader_workers=(args.dataloader_num_workers if args.dataloader_num_workers is not None
+                        else 2 if machine.cuda and not config.data.streaming else 0),  # see the config's docs
+        tf32=args.tf32 and machine.cuda,
+        row_length=(config.data.max_length if config.stage == "pt" else config.data.packing_length)
+        if machine.cuda and packing else None,
+        pad_to_multiple_of=8 if machine.cuda else None)
+
+
+def _check_machine(config: Config, machine: Machine) -> None:
+    """Reject, before any loading, what this machine cannot run, saying what to do instead."""
+    needs_bnb = config.method_spec.quantized_base or config.train.optim in CUDA_ONLY_OPTIMIZERS
+    what = f"method {config.method}" if config.method_spec.quantized_base else f"optim {config.train.optim}"
+    if needs_bnb and not machine.cuda:
+        raise ConfigError(f"{what} needs a CUDA GPU (bitsandbytes kernels) and this machine has none; on a CPU use "
+                          "method: lora and optim: adamw_torch")
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{what} needs bitsandbytes: pip install bitsandbytes")
+
+
+def _precision(config: Config, machine: Machine) -> str:
+    args = config.train
+    if args.fp16:
+        if not machine.cuda:
+            raise ConfigError("fp16 training needs a GPU; on the CPU use bf16 or neither")
+        return "fp16"
+    bf16 = args.bf16 if args.bf16 is not None else machine.bf16
+    return "bf16" if bf16 else "fp32"
+
+
+def _attention(config: Config, machine: Machine, model_config: Any, packing: bool, precision: str) -> str:
+    """The configured attention; for packed rows on a GPU varlen FlashAttention, or flex attention where varlen
+    cannot run (attention.packed_row_attention); otherwise sdpa, transformers' default."""
+    attention = config.model.attn_implementation
+    half = precision in ("bf16", "fp16")
+    if attention == VARLEN and machine.cuda and not (machine.varlen_flash and half):
+        raise ConfigError("model.attn_implementation: varlen (FlashAttention) needs torch >= 2.10, a GPU of compute "
+                          "capability 8.0 or later and train.bf16 or train.fp16; use flex_attention otherwise")
+    if attention is None:
+        # Packed rows need attention confined to each example (sdpa would compute the whole row's mask).
+        attention = (packed_row_attention(model_config, machine.varlen_flash and half, config.train.torch_compile)
+                     if packing and machine.cuda else "sdpa")
+    # The rows carry their example boundaries: no mask, no search for them (attention.py).
+    return PACKED_VARLEN if packing and attention == VARLEN else attention
+
+
+def _liger(wanted: bool | None, machine: Machine, model_type: str | None) -> bool:
+    """Liger kernels: as configured, or (None) on a CUDA GPU where liger-kernel is installed and knows the model."""
+    if wanted is False:
+        return False
+    if not (machine.cuda and machine.liger_installed):
+        if wanted:
+            raise ConfigError("train.liger needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
+        return False
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if wanted:
+            raise ConfigError(f"liger-kernel has no kernels for model type '{model_type}'; set train.liger: false")
+        return False
+    return True

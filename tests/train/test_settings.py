@@ -1,0 +1,75 @@
+"""Every automatic choice is made once, into a record the run folder keeps; the GPU choices are checked on the CPU
+with the machine described rather than detected."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig, MistralConfig
+
+from tests.train.test_sft import make_config
+from weitiao.config import load_config
+from weitiao.errors import ConfigError
+from weitiao.train import run
+from weitiao.train.settings import Machine, resolve_settings
+
+CPU = Machine(cuda=False, device_name="cpu", bf16=False, varlen_flash=False, liger_installed=False, processes=1)
+H200 = Machine(cuda=True, device_name="NVIDIA H200", bf16=True, varlen_flash=True, liger_installed=False,
+               processes=1)
+LLAMA = LlamaConfig(num_hidden_layers=2)
+
+
+def settings(machine=H200, architecture=LLAMA, **overrides):
+    return resolve_settings(load_config(None, overrides), machine, architecture)
+
+
+def test_a_gpu_packs_rows_on_varlen_in_bf16_with_loader_workers():
+    chosen = settings()
+    assert (chosen.packing, chosen.attention, chosen.eval_attention) == (True, "varlen_packed_rows", "varlen")
+    assert (chosen.precision, chosen.weights_dtype, chosen.loader_workers, chosen.tf32) == ("bf16", "bfloat16", 2, True)
+    assert (chosen.row_length, chosen.pad_to_multiple_of, chosen.fused_lora) == (8192, 8, True)
+    assert settings(method="full").weights_dtype == "float32"  # master weights when the base trains
+
+
+@pytest.mark.parametrize("overrides, architecture, attention", [
+    ({"train": {"torch_compile": True}}, LLAMA, "flex_attention"),  # compiled code would specialise on varlen
+    ({}, MistralConfig(sliding_window=4096), "flex_attention"),  # sliding windows are transformers' flex masks
+    ({"train": {"fp16": False, "bf16": False}}, LLAMA, "flex_attention"),  # varlen needs half precision
+    ({"model": {"attn_implementation": "eager"}, "data": {"packing": False}}, LLAMA, "eager"),
+    ({"data": {"packing": False}}, LLAMA, "sdpa"),
+])
+def test_attention_follows_the_model_and_the_other_choices(overrides, architecture, attention):
+    assert settings(architecture=architecture, **overrides).attention == attention
+
+
+def test_what_a_gpu_cannot_do_in_its_configuration_is_refused_or_resolved():
+    assert settings(method="prefix").packing is False  # virtual tokens cannot be shared by a packed row
+    assert settings(train={"torch_compile": True}).fused_lora is False  # inductor fuses PEFT's own forward
+    assert settings(lora={"use_dora": True}).fused_lora is False
+    assert settings(train={"dataloader_num_workers": 0}).loader_workers == 0
+    with pytest.raises(ConfigError, match="varlen .* needs torch >= 2.10, a GPU of compute capability 8.0"):
+        settings(replace(H200, varlen_flash=False), model={"attn_implementation": "varlen"})
+    with pytest.raises(ConfigError, match=r"data.max_length \(9000\) is longer than data.packing_length \(8192\)"):
+        settings(data={"max_length": 9000})
+    with pytest.raises(ConfigError, match="train.liger needs a CUDA GPU and the liger-kernel package"):
+        settings(train={"liger": True})
+
+
+def test_a_cpu_resolves_to_plain_fp32_batches_and_ddp():
+    chosen = settings(CPU, train={"distributed": "zero3"})
+    assert (chosen.packing, chosen.attention, chosen.precision, chosen.liger) == (False, "sdpa", "fp32", False)
+    assert (chosen.distributed, chosen.loader_workers, chosen.row_length, chosen.tf32) == ("ddp", 0, None, False)
+    with pytest.raises(ConfigError, match="fp16 training needs a GPU"):
+        settings(CPU, train={"fp16": True})
+
+
+def test_the_run_folder_says_what_ran(tmp_path, tiny_model_dir, capsys):
+    result = run(make_config(tmp_path, tiny_model_dir, data__packing=True))
+    saved = json.loads((Path(result.output_dir) / "settings.json").read_text())
+    assert saved["packing"] is True and saved["attention"] == "sdpa" and saved["precision"] == "fp32"
+    assert saved["device"] == "cpu" and saved["loader_workers"] == 0 and saved["stop_strings"] == []
+    printed = capsys.readouterr().out
+    assert "Settings (saved as settings.json):" in printed and "  packing" in printed
+    # config.yaml stays the config as given, so the same file resolves again on another machine.
+    assert "packing: true" in (Path(result.output_dir) / "config.yaml").read_text()
