@@ -1,64 +1,47 @@
-"""The LoRA update added inside one matrix product, as a PEFT LoRA variant.
+"""The LoRA update added inside the base layer's matrix product: one subclass of PEFT's LoRA `Linear`.
 
 PEFT computes a LoRA layer as base(x) + B(A(x)) * scaling: the update is written, scaled and added in three passes
-over an output-sized tensor forward (and one more backward). `FusedLoraUpdate` computes it as one product whose
-epilogue adds the base output, addmm(base, A(x), B^T, alpha=scaling) (eager 1B LoRA on an H200: 61.6k instead of
-57.4k tokens/s for the in-place form of the same product, docs/performance.md). It plugs into PEFT's own
-`LoraVariant` hook (the one DoRA uses), so PEFT's forward, its adapter switches, parameters, gradients and saved
-files are unchanged; only plain LoRA layers (no DoRA or other variant, no bias on B, an unquantized base) take it,
-and `fuse_lora_updates(model, False)` takes it out again.
+over an output-sized tensor forward (and one more backward). `FusedLoraLinear` adds it in the epilogue of one
+product on the base output, out.addmm_(A(x), B^T, alpha=scaling) (eager 1B LoRA on an H200: 61.6k instead of
+57.4k tokens/s, docs/performance.md). It is PEFT's class with one method overridden, so parameters, gradients,
+adapter switches and saved files are PEFT's, and whatever the fast path does not cover (DoRA and other variants,
+several or disabled adapters, merged weights, a bias on B, per-call arguments) runs PEFT's own forward.
+
+PEFT's `LoraVariant` hook (the one DoRA uses) was tried first: it receives the base output as a 3-D tensor after
+PEFT's per-call bookkeeping; updating it in place cost 25% of eager 1B LoRA's speed (a copy of every output in the
+backward pass), and out of place it ran 50.4k-73.7k tokens/s (median 57.6k) where this form ran 67.8k-69.7k and
+the code before it 55.6k-78.3k (median 60.8k), on one sandboxed H200 (docs/performance.md, "The training core").
 """
 
 from __future__ import annotations
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraVariant
 
 
-class FusedLoraUpdate(LoraVariant):
-    @staticmethod
-    def init(module: LoraLinear, adapter_name: str, **kwargs) -> None:
-        """Nothing to create: the variant uses the layer's own lora_A and lora_B."""
-
-    @staticmethod
-    def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
-                **kwargs) -> torch.Tensor:
-        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        low = lora_a(module.lora_dropout[active_adapter](x.reshape(-1, x.shape[-1])))
-        flat = result.view(-1, result.shape[-1])
-        # One product whose epilogue adds the base output. Not in place: PEFT hands the base output over as a 3-D
-        # tensor, and an in-place update of its 2-D view costs a copy of the whole output in the backward pass.
-        # The casts (a rank-r matrix each) are explicit because addmm takes one dtype.
-        return torch.addmm(flat, low.to(flat.dtype), lora_b.weight.t().to(flat.dtype),
-                           alpha=module.scaling[active_adapter]).view_as(result)
-
-    @staticmethod
-    def merge_safe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def merge_unsafe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+class FusedLoraLinear(LoraLinear):
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self.active_adapters
+        name = adapters[0] if len(adapters) == 1 else None
+        if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+                or name in self.lora_variant or self.lora_B[name].bias is not None):
+            return super().forward(x, *args, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.base_layer(flat)
+        low = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(flat, self.lora_A[name].weight.dtype)))
+        # In place on the base product (whose backward does not need it); autocast leaves in-place ops alone, hence
+        # the explicit casts (a rank-r matrix each).
+        out.addmm_(low.to(out.dtype), self.lora_B[name].weight.t().to(out.dtype), alpha=self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def fuse_lora_updates(model: torch.nn.Module, enabled: bool) -> int:
-    """Give each plain LoRA layer's adapters the fused update (enabled) or PEFT's own again; returns how many
-    (layer, adapter) pairs were switched."""
+    """Turn each plain LoRA `Linear` (quantized and other LoRA layers keep their own class) into a FusedLoraLinear
+    (enabled), or back; returns how many layers changed."""
+    source, target = (LoraLinear, FusedLoraLinear) if enabled else (FusedLoraLinear, LoraLinear)
     switched = 0
     for module in model.modules():
-        if type(module) is not LoraLinear:  # quantized (bitsandbytes) and other LoRA layers keep their own code
-            continue
-        for name in module.lora_A:
-            current = module.lora_variant.get(name)
-            if enabled and current is None and module.lora_B[name].bias is None:
-                module.lora_variant[name] = FusedLoraUpdate()
-                switched += 1
-            elif not enabled and isinstance(current, FusedLoraUpdate):
-                del module.lora_variant[name]
-                switched += 1
+        if type(module) is source:
+            module.__class__ = target
+            switched += 1
     return switched
