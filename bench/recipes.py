@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from weitiao.runs import RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> weitiao arguments (a recipe may be a train run or a follow-up eval of an earlier run)
@@ -61,8 +63,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
     if code != 0:
         row["error"] = log.read_text()[-2000:]
         return row
-    report = json.loads((out / "report.json").read_text())
-    train = json.loads((out / "train_result.json").read_text())
+    report, train = RunFolder(out).report(), RunFolder(out).result()
     row.update(metrics=report["metrics"], train_seconds=train.get("seconds"), steps=train.get("steps"),
                eval_examples=report["eval_examples"], generation_examples=report["generation_examples"],
                choices=report.get("choices"), samples=report["samples"][:3])

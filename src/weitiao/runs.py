@@ -148,9 +148,6 @@ class RunFolder:
     def settings(self) -> dict[str, Any]:
         return self._read_json(self.SETTINGS)
 
-    def data_stats(self) -> dict[str, Any]:
-        return self._read_json(self.DATA_STATS)
-
     # -- metrics ----------------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:

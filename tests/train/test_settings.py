@@ -1,7 +1,6 @@
 """Every automatic choice is made once, into a record the run folder keeps; the GPU choices are checked on the CPU
 with the machine described rather than detected."""
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from transformers import LlamaConfig, MistralConfig
 from tests.train.test_sft import make_config
 from weitiao.config import load_config
 from weitiao.errors import ConfigError
+from weitiao.runs import RunFolder
 from weitiao.train import run
 from weitiao.train.settings import Machine, resolve_settings
 
@@ -66,7 +66,7 @@ def test_a_cpu_resolves_to_plain_fp32_batches_and_ddp():
 
 def test_the_run_folder_says_what_ran(tmp_path, tiny_model_dir, capsys):
     result = run(make_config(tmp_path, tiny_model_dir, data__packing=True))
-    saved = json.loads((Path(result.output_dir) / "settings.json").read_text())
+    saved = RunFolder(result.output_dir).settings()
     assert saved["packing"] is True and saved["attention"] == "sdpa" and saved["precision"] == "fp32"
     assert saved["device"] == "cpu" and saved["loader_workers"] == 0 and saved["stop_strings"] == []
     printed = capsys.readouterr().out
