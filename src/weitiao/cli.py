@@ -172,7 +172,7 @@ def cmd_vocab_extend(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _engine(args: argparse.Namespace, adapters: dict[str, str]):
-    from weitiao.serve.engine import Engine
+    from weitiao.generation.engine import Engine
 
     print(f"loading {args.model}...", file=sys.stderr)
     return Engine.from_model_arg(args.model, adapters, dtype=args.dtype, base_name=getattr(args, "name", None),
@@ -182,7 +182,7 @@ def _engine(args: argparse.Namespace, adapters: dict[str, str]):
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.serve.chat import chat_loop
     from weitiao.runs import RunFolder
-    from weitiao.serve.engine import SamplingParams
+    from weitiao.generation.requests import SamplingParams
 
     adapters = {}
     if args.adapter:
@@ -198,7 +198,7 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
-    from weitiao.serve.engine import parse_adapter_specs
+    from weitiao.generation.engine import parse_adapter_specs
     from weitiao.serve.server import bind_socket, run_server
 
     adapters = parse_adapter_specs(args.adapter)
@@ -209,7 +209,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_webui(args: argparse.Namespace, overrides: list[str]) -> None:
-    from weitiao.serve.engine import parse_adapter_specs
+    from weitiao.generation.engine import parse_adapter_specs
     from weitiao.serve.server import bind_socket
     from weitiao.serve.webui import launch
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from weitiao.serve.chat import chat_loop
-from weitiao.serve.engine import SamplingParams
+from weitiao.generation.requests import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 

@@ -6,7 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from weitiao.serve.engine import Engine, RequestError, SamplingParams
+from weitiao.generation.engine import Engine
+from weitiao.generation.requests import RequestError, SamplingParams
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 

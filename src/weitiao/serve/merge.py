@@ -16,7 +16,7 @@ from weitiao.config import ModelConfig
 from weitiao.errors import WeitiaoError
 from weitiao.models import load_model, load_tokenizer
 from weitiao.runs import RunFolder
-from weitiao.serve.engine import dtype_name
+from weitiao.generation.engine import dtype_name
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "fp32") -> Path:

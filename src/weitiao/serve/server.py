@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from weitiao.errors import WeitiaoError
-from weitiao.serve.engine import (ContextLengthError, Engine, EngineBusyError, Generation, SamplingParams,
+from weitiao.generation.engine import Engine
+from weitiao.generation.requests import (ContextLengthError, EngineBusyError, Generation, SamplingParams,
                                   UnknownModelError)
 
 log = logging.getLogger("weitiao.serve")

@@ -27,7 +27,8 @@ from weitiao.config import config_from_dict, dump_config  # noqa: E402
 from weitiao.errors import WeitiaoError  # noqa: E402
 from weitiao.eval.report import plot_loss_curves, render_samples, render_summary  # noqa: E402
 from weitiao.runs import RunFolder  # noqa: E402
-from weitiao.serve.engine import Engine, Generation, SamplingParams  # noqa: E402
+from weitiao.generation.engine import Engine  # noqa: E402
+from weitiao.generation.requests import Generation, SamplingParams  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
 TEMPLATES = ["auto", "alpaca", "qa", "dolly", "chatml"]

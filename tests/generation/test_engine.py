@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
+from tests.conftest import make_lora_adapter
 from weitiao.errors import WeitiaoError
-from weitiao.serve.engine import (ContextLengthError, Engine, SamplingParams, UnknownModelError,
-                                  parse_adapter_specs)
+from weitiao.generation.engine import Engine, parse_adapter_specs
+from weitiao.generation.requests import ContextLengthError, EngineBusyError, SamplingParams, UnknownModelError
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
@@ -30,7 +31,7 @@ def test_adapter_and_base_answer_differently_and_base_is_the_plain_model(engine,
     base = engine.chat("base", HELLO, sampled(seed=3)).result()
     tuned = engine.chat("tuned", HELLO, sampled(seed=3)).result()
     assert tuned != base
-    plain = Engine(str(tiny_model))  # no adapter attached at all
+    plain = Engine.load(str(tiny_model))  # no adapter attached at all
     try:
         assert plain.chat(plain.default_model, HELLO, sampled(seed=3)).result() == base
     finally:
@@ -117,9 +118,13 @@ def test_adapter_errors_are_clear(engine, tmp_path, tiny_model, other_tiny_model
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeitiaoError, match="no adapter_config.json"):
         engine.add_adapter("empty", tmp_path / "empty")
-    with pytest.raises(WeitiaoError, match="already taken"):
-        engine.add_adapter("tuned", tiny_adapter)
-    other = Engine(str(other_tiny_model))
+    # Attaching the same folder under its name again (a reloaded web page does) is the adapter already there.
+    assert engine.add_adapter("tuned", tiny_adapter) is engine.get("tuned")
+    second = make_lora_adapter(tmp_path / "second", tiny_model, seed=2)
+    for taken in ("tuned", "base"):
+        with pytest.raises(WeitiaoError, match="already taken"):
+            engine.add_adapter(taken, second)
+    other = Engine.load(str(other_tiny_model))
     try:
         with pytest.raises(WeitiaoError, match="trained on .*a different model"):
             other.add_adapter("tuned", tiny_adapter)
@@ -146,3 +151,93 @@ def test_an_adapter_folder_as_model_loads_its_base_and_talks_to_the_adapter(tiny
         assert engine.default_model == tiny_adapter.name
     finally:
         engine.close()
+
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+QUESTIONS = ["Hello, who are you?", "What is the capital of France?", "Write a haiku about rain.",
+             "List three prime numbers."]
+
+
+def peft_greedy(tiny_model, adapters: dict, name: str | None, question: str, template_of) -> str:
+    """The reply of plain PeftModel.generate (transformers' own loop, one prompt, no engine)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from weitiao.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+    for other, other_path in rest:
+        model.load_adapter(str(other_path), adapter_name=other)
+    tokenizer = load_tokenizer(str(template_of))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    if name is None:
+        with model.disable_adapter():
+            output = model.generate(ids, max_new_tokens=16, do_sample=False)
+    else:
+        model.set_adapter(name)
+        output = model.generate(ids, max_new_tokens=16, do_sample=False)
+    eos = tokenizer.eos_token_id
+    reply = [t for t in output[0, ids.shape[1]:].tolist()]
+    reply = reply[:reply.index(eos)] if eos in reply else reply
+    return tokenizer.decode(reply, skip_special_tokens=True)
+
+
+def test_one_batch_of_base_and_two_adapters_gives_plain_peft_greedy_text(tiny_model, tiny_adapter, tmp_path):
+    second = make_lora_adapter(tmp_path / "second", tiny_model, seed=7)  # the default model's chat template
+    adapters = {"tuned": tiny_adapter, "second": second}
+    engine = Engine.load(str(tiny_model), adapters, base_name="base")
+    try:
+        jobs = [(model, question) for question in QUESTIONS for model in ("base", "tuned", "second")]
+        # Submitted together, they run in one batch: rows of all three models in every decode step.
+        generations = [engine.chat(model, [{"role": "user", "content": q}], GREEDY) for model, q in jobs]
+        replies = {job: g.result() for job, g in zip(jobs, generations)}
+    finally:
+        engine.close()
+    for model, question in jobs:
+        folder = {"base": tiny_model, "tuned": tiny_adapter, "second": second}[model]
+        expected = peft_greedy(tiny_model, adapters, None if model == "base" else model, question, folder)
+        assert replies[model, question] == expected, (model, question)
+    for question in QUESTIONS:  # the three models answer differently, so a row given the wrong adapter shows
+        assert len({replies[model, question] for model in ("base", "tuned", "second")}) == 3
+
+
+def test_new_requests_join_a_running_batch(engine):
+    long = engine.chat("base", HELLO, sampled(seed=8, max_tokens=300))
+    next(iter(long))
+    short = engine.chat("tuned", HELLO, sampled(seed=9, max_tokens=5))
+    assert short.result() and short.done.is_set()
+    assert not long.done.is_set()  # the short reply came and went while the long one kept decoding
+    assert short.started >= long.started and short.first_token_at < long.created + 300
+    long.cancel()
+    assert long.done.wait(timeout=30) and long.completion_tokens < 300
+
+
+def test_queue_counts_every_prompt_and_cancelled_requests_free_their_place(tiny_model):
+    engine = Engine.load(str(tiny_model), max_batch=1, max_queue=2)
+    name = engine.default_model
+    try:
+        running = engine.complete(name, "one two three", sampled(seed=1, max_tokens=400))
+        next(iter(running))  # it holds the only row
+        waiting = engine.submit(name, ["a", "b"], sampled(seed=2), chat=False)
+        assert engine.queued == 2
+        with pytest.raises(EngineBusyError, match="2 requests waiting, at most 2"):
+            engine.submit(name, ["c"], sampled(seed=3), chat=False)
+        waiting[0].cancel()
+        assert engine.queued == 1
+        with pytest.raises(EngineBusyError):  # all or none: two more do not fit, and neither is queued
+            engine.submit(name, ["c", "d"], sampled(seed=3), chat=False)
+        assert engine.queued == 1
+        late = engine.submit(name, ["c"], sampled(seed=3, max_tokens=4), chat=False)[0]
+        running.cancel()
+        assert late.result() and waiting[1].result() and waiting[0].text == ""
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_seeds_out_of_range_are_refused(seed):
+    with pytest.raises(WeitiaoError, match="seed must be between 0 and"):
+        SamplingParams(seed=seed)
