@@ -73,6 +73,12 @@ def parse_adapter_specs(specs: list[str] | None) -> dict[str, str]:
     return adapters
 
 
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """A PeftModel of prefix tuning, P-Tuning or prompt tuning: virtual tokens the engine's cache cannot hold."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 class Engine:
     """A model (and its named adapters) generating for many requests at once on a scheduler thread.
 
@@ -84,6 +90,9 @@ class Engine:
                  eos_token_ids: list[int] | None = None, stop_strings: list[str] | None = None,
                  max_batch: int | None = None, max_model_len: int | None = None, max_queue: int = 256,
                  cuda_graphs: bool | None = None):
+        if is_prompt_learning(model):
+            raise WeitiaoError("the engine batches base models and LoRA adapters; merge or serve prefix, P-Tuning "
+                               "and prompt-tuning adapters with plain PEFT")
         self.model = model
         self.device = next(model.parameters()).device
         self._attention = model.config._attn_implementation
