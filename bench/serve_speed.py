@@ -145,8 +145,9 @@ def table(result: dict) -> str:
         old = row.get("old_tokens_per_s")
         times = f"{row['tokens_per_s'] / old:.1f}x" if old else ""
         ttft = [f"{row[k]:.3f}" if row.get(k) is not None else "" for k in ("ttft_p50_s", "ttft_p95_s")]
-        lines.append(f"| {row['engine']} | {row['concurrency']} | {row['tokens_per_s']:,.0f} | "
-                     f"{old or '':,} | {times} | {ttft[0]} | {ttft[1]} |".replace("| , |", "|  |"))
+        old_text = f"{old:,.0f}" if old else ""
+        lines.append(f"| {row['engine']} | {row['concurrency']} | {row['tokens_per_s']:,.0f} | {old_text} | {times} | "
+                     f"{ttft[0]} | {ttft[1]} |")
     evals = {row["engine"]: row for row in result["rows"] if row["engine"].startswith("eval-")}
     if len(evals) == 2:
         old, new = evals["eval-old"]["seconds"], evals["eval-weitiao"]["seconds"]

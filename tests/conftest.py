@@ -54,8 +54,11 @@ def tokenizer(request):
     return load_tokenizer(folder)
 
 
-def make_tiny_model(folder: Path, tokenizer, hidden_size: int = 64, seed: int = 0) -> Path:
-    """A 2-layer Llama with the given tokenizer: trains in seconds and exercises the real code paths."""
+def make_tiny_model(folder: Path, tokenizer, hidden_size: int = 64, seed: int = 0,
+                    weight_std: float | None = None) -> Path:
+    """A 2-layer Llama with the given tokenizer: trains in seconds and exercises the real code paths. With
+    `weight_std` every weight is drawn from N(0, weight_std): large values make greedy replies vary (the usual
+    initialisation repeats one token), so a wrong adapter or cache entry changes the text."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -65,6 +68,10 @@ def make_tiny_model(folder: Path, tokenizer, hidden_size: int = 64, seed: int = 
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
+    if weight_std:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0, weight_std)
     model.generation_config = GenerationConfig.from_model_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

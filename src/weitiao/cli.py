@@ -175,8 +175,45 @@ def _engine(args: argparse.Namespace, adapters: dict[str, str]):
     from weitiao.generation.engine import Engine
 
     print(f"loading {args.model}...", file=sys.stderr)
+    sizes = {key: getattr(args, key) for key in ("max_batch", "max_model_len", "max_queue")
+             if getattr(args, key, None) is not None}
     return Engine.from_model_arg(args.model, adapters, dtype=args.dtype, base_name=getattr(args, "name", None),
-                                 threads=args.threads)
+                                 threads=args.threads, **sizes)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $WEITIAO_API_KEY (the file and the variable keep the
+    key out of `ps`)."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip().splitlines()
+        except OSError as error:
+            raise WeitiaoError(f"cannot read --api-key-file {args.api_key_file}: {error.strerror}") from None
+        if not key or not key[0].strip():
+            raise WeitiaoError(f"--api-key-file {args.api_key_file} is empty")
+        return key[0].strip()
+    return args.api_key or os.environ.get("WEITIAO_API_KEY") or None
+
+
+def _check_exposure(args: argparse.Namespace, protected: bool) -> None:
+    """A server reachable from other machines needs a key (the API) or an explicit --insecure."""
+    if _is_loopback(args.host) or protected or args.insecure:
+        return
+    what = ("set an API key (--api-key-file FILE or $WEITIAO_API_KEY)" if args.command == "serve"
+            else "the web UI has no login and its Train tab runs jobs on this machine")
+    raise WeitiaoError(f"--host {args.host} makes the {args.command} reachable from other machines: {what}; "
+                       "add --insecure to do it anyway")
 
 
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -201,11 +238,23 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.generation.engine import parse_adapter_specs
     from weitiao.serve.server import bind_socket, run_server
 
+    from weitiao.serve.server import ServerLimits, default_allowed_hosts
+
     adapters = parse_adapter_specs(args.adapter)
+    api_key = _api_key(args)
+    _check_exposure(args, protected=api_key is not None)
+    limits = ServerLimits(allowed_hosts=_allowed_hosts(args, default_allowed_hosts(args.host)),
+                          request_timeout=args.request_timeout)
     with bind_socket(args.host, args.port) as sock:  # before loading the model: a taken port fails at once
         engine = _engine(args, adapters)
-        run_server(engine, sock, api_key=args.api_key or os.environ.get("WEITIAO_API_KEY") or None)
+        run_server(engine, sock, api_key=api_key, limits=limits)
         engine.close()
+
+
+def _allowed_hosts(args: argparse.Namespace, default: list[str] | None) -> list[str] | None:
+    if "*" in (args.allowed_host or []):
+        return None
+    return sorted(set(default or []) | set(args.allowed_host)) if args.allowed_host else default
 
 
 def cmd_webui(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -213,10 +262,14 @@ def cmd_webui(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.serve.server import bind_socket
     from weitiao.serve.webui import launch
 
+    from weitiao.serve.server import default_allowed_hosts
+
     adapters = parse_adapter_specs(args.adapter)
+    _check_exposure(args, protected=False)
     bind_socket(args.host, args.port).close()  # fail now, not after loading the model, when the port is taken
     engine = _engine(args, adapters)
-    launch(engine, host=args.host, port=args.port, runs_dir=args.runs_dir)
+    launch(engine, host=args.host, port=args.port, runs_dir=args.runs_dir,
+           allowed_hosts=_allowed_hosts(args, default_allowed_hosts(args.host)))
     engine.close()
 
 
@@ -287,8 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="attach an adapter (run folder) under NAME; repeatable")
         sub.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
         sub.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+        sub.add_argument("--insecure", action="store_true", help="allow a --host other machines reach without "
+                         + ("an API key" if name == "serve" else "a login"))
+        sub.add_argument("--allowed-host", action="append", metavar="NAME",
+                         help="a Host header to answer besides localhost and --host (repeatable; '*': any). Others "
+                         "get a 400, which stops DNS-rebinding pages from reaching a local server")
+        sub.add_argument("--max-batch", type=int, help="replies decoded at once (default 64 on a GPU, 8 on a CPU)")
+        sub.add_argument("--max-model-len", type=int, help="longest prompt + reply in tokens (default: the model's "
+                         "context, at most 4096)")
         if name == "serve":
-            sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $WEITIAO_API_KEY)")
+            sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $WEITIAO_API_KEY; "
+                             "a key given here shows in `ps`, prefer --api-key-file)")
+            sub.add_argument("--api-key-file", help="read the API key from the first line of this file")
+            sub.add_argument("--max-queue", type=int, help="requests (prompts) waiting for a row before the server "
+                             "answers 503 (default 256)")
+            sub.add_argument("--request-timeout", type=float, default=20, help="seconds a connection may stay open "
+                             "without sending a request (default 20)")
             sub.add_argument("--name", help="the base model's name in the API (default: MODEL as given)")
         else:
             sub.add_argument("--runs-dir", default="outputs", help="where the Train tab writes runs and the Eval tab "

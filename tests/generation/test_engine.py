@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from tests.conftest import make_lora_adapter
 from weitiao.errors import WeitiaoError
@@ -158,27 +159,28 @@ QUESTIONS = ["Hello, who are you?", "What is the capital of France?", "Write a h
              "List three prime numbers."]
 
 
-def peft_greedy(tiny_model, adapters: dict, name: str | None, question: str, template_of) -> str:
+def peft_greedy(tiny_model, adapters: dict, name: str | None, question: str, template_of, device: str = "cpu",
+                max_new_tokens: int = 16) -> str:
     """The reply of plain PeftModel.generate (transformers' own loop, one prompt, no engine)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from weitiao.models import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(device)
     (first, path), *rest = adapters.items()
     model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
     for other, other_path in rest:
         model.load_adapter(str(other_path), adapter_name=other)
     tokenizer = load_tokenizer(str(template_of))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+                                        return_tensors="pt", return_dict=True)["input_ids"].to(device)
     if name is None:
         with model.disable_adapter():
-            output = model.generate(ids, max_new_tokens=16, do_sample=False)
+            output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     else:
         model.set_adapter(name)
-        output = model.generate(ids, max_new_tokens=16, do_sample=False)
+        output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     eos = tokenizer.eos_token_id
     reply = [t for t in output[0, ids.shape[1]:].tolist()]
     reply = reply[:reply.index(eos)] if eos in reply else reply

@@ -48,3 +48,18 @@ def test_adapter_for_another_base(capsys, other_tiny_model, tiny_adapter):
 def test_missing_model(capsys, tmp_path):
     line = run_failing(["chat", str(tmp_path / "no-model")], capsys)
     assert line == f"error: model path not found: {tmp_path / 'no-model'}"
+
+
+@pytest.mark.parametrize("command, why", [("serve", "set an API key"), ("webui", "has no login")])
+def test_all_interfaces_need_a_key_or_insecure(capsys, tiny_model, command, why):
+    line = run_failing([command, str(tiny_model), "--host", "0.0.0.0", "--port", "0"], capsys)
+    assert line.startswith("error: --host 0.0.0.0 makes the") and why in line and line.endswith("add --insecure "
+                                                                                                 "to do it anyway")
+
+
+def test_api_key_file_must_be_readable_and_not_empty(capsys, tiny_model, tmp_path):
+    line = run_failing(["serve", str(tiny_model), "--api-key-file", str(tmp_path / "none")], capsys)
+    assert line.startswith(f"error: cannot read --api-key-file {tmp_path / 'none'}")
+    (tmp_path / "empty").write_text("\n")
+    line = run_failing(["serve", str(tiny_model), "--api-key-file", str(tmp_path / "empty")], capsys)
+    assert line == f"error: --api-key-file {tmp_path / 'empty'} is empty"

@@ -218,3 +218,200 @@ def test_one_log_line_per_request(server):
     assert lines and all(re.search(r"\d+\.\d{3}s model=\w+ queued=\S+ prompt_tokens=\d+ completion_tokens=\d+ "
                                    r"\(\S+ tokens/s\)", line) for line in lines), lines[:3]
     assert any("POST /v1/chat/completions 401" in line for line in server.log_lines())
+
+
+# -- hardening: what a load and fault test found ----------------------------------------------------------------
+
+
+def raw_requests(url: str, requests: list[bytes], timeout: float = 30) -> list[tuple[int, bytes]]:
+    """Send HTTP/1.1 requests one after another on ONE connection; (status, body) of each response. A server that
+    drops the connection after an error fails the next one."""
+    import socket as sockets
+
+    host, port = url.removeprefix("http://").split(":")
+    answers = []
+    with sockets.create_connection((host, int(port)), timeout=timeout) as sock:
+        stream = sock.makefile("rb")
+        for request in requests:
+            sock.sendall(request)
+            status = int(stream.readline().split()[1])
+            headers = {}
+            while (line := stream.readline().strip()):
+                key, _, value = line.decode().partition(":")
+                headers[key.lower()] = value.strip()
+            answers.append((status, stream.read(int(headers.get("content-length", 0)))))
+    return answers
+
+
+def http_post(path: str, body: dict, host: str = "127.0.0.1") -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def test_unknown_routes_and_wrong_methods_answer_in_openai_shape(server):
+    for method, path, status, code in [("GET", "/v1/nope", 404, "unknown_url"), ("POST", "/nope", 404, "unknown_url"),
+                                       ("GET", "/v1/chat/completions", 405, "method_not_allowed")]:
+        response = httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["code"] == code and path in error["message"] and set(error) == {"message", "type", "param",
+                                                                                      "code"}
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", "4"), ("stream", "yes"), ("seed", 2**64), ("seed", -1),
+                                          ("temperature", "0.5"), ("n", 2)])
+def test_wrong_types_and_ranges_are_400_and_the_connection_stays_usable(server, field, value):
+    answers = raw_requests(server.url, [http_post("/v1/chat/completions", {"model": "base", "messages": HELLO,
+                                                                          "max_tokens": 2, field: value}),
+                                        http_post("/v1/chat/completions", {"model": "base", "messages": HELLO,
+                                                                          "max_tokens": 2})])
+    (status, body), (next_status, next_body) = answers
+    assert status == 400 and json.loads(body)["error"]["param"] == field, body
+    assert next_status == 200 and json.loads(next_body)["usage"]["completion_tokens"] == 2
+
+
+def test_bodies_over_the_cap_get_413_before_they_are_read(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    huge = b'{"model": "base", "prompt": "' + b"x" * (9 * 2**20) + b'"}'
+    started = time.perf_counter()
+    response = httpx.post(server.url + "/v1/completions", content=huge, headers=headers, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the cap counts what arrives
+        for _ in range(10):
+            yield b"x" * 2**20
+
+    response = httpx.post(server.url + "/v1/completions", content=chunks(), headers=headers, timeout=60)
+    assert response.status_code == 413
+    assert time.perf_counter() - started < 20
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_without_tokenizing(server, client):
+    started = time.perf_counter()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="base", prompt="word " * 1_200_000, max_tokens=4)  # 6 MB
+    assert raised.value.body["code"] == "context_length_exceeded" and "characters" in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "word " * 1_200_000}])
+    assert raised.value.body["code"] == "context_length_exceeded"
+    assert time.perf_counter() - started < 10  # tokenizing 12 MB would take far longer on this machine
+
+
+def test_one_request_may_not_send_too_many_prompts(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="base", prompt=["hi"] * 33, max_tokens=1)
+    assert raised.value.body["param"] == "prompt" and "at most 32 prompts" in raised.value.body["message"]
+
+
+def test_host_header_must_name_this_machine(server):
+    port = server.url.rsplit(":", 1)[1]
+    for host, status in [(f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200), ("rebind.example.com", 400),
+                         (f"evil.example:{port}", 400)]:
+        response = httpx.get(server.url + "/health", headers={"Host": host})
+        assert response.status_code == status, host
+    assert response.json()["error"]["code"] == "invalid_host"
+
+
+def test_internal_errors_say_nothing_internal_and_keep_the_connection(engine, monkeypatch):
+    """An exception inside the app: a 500 in OpenAI's shape without its text, the traceback in the log, and the
+    next request on the same connection is answered."""
+    import threading
+
+    import uvicorn
+
+    from weitiao.serve.server import ServerLimits, create_app, guarded_protocol
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(engine, "chat", broken)
+    app = create_app(engine, API_KEY, ServerLimits(allowed_hosts=None))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error",
+                                           http=guarded_protocol(20, 100)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        answers = raw_requests(url, [http_post("/v1/chat/completions", {"model": "base", "messages": HELLO}),
+                                     b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    (status, body), (next_status, _) = answers
+    error = json.loads(body)["error"]
+    assert status == 500 and error["type"] == "server_error" and "secret" not in body.decode()
+    assert next_status == 200
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, tiny_model):
+    """One row, four places in the queue, at most 256 open files, requests due within 2 s, key from a file."""
+    import resource
+
+    folder = tmp_path_factory.mktemp("small-server")
+    (folder / "key").write_text(API_KEY + "\n")
+    handle = (folder / "server.log").open("w")
+
+    def few_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    process = subprocess.Popen([sys.executable, "-m", "weitiao", "serve", str(tiny_model), "--name", "base",
+                                "--api-key-file", str(folder / "key"), "--threads", "1", "--max-batch", "1",
+                                "--max-queue", "4", "--request-timeout", "2", "--port", "0"],
+                               stdout=handle, stderr=subprocess.STDOUT, preexec_fn=few_files,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = folder / "server.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+        if found:
+            break
+        time.sleep(0.2)
+    else:
+        process.kill()
+        raise AssertionError("the server did not start:\n" + log.read_text())
+    yield Server(process, log, found.group(1))
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_queue_places_are_counted_per_prompt_and_a_refused_request_keeps_none(small_server):
+    """Before: the prompts of a request were queued one by one; the fifth got the 503 and the four before it,
+    cancelled, kept their places, so every later request got a 503 too."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}  # read from --api-key-file
+    request = {"model": "base", "max_tokens": 2, "seed": 1}
+    busy = httpx.post(small_server.url + "/v1/completions", headers=headers,
+                      json={**request, "prompt": ["a", "b", "c", "d", "e"]})
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
+    assert "at most 4" in busy.json()["error"]["message"]
+    assert httpx.get(small_server.url + "/health").json()["queued"] == 0
+    reply = httpx.post(small_server.url + "/v1/completions", headers=headers, timeout=60,
+                       json={**request, "prompt": ["a", "b", "c", "d"]})
+    assert reply.status_code == 200 and [c["finish_reason"] for c in reply.json()["choices"]] == ["length"] * 4
+
+
+def test_idle_sockets_cannot_lock_clients_out(small_server):
+    """400 connections that never send a request, against a server allowed 256 open files: the oldest idle ones
+    make room for new clients, the rest are closed after --request-timeout, and the log does not flood."""
+    import socket as sockets
+
+    host, port = small_server.url.removeprefix("http://").split(":")
+    idle = [sockets.create_connection((host, int(port))) for _ in range(400)]
+    try:
+        started = time.perf_counter()
+        assert httpx.get(small_server.url + "/health", timeout=10).status_code == 200
+        assert time.perf_counter() - started < 5
+        time.sleep(3)  # past --request-timeout: the server closed every idle socket
+        for sock in idle[-50:]:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert small_server.process.poll() is None
+    lines = small_server.log_lines()
+    assert len(lines) < 40 and not any("Too many open files" in line for line in lines), lines[-10:]

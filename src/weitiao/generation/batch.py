@@ -12,6 +12,7 @@ made of.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,8 @@ class BatchModel:
         # Decode inputs, in place for the graphs: next token, its position, the row's adapter.
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=self.device)
         self._host_inputs = torch.zeros(3, slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._logits: torch.Tensor | None = None  # what the graphs return, (slots, vocab) float32
         self._pool = None
         self._batch_buckets = [b for b in BATCH_BUCKETS if b < slots] + [slots]
         self._length_buckets = []
@@ -109,9 +111,30 @@ class BatchModel:
             bucket *= 2
         self._length_buckets.append(length)
 
+    @property
+    def captured(self) -> int:
+        """How many decode steps are captured as graphs (0: none yet, or the model changed since)."""
+        return len(self._graphs)
+
     def reset_graphs(self) -> None:
         """Forget captured graphs (the model changed: an adapter was attached)."""
         self._graphs.clear()
+
+    def capture_graphs(self) -> float:
+        """Capture the decode step of every bucket now, largest first (later ones reuse its memory), so no request
+        waits for a capture (tens of milliseconds each). Safe while sequences run: the captured steps write only
+        the cache's last position, which no running sequence feeds a token to. Returns the seconds it took."""
+        self._graphs.clear()
+        if not self.cuda_graphs:
+            return 0.0
+        started = time.perf_counter()
+        self._inputs.zero_()
+        self._inputs[1] = self.length - 1
+        for length in reversed(self._length_buckets):
+            for rows in reversed(self._batch_buckets):
+                self._capture(rows, length)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     def _forward(self, **inputs) -> torch.Tensor:
         return self.model(**inputs, past_key_values=self.cache, use_cache=True).logits
@@ -153,9 +176,8 @@ class BatchModel:
         length = self._length_buckets[bisect.bisect_left(self._length_buckets, longest)]
         host[:, n:rows] = 0  # padding rows: token 0 at position 0 of their free row, on the base model
         self._inputs[:, :rows].copy_(host[:, :rows], non_blocking=True)
-        graph, logits = self._graphs.get((rows, length)) or self._capture(rows, length)
-        graph.replay()
-        return logits[:n]
+        self._graphs[rows, length].replay()
+        return self._logits[:n]
 
     def _decode_step(self, rows: int, length: int) -> torch.Tensor:
         tokens, positions, adapters = self._inputs[:, :rows]
@@ -167,18 +189,18 @@ class BatchModel:
                                attention_mask=mask[:, None, None, :], logits_to_keep=1)
         return logits[:, -1].float()
 
-    def _capture(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (as torch.cuda.graphs asks), then capture. The warm-up computes exactly what the
-        # captured step will, so the cache entries it writes are the ones the replay writes again.
+    def _capture(self, rows: int, length: int) -> None:
+        # Warm up on a side stream (as torch.cuda.graphs asks), then capture. Every graph writes its logits into
+        # one buffer, so what a graph allocates lives only while it runs and the graphs share that memory.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode_step(rows, length)
+            logits = self._decode_step(rows, length)
         torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
+        if self._logits is None:
+            self._logits = torch.empty(self.slots, logits.shape[-1], dtype=logits.dtype, device=self.device)
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_step(rows, length)
-        self._graphs[rows, length] = graph, logits
-        return graph, logits
+            self._logits[:rows].copy_(self._decode_step(rows, length))
+        self._graphs[rows, length] = graph

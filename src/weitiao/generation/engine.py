@@ -15,6 +15,7 @@ produced, for plain threads (iteration) and for asyncio (`stream_async`) alike.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import re
 import threading
@@ -143,6 +144,7 @@ class Engine:
                      stop_strings=folder.stop_strings(), **options)
         for name, path in (adapters or {}).items():
             engine.add_adapter(name, path)
+        engine.warm_up()
         return engine
 
     @classmethod
@@ -175,6 +177,18 @@ class Engine:
             log.warning("KV cache: %d rows of %d tokens fit in half the free GPU memory (asked for %d)", fits,
                         self.context_length, wanted)
         return min(wanted, fits)
+
+    def warm_up(self) -> None:
+        """Capture the decode steps as CUDA graphs now (on a GPU), so that the first requests do not wait for it.
+        The scheduler does it before its next step whenever they are missing (at start, after an adapter is
+        attached)."""
+        with self._model_lock:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        if self._batch.cuda_graphs and not self._batch.captured:
+            seconds = self._batch.capture_graphs()
+            log.info("captured %d decode steps as CUDA graphs in %.1f s", self._batch.captured, seconds)
 
     def _inner_model(self) -> torch.nn.Module:
         """The transformers model under a PeftModel wrapper (its LoRA layers are in place inside it)."""
@@ -246,6 +260,7 @@ class Engine:
     def render_chat(self, name: str, messages: list[dict[str, str]]) -> str:
         """The prompt text for a conversation, in the chat template of the model `name` selects."""
         served = self.get(name)
+        self._check_prompt_size(served, sum(len(m.get("content") or "") for m in messages))
         if not getattr(served.tokenizer, "chat_template", None):
             raise RequestError(f"model '{name}' has no chat template (a base model?); use the completions endpoint, "
                                "or fine-tune it with a data.template")
@@ -260,8 +275,18 @@ class Engine:
     def count_tokens(self, name: str, text: str, chat: bool = True) -> int:
         return len(self._encode(self.get(name), text, chat))
 
+    def _check_prompt_size(self, served: ServedModel, characters: int) -> None:
+        """Refuse a prompt that cannot fit before tokenizing it: no token is longer than the tokenizer's longest
+        vocabulary entry, so more characters than the context times that length are too many tokens for sure
+        (and a 50 MB prompt costs no tokenizer time or memory)."""
+        limit = self.context_length * _longest_token(served.tokenizer)
+        if characters > limit:
+            raise ContextLengthError(f"the prompt has {characters:,} characters, more than the {self.context_length}-"
+                                     f"token context window of this model can hold (at most {limit:,} characters)")
+
     def _encode(self, served: ServedModel, text: str, chat: bool) -> list[int]:
         # A rendered chat template already holds its special tokens; a raw completion prompt gets the usual ones.
+        self._check_prompt_size(served, len(text))
         with self._tokenizer_lock:
             return served.tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
@@ -357,6 +382,7 @@ class Engine:
     @torch.inference_mode()
     def _step(self, admitted: list[Generation]) -> None:
         """Prefill what was admitted, then one decode step for every running reply."""
+        self._capture_graphs()
         self._release_finished()
         if admitted:
             now = time.time()
@@ -408,6 +434,13 @@ class Engine:
         if self.model.config._attn_implementation != self._attention:
             self.model.set_attn_implementation(self._attention)
         self.model.train(self._was_training)
+
+
+@functools.cache
+def _longest_token(tokenizer: Any) -> int:
+    """Characters in the tokenizer's longest vocabulary entry: more than any one token decodes to (byte-level
+    entries spell a byte as one character; SentencePiece's '▁' is the space it stands for)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

@@ -3,7 +3,12 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Streaming uses
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Errors use OpenAI's error body
 ({"error": {"message", "type", "param", "code"}}) so the official clients raise their usual exceptions.
-Requests queue on the engine's single worker; a client that leaves mid-stream cancels its generation.
+Requests join the engine's running batch; a client that leaves mid-stream cancels its generation.
+
+What keeps it up under load and abuse (`ServerLimits`): a cap on body size and on prompts per request, prompts
+refused by length before they are tokenized, tokenizing off the event loop, strict request bodies, a Host-header
+check against DNS rebinding, 500s without internal text, and a connection layer (`guarded_protocol`) that closes
+connections which send no request in time and keeps the number of open sockets under the open-file limit.
 """
 
 from __future__ import annotations
@@ -12,32 +17,57 @@ import asyncio
 import errno
 import json
 import logging
+import os
+import resource
 import secrets
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weitiao.errors import WeitiaoError
 from weitiao.generation.engine import Engine
-from weitiao.generation.requests import (ContextLengthError, EngineBusyError, Generation, SamplingParams,
-                                  UnknownModelError)
+from weitiao.generation.requests import (MAX_SEED, ContextLengthError, EngineBusyError, Generation, SamplingParams,
+                                         UnknownModelError)
 
 log = logging.getLogger("weitiao.serve")
 
+
+@dataclass
+class ServerLimits:
+    """What one client may ask of the server. allowed_hosts: the Host header values (names or addresses, any
+    port) requests may carry; None accepts any (see `default_allowed_hosts`)."""
+    max_body_bytes: int = 8 * 2**20
+    max_prompts: int = 32  # prompts in one /v1/completions request
+    request_timeout: float = 20.0  # seconds a connection may take to send a request's headers (or sit idle before)
+    allowed_hosts: list[str] | None = None
+
+
+def default_allowed_hosts(host: str) -> list[str] | None:
+    """A server on a loopback address answers only requests addressed to this machine by name or address, so a web
+    page elsewhere cannot reach it through a DNS name that points at 127.0.0.1 (DNS rebinding). One on all
+    interfaces has no single name to check: None (any), and it requires an API key instead (the CLI)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    return sorted({"localhost", "127.0.0.1", "::1", host.strip("[]")})
+
+
 # ---------------------------------------------------------------------------------------------
 # Request bodies. Fields OpenAI defines that we do not implement are ignored, except those that would
-# change the answer's shape (n > 1), which are refused.
+# change the answer's shape (n > 1), which are refused. Strict: "4" is no integer and "yes" no boolean.
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Body):
@@ -60,7 +90,7 @@ class _SamplingBody(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request is supported")
@@ -89,6 +119,15 @@ class APIError(Exception):
 def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"error": {
         "message": error.message, "type": error.type, "param": error.param, "code": error.code}})
+
+
+def _http_error(error: StarletteHTTPException, request: Request) -> APIError:
+    if error.status_code == 404:
+        return APIError(404, f"Unknown request URL: {request.method} {request.url.path}", code="unknown_url")
+    if error.status_code == 405:
+        return APIError(405, f"Method {request.method} is not allowed for {request.url.path}",
+                        code="method_not_allowed")
+    return APIError(error.status_code, str(error.detail))
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
@@ -131,13 +170,18 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
     """The API over `engine`. With `api_key`, /v1/* requires `Authorization: Bearer <api_key>`."""
+    limits = limits or ServerLimits()
     app = FastAPI(title="weitiao", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(_http_error(error, request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -153,11 +197,6 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         code = "context_length_exceeded" if isinstance(error, ContextLengthError) else None
         return _error_response(APIError(400, str(error), code=code))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return _error_response(APIError(500, f"internal error: {error}", type_="server_error"))
-
     async def check_api_key(request: Request) -> None:
         if api_key is None:
             return
@@ -166,6 +205,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             message = "Incorrect API key provided" if token else "Missing API key: send 'Authorization: Bearer KEY'"
             raise APIError(401, message, code="invalid_api_key")
 
+    app.add_middleware(Guard, limits=limits)
+    app.add_middleware(HostCheck, allowed_hosts=limits.allowed_hosts)
     app.add_middleware(RequestLog)
     api = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
@@ -185,7 +226,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         params = _sampling(body, body.max_completion_tokens or body.max_tokens)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
                     for m in body.messages]
-        generation = engine.chat(body.model, messages, params)
+        generation = await run_in_threadpool(engine.chat, body.model, messages, params)  # tokenizing takes time
         request.state.generations = [generation]
         request.state.model = body.model
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -218,14 +259,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        generations: list[Generation] = []
-        try:
-            for prompt in prompts:  # queued together, so they run back to back
-                generations.append(engine.complete(body.model, prompt, _sampling(body, body.max_tokens)))
-        except WeitiaoError:
-            for generation in generations:
-                generation.cancel()
-            raise
+        if len(prompts) > limits.max_prompts:
+            raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}",
+                           param="prompt")
+        # All queued or none (a full queue refuses the whole request); each prompt takes one place in the queue.
+        generations = await run_in_threadpool(engine.submit, body.model, prompts, _sampling(body, body.max_tokens),
+                                              False)
         request.state.generations = generations
         request.state.model = body.model
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -280,9 +319,9 @@ def _event_stream(events: AsyncIterator[str], generations: list[Generation]) -> 
         try:
             async for event in events:
                 yield event
-        except Exception as error:  # headers are sent: report in the stream, as OpenAI does
+        except Exception:  # headers are sent: report in the stream, as OpenAI does (the details go to the log)
             log.exception("generation failed mid-stream")
-            yield _sse({"error": {"message": f"internal error: {error}", "type": "server_error", "param": None,
+            yield _sse({"error": {"message": "internal error", "type": "server_error", "param": None,
                                   "code": None}})
         finally:  # the client went away (or the stream ended): nothing more to generate for it
             for generation in generations:
@@ -290,6 +329,90 @@ def _event_stream(events: AsyncIterator[str], generations: list[Generation]) -> 
 
     return StreamingResponse(guarded(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class HostCheck:
+    """Answer only requests whose Host header names an allowed host (None: any); others get a 400. Used by the
+    API and the web UI."""
+
+    def __init__(self, app, allowed_hosts: list[str] | None):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and self.allowed_hosts is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not _host_allowed(host, self.allowed_hosts):
+                log.warning("refused a request for Host %r", host[:100])
+                return await _send_error(send, APIError(
+                    400, f"invalid Host header: this server answers requests for {', '.join(self.allowed_hosts)} "
+                    "only (--allowed-host NAME adds one)", code="invalid_host"))
+        return await self.app(scope, receive, send)
+
+
+class Guard:
+    """Before the app: the body size cap. Around it: any exception becomes a 500 with no internal text (the
+    traceback goes to the log), and the connection stays usable for the next request."""
+
+    def __init__(self, app, limits: ServerLimits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        cap = self.limits.max_body_bytes
+        if int(headers.get("content-length") or 0) > cap:
+            return await _send_error(send, _too_large(cap))
+        received, too_large, started = 0, False, False
+
+        async def capped_receive():
+            # Past the cap the app is told the client left, and its answer to that is dropped: ours is the 413.
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > cap:
+                too_large = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            if too_large:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, watched_send)
+        except Exception:
+            if not too_large:
+                log.exception("request failed: %s %s", scope["method"], scope["path"])
+                if not started:
+                    await _send_error(send, APIError(500, "internal error (the server log has the details)",
+                                                     type_="server_error"))
+        if too_large and not started:
+            await _send_error(send, _too_large(cap))
+
+
+def _too_large(cap: int) -> APIError:
+    return APIError(413, f"the request body is larger than {cap // 2**20} MiB", code="request_too_large")
+
+
+async def _send_error(send, error: APIError) -> None:
+    await _error_response(error)({"type": "http"}, None, send)
+
+
+def _host_allowed(host_header: str, allowed: list[str] | None) -> bool:
+    if allowed is None:
+        return True
+    if host_header.startswith("["):  # [::1]:8000
+        name = host_header[1:].split("]", 1)[0]
+    else:  # example.com:8000, 127.0.0.1
+        head, sep, port = host_header.rpartition(":")
+        name = head if sep and port.isdigit() and ":" not in head else host_header
+    return name.lower() in {host.lower() for host in allowed}
 
 
 class RequestLog:
@@ -347,15 +470,115 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(engine: Engine, sock: socket.socket, api_key: str | None = None) -> None:
+def open_file_budget(reserve: int = 64) -> int:
+    """Raise this process's open-file limit to its hard limit and return how many sockets the server may hold:
+    the limit less the files already open and a reserve (model files, logs, the event loop's own)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    try:
+        already = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        already = 64
+    return max(8, soft - already - reserve)
+
+
+def guarded_protocol(request_timeout: float, max_connections: int):
+    """uvicorn's HTTP/1.1 protocol with two guards it lacks. A connection must send a request's headers within
+    `request_timeout` seconds of opening (or of its last response), else it is closed: idle sockets cannot pile
+    up. When `max_connections` are open, a new one evicts the oldest connection that has no request in flight
+    (and is closed itself when every one is busy), so the server never runs out of file descriptors, which would
+    lock every client out."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        opened = 0.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.opened = time.monotonic()
+            if len(self.connections) > max_connections:
+                idle = [c for c in self.connections if c is not self and c.idle and not c.transport.is_closing()]
+                victim = min(idle, key=lambda c: c.opened) if idle else self
+                victim.transport.close()
+                self.connections.discard(victim)  # gone now for the count, before its connection_lost runs
+                if victim is self:
+                    return
+            self._arm()
+
+        @property
+        def idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(request_timeout, self._expire, self.cycle)
+
+        def _expire(self, cycle) -> None:
+            if self.cycle is cycle and self.idle and not self.transport.is_closing():
+                self.transport.close()  # no request came in time
+
+    return GuardedH11Protocol
+
+
+class RepeatFilter(logging.Filter):
+    """Let a log message through at most once per `period` seconds, then say how many repeats were dropped: an
+    accept loop that fails on every connection must not write gigabytes of the same traceback."""
+
+    def __init__(self, period: float = 10.0):
+        super().__init__()
+        self.period = period
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last, dropped = self._last.get(key, (-self.period, 0))
+        if now - last < self.period:
+            self._last[key] = (last, dropped + 1)
+            return False
+        self._last[key] = (now, 0)
+        if dropped:
+            record.msg = f"{record.msg} (and {dropped} more like it in the last {now - last:.0f} s)"
+        return True
+
+
+def run_server(engine: Engine, sock: socket.socket, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> None:
     """Serve until interrupted, on a socket from bind_socket."""
     import uvicorn
 
+    limits = limits or ServerLimits()
     host, port = sock.getsockname()[:2]
-    app = create_app(engine, api_key)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    app = create_app(engine, api_key, limits)
+    connections = open_file_budget()
+    # asyncio accepts up to `backlog` connections in one go before any of them is seen: a quarter of the budget
+    # leaves the guard room to evict idle ones before the process runs out of file descriptors.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            timeout_keep_alive=5, limit_concurrency=connections + 1,  # the guard keeps fewer open
+                            backlog=max(16, min(2048, connections // 4)),
+                            http=guarded_protocol(limits.request_timeout, connections))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repeats = RepeatFilter()
+    for name in ("asyncio", "uvicorn.error"):
+        logging.getLogger(name).addFilter(repeats)
     shown_host = f"[{host}]" if ":" in host else host
-    log.info("serving %s at http://%s:%d/v1 (OpenAI-compatible)%s", ", ".join(engine.names), shown_host, port,
-             "; API key required" if api_key else "")
+    log.info("serving %s at http://%s:%d/v1 (OpenAI-compatible)%s; at most %d connections", ", ".join(engine.names),
+             shown_host, port, "; API key required" if api_key else "", connections)
     uvicorn.Server(config).run(sockets=[sock])

@@ -385,12 +385,19 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
     return app
 
 
-def launch(engine: Engine, host: str = "127.0.0.1", port: int = 7860, runs_dir: str | Path = "outputs") -> None:
-    """Serve the web UI until interrupted; a training run still going then is stopped too."""
+def launch(engine: Engine, host: str = "127.0.0.1", port: int = 7860, runs_dir: str | Path = "outputs",
+           allowed_hosts: list[str] | None = None) -> None:
+    """Serve the web UI until interrupted; a training run still going then is stopped too. allowed_hosts: the
+    Host headers it answers (None: any)."""
+    from starlette.middleware import Middleware
+
+    from weitiao.serve.server import HostCheck
+
     trainer = Trainer()
     app = build_app(engine, runs_dir, trainer)
     print(f"weitiao web UI at http://{host}:{port}", file=sys.stderr, flush=True)
     try:
-        app.queue().launch(server_name=host, server_port=port, ssr_mode=False, show_error=True, quiet=True)
+        app.queue().launch(server_name=host, server_port=port, ssr_mode=False, show_error=True, quiet=True,
+                           app_kwargs={"middleware": [Middleware(HostCheck, allowed_hosts=allowed_hosts)]})
     finally:
         trainer.stop()
