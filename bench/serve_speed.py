@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORDS, build_model_folder, device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("old", "weitiao", "transformers-cb", "eval-old", "eval-weitiao")
+ENGINES = ("old", "weitiao", "transformers-cb", "transformers-generate", "eval-old", "eval-weitiao")
 
 
 def questions(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -115,6 +115,35 @@ def measure_transformers_cb(args: argparse.Namespace, model_dir: str) -> list[di
     return rows
 
 
+def measure_transformers_generate(args: argparse.Namespace, model_dir: str) -> list[dict]:
+    """transformers' `generate` on one static batch of all the prompts (left-padded, dynamic cache, sdpa): the
+    plain way to batch with transformers, not a server (no request joins a running batch)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.dtype == "bf16" else "auto")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    rows = []
+    for concurrency in args.concurrency:
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                 for p in questions(concurrency, seed=concurrency)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        options = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        model.generate(**batch, max_new_tokens=4, **options)  # warm-up
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        output = model.generate(**batch, max_new_tokens=args.max_tokens, **options)
+        sync()
+        wall = time.perf_counter() - started
+        new = output[:, batch["input_ids"].shape[1]:]
+        tokens = int((new != tokenizer.pad_token_id).sum())
+        rows.append({"concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
+                     "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": None, "ttft_p95_s": None})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def measure_eval(args: argparse.Namespace, model_dir: str) -> list[dict]:
     """weitiao.eval.generate.generate as `weitiao eval` calls it: eval.batch_size 16, --eval-prompts prompts."""
     from transformers import AutoModelForCausalLM
@@ -182,7 +211,8 @@ def main() -> None:
         model_dir = str(build_model_folder(args.shape, Path(args.workdir) / f"llama-{args.shape}", tokenizer))
     if args.one:
         engine, result_file = args.one
-        measure = {"transformers-cb": measure_transformers_cb}.get(engine) or (
+        measure = {"transformers-cb": measure_transformers_cb,
+                   "transformers-generate": measure_transformers_generate}.get(engine) or (
             measure_eval if engine.startswith("eval-") else measure_engine)
         Path(result_file).write_text(json.dumps(measure(args, model_dir)))
         return

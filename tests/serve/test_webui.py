@@ -16,13 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import make_lora_adapter
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "webui"
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium (make test installs it)")
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -59,6 +58,8 @@ def webui(tmp_path_factory, tiny_model, tiny_adapter):
 def browser():
     from playwright.sync_api import sync_playwright
 
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Chromium (make test installs it)")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield chromium
@@ -201,3 +202,57 @@ def test_a_training_run_can_be_stopped(page, webui, dataset):
     time.sleep(3)
     assert len(metrics.read_text().splitlines()) == lines  # nothing is training any more
     assert not (webui[1] / "runs" / "stopped-run" / "adapter_config.json").exists()
+
+
+def test_an_adapter_attached_in_the_page_survives_a_reload_and_attaches_again(page, tmp_path, tiny_model):
+    adapter = make_lora_adapter(tmp_path / "extra", tiny_model, seed=3)
+
+    def attach():
+        page.get_by_text("Attach an adapter").click()
+        page.fill("#adapter-path input, #adapter-path textarea", str(adapter))
+        page.get_by_role("button", name="Attach", exact=True).click()
+        return wait_for(lambda: "extra" in page.inner_text("#attach-status") and page.inner_text("#attach-status"),
+                        30, "the attach message")
+
+    assert "Attached `extra`" in attach() or "Attached extra" in page.inner_text("#attach-status")
+    page.reload()
+    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    page.locator("#model-a input").click()
+    wait_for(lambda: page.get_by_role("option", name="extra").count() == 1, 30, "'extra' in the model list")
+    page.keyboard.press("Escape")
+    assert "Attached" in attach()  # the same folder under the same name again is the adapter already attached
+
+
+def test_stop_before_any_reply_leaves_no_empty_turn_for_the_model():
+    from weitiao.serve.webui import answered
+
+    user, empty = {"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}
+    reply = {"role": "assistant", "content": "hello"}
+    assert answered([user, empty]) == []
+    assert answered([user, reply, {"role": "user", "content": "more"}, empty]) == [user, reply]
+    assert answered([user, {"role": "assistant", "content": "half a rep"}]) == [
+        user, {"role": "assistant", "content": "half a rep"}]  # a stopped reply with text stays
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/tmp/x", "..", ".hidden", ""])
+def test_run_names_cannot_leave_the_runs_folder(tmp_path, name):
+    from weitiao.errors import WeitiaoError
+    from weitiao.serve.webui import run_output_dir
+
+    with pytest.raises(WeitiaoError, match="run name .* may only use letters"):
+        run_output_dir(tmp_path / "runs", name)
+    assert run_output_dir(tmp_path / "runs", " run-1.v2 ") == tmp_path / "runs" / "run-1.v2"
+
+
+def test_the_eval_tab_shows_run_folders_only(tmp_path, monkeypatch):
+    from weitiao.errors import WeitiaoError
+    from weitiao.serve.webui import report_folder
+
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert report_folder(runs, str(runs / "a")) == (runs / "a").resolve()
+    assert report_folder(runs, "runs/a") == (runs / "a").resolve()
+    for outside in ["/etc", str(runs / ".." / ".."), "runs/../..", "~"]:
+        with pytest.raises(WeitiaoError, match="is not under the runs folder"):
+            report_folder(runs, outside)

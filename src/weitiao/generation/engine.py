@@ -53,10 +53,12 @@ def dtype_name(short: str) -> str:
     return DTYPES.get(short, short)
 
 
-def check_adapter_name(name: str) -> str:
-    """Names are what clients send as `model` and what log lines show: keep them plain."""
+def check_adapter_name(name: str, what: str = "adapter name") -> str:
+    """Names are what clients send as `model`, what log lines show and (web UI runs) folder names: keep them
+    plain, with no path in them."""
     if not ADAPTER_NAME.fullmatch(name):
-        raise WeitiaoError(f"adapter name '{name}' may only use letters, digits, '.', '_' and '-'")
+        raise WeitiaoError(f"{what} '{name}' may only use letters, digits, '.', '_' and '-' (and not start with "
+                           "'.', '_' or '-')")
     return name
 
 

@@ -27,7 +27,7 @@ from weitiao.config import config_from_dict, dump_config  # noqa: E402
 from weitiao.errors import WeitiaoError  # noqa: E402
 from weitiao.eval.report import plot_loss_curves, render_samples, render_summary  # noqa: E402
 from weitiao.runs import RunFolder  # noqa: E402
-from weitiao.generation.engine import Engine  # noqa: E402
+from weitiao.generation.engine import Engine, check_adapter_name  # noqa: E402
 from weitiao.generation.requests import Generation, SamplingParams  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
@@ -163,6 +163,33 @@ def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 # Reports.
 
 
+def run_output_dir(runs_dir: Path, name: str) -> Path:
+    """Where the Train tab writes run `name`: a plain folder name directly under runs_dir, never a path."""
+    return runs_dir / check_adapter_name(name.strip(), "run name")
+
+
+def report_folder(runs_dir: Path, path: str) -> Path:
+    """A run folder the Eval tab may show: one under runs_dir (the box takes typed paths too)."""
+    folder = Path(path).expanduser()
+    folder = (folder if folder.is_absolute() else Path.cwd() / folder).resolve()
+    if not folder.is_relative_to(runs_dir.resolve()):
+        raise WeitiaoError(f"`{path}` is not under the runs folder `{runs_dir}` (weitiao webui --runs-dir sets it)")
+    return folder
+
+
+def answered(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation without turns that were stopped before any reply came: a user message followed by an
+    empty assistant message would be sent back to the model as if it had answered nothing."""
+    kept: list[dict[str, str]] = []
+    for message in conversation:
+        if message["role"] == "assistant" and not message["content"].strip():
+            if kept and kept[-1]["role"] == "user":
+                kept.pop()
+            continue
+        kept.append(message)
+    return kept
+
+
 def list_runs(runs_dir: Path) -> list[str]:
     """Run folders under runs_dir (weitiao wrote them: a config or a metrics log), newest first."""
     if not runs_dir.is_dir():
@@ -237,7 +264,7 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
                     adapter_path = gr.Textbox(label="Adapter folder (a weitiao LoRA run)", elem_id="adapter-path")
                     adapter_name = gr.Textbox(label="Name (default: the folder's name)")
                 attach = gr.Button("Attach")
-                attach_status = gr.Markdown()
+                attach_status = gr.Markdown(elem_id="attach-status")
             history_a, history_b = gr.State([]), gr.State([])
             in_flight = gr.State({})  # this browser session's generations, so Stop can cancel them
 
@@ -249,7 +276,7 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
                 return
             params = SamplingParams(max_tokens=int(limit), temperature=float(temp), top_p=float(nucleus))
             prefix = [_message("system", system_prompt)] if system_prompt else []
-            conversations = [conversation_a, conversation_b]
+            conversations = [answered(conversation_a), answered(conversation_b)]
             generations: list[tuple[int, Generation]] = []
             for side, model in enumerate([first, other] if both else [first]):  # queue all: they run back to back
                 conversation = conversations[side] + [_message("user", message)]
@@ -346,9 +373,9 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
 
         def start_run(*fields):
             *settings, name = fields
-            name = (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S")
             try:
-                return trainer.start(training_config(*settings, output_dir=str(runs_dir / name))).status()
+                output_dir = run_output_dir(runs_dir, (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S"))
+                return trainer.start(training_config(*settings, output_dir=str(output_dir))).status()
             except WeitiaoError as error:
                 return f"⚠️ {error}"
 
@@ -379,8 +406,20 @@ def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer
                                   elem_id="loss-image", height=360)
             metrics_image = gr.Image(label="Base vs fine-tuned", type="pil", interactive=False, elem_id="metrics-image")
             samples = gr.Markdown(elem_id="samples")
-        run_picker.change(load_report, run_picker, [report, loss_image, metrics_image, samples])
-        app.load(load_report, run_picker, [report, loss_image, metrics_image, samples])  # the preselected run
+        def show_report(path):
+            if not path:
+                return load_report("")
+            try:
+                return load_report(str(report_folder(runs_dir, path)))
+            except WeitiaoError as error:
+                return f"⚠️ {error}", None, None, ""
+
+        def current_models():  # adapters attached since the page was built (a reload shows them too)
+            return gr.Dropdown(choices=engine.names), gr.Dropdown(choices=engine.names)
+
+        run_picker.change(show_report, run_picker, [report, loss_image, metrics_image, samples])
+        app.load(show_report, run_picker, [report, loss_image, metrics_image, samples])  # the preselected run
+        app.load(current_models, None, [model_a, model_b])
         refresh_runs.click(lambda: gr.Dropdown(choices=list_runs(runs_dir)), None, run_picker)
     return app
 
