@@ -26,6 +26,13 @@ def test_lower_layers_never_import_serve(layer):
     assert not {path: modules for path, modules in offenders.items() if modules}
 
 
+def test_the_generation_engine_imports_no_stage_above_it():
+    above = ("weitiao.serve", "weitiao.eval", "weitiao.train")
+    offenders = {str(path.relative_to(SRC)): sorted(m for m in weitiao_imports(path) if m.startswith(above))
+                 for path in (SRC / "generation").rglob("*.py")}
+    assert not {path: modules for path, modules in offenders.items() if modules}
+
+
 def test_the_config_and_the_method_registry_import_no_feature_module():
     assert weitiao_imports(SRC / "config.py") <= {"weitiao.errors", "weitiao.methods"}
     assert weitiao_imports(SRC / "methods.py") <= {"weitiao.errors", "weitiao.config"}  # config: type hints only
