@@ -236,7 +236,17 @@ def main() -> None:
     import transformers
 
     device = device_name()
-    result = {"device": device, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    import peft
+
+    result = {"device": device, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                             "peft": peft.__version__},
+              "engines": {"old": "weitiao's engine before weitiao.generation: one request at a time (model.generate)",
+                          "weitiao": "weitiao.generation.Engine: continuous batching, CUDA-graph decode steps",
+                          "transformers-cb": "transformers generate_batch (continuous batching, paged attention), "
+                                             "default settings",
+                          "transformers-generate": "transformers generate on one left-padded static batch of all "
+                                                   "prompts (dynamic cache, sdpa)",
+                          "eval-old / eval-weitiao": "weitiao.eval.generate.generate, eval.batch_size 16"},
               "settings": {"model": args.model or f"random-weight {args.shape} Llama", "dtype": args.dtype,
                            "max_tokens": args.max_tokens, "greedy": True, "concurrency": args.concurrency},
               "rows": rows}

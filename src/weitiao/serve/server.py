@@ -470,9 +470,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def open_file_budget(reserve: int = 64) -> int:
-    """Raise this process's open-file limit to its hard limit and return how many sockets the server may hold:
-    the limit less the files already open and a reserve (model files, logs, the event loop's own)."""
+def open_file_budget(reserve: int = 64) -> tuple[int, int]:
+    """Raise this process's open-file limit to its hard limit; return (connections, backlog): how many sockets the
+    server may hold and accept in one go. asyncio accepts up to `backlog` connections at a time before any of them
+    is seen (twice, at worst, before the guard runs), so both come out of what the limit leaves after the files
+    already open and a reserve (model files, logs, the event loop's own)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         wanted = 65536 if hard == resource.RLIM_INFINITY else hard
@@ -485,7 +487,9 @@ def open_file_budget(reserve: int = 64) -> int:
         already = len(os.listdir("/proc/self/fd"))
     except OSError:
         already = 64
-    return max(8, soft - already - reserve)
+    budget = max(16, soft - already - reserve)
+    backlog = max(4, min(2048, budget // 8))
+    return max(8, budget - 3 * backlog), backlog
 
 
 def guarded_protocol(request_timeout: float, max_connections: int):
@@ -567,12 +571,10 @@ def run_server(engine: Engine, sock: socket.socket, api_key: str | None = None,
     limits = limits or ServerLimits()
     host, port = sock.getsockname()[:2]
     app = create_app(engine, api_key, limits)
-    connections = open_file_budget()
-    # asyncio accepts up to `backlog` connections in one go before any of them is seen: a quarter of the budget
-    # leaves the guard room to evict idle ones before the process runs out of file descriptors.
+    connections, backlog = open_file_budget()
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             timeout_keep_alive=5, limit_concurrency=connections + 1,  # the guard keeps fewer open
-                            backlog=max(16, min(2048, connections // 4)),
+                            backlog=backlog,
                             http=guarded_protocol(limits.request_timeout, connections))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repeats = RepeatFilter()
