@@ -103,6 +103,7 @@ class BatchModel:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._logits: torch.Tensor | None = None  # what the graphs return, (slots, vocab) float32
         self._pool = None
+        self._stream: torch.cuda.Stream | None = None
         self._batch_buckets = [b for b in BATCH_BUCKETS if b < slots] + [slots]
         self._length_buckets = []
         bucket = MIN_LENGTH_BUCKET
@@ -128,6 +129,10 @@ class BatchModel:
         if not self.cuda_graphs:
             return 0.0
         started = time.perf_counter()
+        # A fresh memory pool (the old graphs' went with them) and one side stream for every warm-up: memory freed
+        # on a stream is cached for that stream only, so a stream per capture would hold a warm-up's worth each.
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = self._stream or torch.cuda.Stream(self.device)
         self._inputs.zero_()
         self._inputs[1] = self.length - 1
         for length in reversed(self._length_buckets):
@@ -192,14 +197,13 @@ class BatchModel:
     def _capture(self, rows: int, length: int) -> None:
         # Warm up on a side stream (as torch.cuda.graphs asks), then capture. Every graph writes its logits into
         # one buffer, so what a graph allocates lives only while it runs and the graphs share that memory.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
             logits = self._decode_step(rows, length)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self._stream)
         if self._logits is None:
             self._logits = torch.empty(self.slots, logits.shape[-1], dtype=logits.dtype, device=self.device)
-            self._pool = torch.cuda.graph_pool_handle()
+        del logits
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._logits[:rows].copy_(self._decode_step(rows, length))
