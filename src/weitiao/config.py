@@ -400,7 +400,8 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(256, gt=0)
     """Longest generated reply."""
     batch_size: int = Field(16, gt=0)
-    """Prompts per batch, for generation and for benchmark scoring; (prompt, choice) pairs per batch for choices."""
+    """Prompts per batch, for generation and for benchmark scoring; (prompt, choice) pairs per batch for choices.
+    Generation decodes at least this many replies at once (64 on a GPU, where the engine batches continuously)."""
     do_sample: bool = False
     """Sample instead of greedy decoding (with temperature and top_p)."""
     temperature: float = Field(1.0, gt=0)

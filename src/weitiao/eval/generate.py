@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weitiao.generation.engine import Engine, is_prompt_learning
+from weitiao.generation.engine import Engine, default_max_batch, is_prompt_learning
 from weitiao.generation.requests import SamplingParams
 
 
@@ -29,8 +29,9 @@ def prompt_messages(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]
 
 def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,
              stop_strings: Sequence[str] = (), desc: str = "generating") -> list[str]:
-    """Reply to each prompt conversation, up to settings.batch_size replies decoded at once; each reply ends at
-    the model's end of turn or before the first of `stop_strings`."""
+    """Reply to each prompt conversation; each reply ends at the model's end of turn or before the first of
+    `stop_strings`. The engine decodes settings.batch_size replies at once, or its default where that is more
+    (64 on a GPU: a decode step of 64 rows costs about what one of 16 does, and the KV cache is what it holds)."""
     texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
     if not texts:
         return []
@@ -39,7 +40,8 @@ def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings
     from tqdm.auto import tqdm
 
     longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    engine = Engine(model, tokenizer, stop_strings=list(stop_strings), max_batch=settings.batch_size,
+    batch = max(settings.batch_size, default_max_batch(next(model.parameters()).device))
+    engine = Engine(model, tokenizer, stop_strings=list(stop_strings), max_batch=batch,
                     max_model_len=longest + settings.max_new_tokens, max_queue=len(texts))
     params = SamplingParams(max_tokens=settings.max_new_tokens,
                             temperature=settings.temperature if settings.do_sample else 0.0,

@@ -48,6 +48,11 @@ ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def default_max_batch(device: torch.device) -> int:
+    """Replies decoded at once unless told otherwise: 64 on a GPU, 8 on a CPU."""
+    return DEFAULT_MAX_BATCH["cuda" if device.type == "cuda" else "cpu"]
+
+
 def dtype_name(short: str) -> str:
     """'bf16' -> 'bfloat16' (the spelling of weitiao.models.pick_dtype); long names pass through."""
     return DTYPES.get(short, short)
@@ -106,7 +111,7 @@ class Engine:
         window = getattr(model.config.get_text_config(), "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         self.context_length = min(window, max_model_len or DEFAULT_MAX_MODEL_LEN)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
-        self.max_batch = self._fit_batch(max_batch or DEFAULT_MAX_BATCH[kind])
+        self.max_batch = self._fit_batch(max_batch or default_max_batch(self.device))
         self.prefill_tokens = PREFILL_TOKENS[kind]
         self.base_name = name
         self.base_path = path
