@@ -243,3 +243,18 @@ def test_queue_counts_every_prompt_and_cancelled_requests_free_their_place(tiny_
 def test_seeds_out_of_range_are_refused(seed):
     with pytest.raises(WeitiaoError, match="seed must be between 0 and"):
         SamplingParams(seed=seed)
+
+
+def test_when_cuda_graphs_cannot_be_captured_the_engine_decodes_without_them(tiny_model, caplog):
+    """Capturing fails (here: no CUDA at all; on a GPU: no memory left for the graphs): a warning, then the same
+    replies from eager decode steps, instead of every request failing."""
+    eager = Engine.load(str(tiny_model))
+    forced = Engine.load(str(tiny_model), cuda_graphs=True)
+    try:
+        assert not forced._batch.cuda_graphs and "decoding without CUDA graphs" in caplog.text
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+        assert forced.chat(forced.default_model, HELLO, params).result() == \
+            eager.chat(eager.default_model, HELLO, params).result()
+    finally:
+        forced.close()
+        eager.close()

@@ -194,7 +194,14 @@ class Engine:
 
     def _capture_graphs(self) -> None:
         if self._batch.cuda_graphs and not self._batch.captured:
-            seconds = self._batch.capture_graphs()
+            try:
+                seconds = self._batch.capture_graphs()
+            except RuntimeError as error:  # out of memory for the graphs, a model that cannot be captured...
+                self._batch.reset_graphs()
+                self._batch.cuda_graphs = False
+                log.warning("decoding without CUDA graphs (slower): capturing them failed: %s",
+                            str(error).splitlines()[0])
+                return
             log.info("captured %d decode steps as CUDA graphs in %.1f s", self._batch.captured, seconds)
 
     def _inner_model(self) -> torch.nn.Module:
