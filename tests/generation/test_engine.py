@@ -258,3 +258,20 @@ def test_when_cuda_graphs_cannot_be_captured_the_engine_decodes_without_them(tin
     finally:
         forced.close()
         eager.close()
+
+
+def test_decode_graphs_are_captured_without_autograd(tiny_model, monkeypatch):
+    """The warm-up and captured steps write the KV cache from the model's outputs: with autograd on, each write
+    chains that step's activations to the cache, and capturing every bucket of a 1B model ran a GPU out of
+    memory that way (H200, run27). Capturing itself needs CUDA; what it runs under is checked here."""
+    from weitiao.generation import batch
+
+    modes: list[bool] = []
+    monkeypatch.setattr(batch.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(batch.torch.cuda, "Stream", lambda device=None: None)
+    monkeypatch.setattr(batch.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(batch.BatchModel, "_capture",
+                        lambda self, rows, length: modes.append(torch.is_inference_mode_enabled()))
+    engine = Engine.load(str(tiny_model), cuda_graphs=True, max_batch=4, max_model_len=512)
+    engine.close()
+    assert len(modes) == 3 * 2 and all(modes)  # batch buckets 1, 2, 4 x lengths 256, 512

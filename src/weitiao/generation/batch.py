@@ -121,6 +121,7 @@ class BatchModel:
         """Forget captured graphs (the model changed: an adapter was attached)."""
         self._graphs.clear()
 
+    @torch.inference_mode()  # no autograd: the cache writes would chain every warm-up's activations to the cache
     def capture_graphs(self) -> float:
         """Capture the decode step of every bucket now, largest first (later ones reuse its memory), so no request
         waits for a capture (tens of milliseconds each). Safe while sequences run: the captured steps write only

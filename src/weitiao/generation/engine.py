@@ -199,6 +199,8 @@ class Engine:
             except RuntimeError as error:  # out of memory for the graphs, a model that cannot be captured...
                 self._batch.reset_graphs()
                 self._batch.cuda_graphs = False
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 log.warning("decoding without CUDA graphs (slower): capturing them failed: %s",
                             str(error).splitlines()[0])
                 return
