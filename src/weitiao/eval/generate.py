@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weitiao.generation.engine import Engine, default_max_batch, is_prompt_learning
+from weitiao.generation.engine import Engine, default_max_batch, eos_ids, is_prompt_learning
 from weitiao.generation.requests import SamplingParams
 
 
@@ -68,12 +68,8 @@ def _generate_static(model, tokenizer, texts: list[str], settings: GenerationSet
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)  # the template's end of turn, whatever the base model's config says
     kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos_ids}
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos_ids(model, tokenizer)}
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
     else:  # greedy: clear sampling knobs a model's generation_config may carry, to avoid warnings

@@ -116,7 +116,7 @@ class Engine:
         self.base_name = name
         self.base_path = path
         self.default_model = name  # what chat and the web UI talk to unless told otherwise
-        eos = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        eos = eos_token_ids if eos_token_ids is not None else eos_ids(model, tokenizer)
         self.models: dict[str, ServedModel] = {name: ServedModel(name, path, None, tokenizer, eos,
                                                                  list(stop_strings or []))}
         self.max_queue = max_queue
@@ -459,7 +459,7 @@ def _longest_token(tokenizer: Any) -> int:
     return max(map(len, tokenizer.get_vocab()), default=1)
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """The model's end-of-sequence ids, and the tokenizer's (the template's end of turn, whatever the base
     model's config says)."""
     eos = getattr(model.generation_config, "eos_token_id", None)
