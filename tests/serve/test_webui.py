@@ -256,3 +256,11 @@ def test_the_eval_tab_shows_run_folders_only(tmp_path, monkeypatch):
     for outside in ["/etc", str(runs / ".." / ".."), "runs/../..", "~"]:
         with pytest.raises(WeitiaoError, match="is not under the runs folder"):
             report_folder(runs, outside)
+
+
+def test_the_web_ui_answers_only_requests_for_this_machine(webui):
+    url = webui[0]
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    assert httpx.get(url, headers={"Host": f"localhost:{port}"}).status_code == 200
+    refused = httpx.get(url, headers={"Host": "rebind.example.com"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_host"

@@ -343,6 +343,8 @@ class HostCheck:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if not _host_allowed(host, self.allowed_hosts):
                 log.warning("refused a request for Host %r", host[:100])
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})  # policy violation
                 return await _send_error(send, APIError(
                     400, f"invalid Host header: this server answers requests for {', '.join(self.allowed_hosts)} "
                     "only (--allowed-host NAME adds one)", code="invalid_host"))
