@@ -170,10 +170,8 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
-    """The API over `engine`. With `api_key`, /v1/* requires `Authorization: Bearer <api_key>`."""
-    limits = limits or ServerLimits()
-    app = FastAPI(title="weitiao", docs_url=None, redoc_url=None, openapi_url=None)
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error a client sees in OpenAI's shape (the Guard middleware turns the rest into a plain 500)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -197,6 +195,10 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         code = "context_length_exceeded" if isinstance(error, ContextLengthError) else None
         return _error_response(APIError(400, str(error), code=code))
 
+
+def _api_key_check(api_key: str | None):
+    """The dependency /v1/* runs first: with `api_key`, requests must send `Authorization: Bearer <api_key>`."""
+
     async def check_api_key(request: Request) -> None:
         if api_key is None:
             return
@@ -205,6 +207,16 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
             message = "Incorrect API key provided" if token else "Missing API key: send 'Authorization: Bearer KEY'"
             raise APIError(401, message, code="invalid_api_key")
 
+    return check_api_key
+
+
+def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
+    """The API over `engine`. With `api_key`, /v1/* requires `Authorization: Bearer <api_key>`."""
+    limits = limits or ServerLimits()
+    app = FastAPI(title="weitiao", docs_url=None, redoc_url=None, openapi_url=None)
+
+    _install_error_handlers(app)
+    check_api_key = _api_key_check(api_key)
     app.add_middleware(Guard, limits=limits)
     app.add_middleware(HostCheck, allowed_hosts=limits.allowed_hosts)
     app.add_middleware(RequestLog)

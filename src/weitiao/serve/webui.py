@@ -230,198 +230,213 @@ def _message(role: str, content: str) -> dict[str, str]:
 
 
 def build_app(engine: Engine, runs_dir: str | Path = "outputs", trainer: Trainer | None = None) -> gr.Blocks:
+    """The web UI: a Chat, a Train and an Eval tab over `engine`; training runs go under runs_dir."""
     runs_dir = Path(runs_dir)
-    trainer = trainer or Trainer()
+    adapters = [name for name in engine.names if name != engine.base_name]
+    with gr.Blocks(title="weitiao", analytics_enabled=False) as app:
+        gr.Markdown(f"## weitiao · `{engine.base_name}`" + (f" + adapters: {', '.join(adapters)}" if adapters else ""))
+        _chat_tab(app, engine)
+        _train_tab(engine, runs_dir, trainer or Trainer())
+        _eval_tab(app, runs_dir)
+    return app
+
+
+def _chat_tab(app: gr.Blocks, engine: Engine) -> None:
+    """Chat with one model, or two side by side; attach adapters; Stop cancels this page's replies."""
     adapters = [name for name in engine.names if name != engine.base_name]
     second = engine.base_name if engine.default_model != engine.base_name else (adapters[0] if adapters
                                                                                   else engine.base_name)
-
-    with gr.Blocks(title="weitiao", analytics_enabled=False) as app:
-        gr.Markdown(f"## weitiao · `{engine.base_name}`" + (f" + adapters: {', '.join(adapters)}" if adapters else ""))
-        with gr.Tab("Chat"):
+    with gr.Tab("Chat"):
+        with gr.Row():
+            model_a = gr.Dropdown(engine.names, value=engine.default_model, label="Model", elem_id="model-a")
+            side_by_side = gr.Checkbox(label="Side by side: send each prompt to a second model too",
+                                       elem_id="side-by-side")
+            model_b = gr.Dropdown(engine.names, value=second, label="Second model", visible=False,
+                                  elem_id="model-b")
+        with gr.Row():
+            chat_a = gr.Chatbot(label=engine.default_model, elem_id="chat-a", height=420)
+            chat_b = gr.Chatbot(label=second, elem_id="chat-b", height=420, visible=False)
+        prompt = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, elem_id="prompt",
+                            submit_btn="Send")
+        with gr.Row():
+            stop_chat = gr.Button("Stop", elem_id="stop-chat")
+            clear = gr.Button("Clear", elem_id="clear-chat")
+        with gr.Accordion("Generation settings", open=False):
+            system = gr.Textbox(label="System prompt")
             with gr.Row():
-                model_a = gr.Dropdown(engine.names, value=engine.default_model, label="Model", elem_id="model-a")
-                side_by_side = gr.Checkbox(label="Side by side: send each prompt to a second model too",
-                                           elem_id="side-by-side")
-                model_b = gr.Dropdown(engine.names, value=second, label="Second model", visible=False,
-                                      elem_id="model-b")
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
+        with gr.Accordion("Attach an adapter", open=False):
             with gr.Row():
-                chat_a = gr.Chatbot(label=engine.default_model, elem_id="chat-a", height=420)
-                chat_b = gr.Chatbot(label=second, elem_id="chat-b", height=420, visible=False)
-            prompt = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, elem_id="prompt",
-                                submit_btn="Send")
-            with gr.Row():
-                stop_chat = gr.Button("Stop", elem_id="stop-chat")
-                clear = gr.Button("Clear", elem_id="clear-chat")
-            with gr.Accordion("Generation settings", open=False):
-                system = gr.Textbox(label="System prompt")
-                with gr.Row():
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
-                    max_tokens = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
-            with gr.Accordion("Attach an adapter", open=False):
-                with gr.Row():
-                    adapter_path = gr.Textbox(label="Adapter folder (a weitiao LoRA run)", elem_id="adapter-path")
-                    adapter_name = gr.Textbox(label="Name (default: the folder's name)")
-                attach = gr.Button("Attach")
-                attach_status = gr.Markdown(elem_id="attach-status")
-            history_a, history_b = gr.State([]), gr.State([])
-            in_flight = gr.State({})  # this browser session's generations, so Stop can cancel them
+                adapter_path = gr.Textbox(label="Adapter folder (a weitiao LoRA run)", elem_id="adapter-path")
+                adapter_name = gr.Textbox(label="Name (default: the folder's name)")
+            attach = gr.Button("Attach")
+            attach_status = gr.Markdown(elem_id="attach-status")
+        history_a, history_b = gr.State([]), gr.State([])
+        in_flight = gr.State({})  # this browser session's generations, so Stop can cancel them
 
-        def respond(message, conversation_a, conversation_b, first, other, both, system_prompt, temp, nucleus,
-                    limit, running):
-            message, system_prompt = (message or "").strip(), (system_prompt or "").strip()  # empty boxes: None
-            if not message:
-                yield gr.skip(), conversation_a, conversation_b, conversation_a, conversation_b
-                return
-            params = SamplingParams(max_tokens=int(limit), temperature=float(temp), top_p=float(nucleus))
-            prefix = [_message("system", system_prompt)] if system_prompt else []
-            conversations = [answered(conversation_a), answered(conversation_b)]
-            generations: list[tuple[int, Generation]] = []
-            for side, model in enumerate([first, other] if both else [first]):  # queue all: they run back to back
-                conversation = conversations[side] + [_message("user", message)]
-                try:
-                    messages = engine.fit_messages(model, prefix + conversation, params.max_tokens)
-                    generation = engine.chat(model, messages, params)
-                except WeitiaoError as error:  # a toast; the conversation stays as it was
-                    gr.Warning(f"{model}: {error}")
-                    continue
-                running[id(generation)] = generation
-                conversations[side] = conversation + [_message("assistant", "")]
-                generations.append((side, generation))
-
-            def update():
-                return "", conversations[0], conversations[1], conversations[0], conversations[1]
-
-            yield update()
+    def respond(message, conversation_a, conversation_b, first, other, both, system_prompt, temp, nucleus,
+                limit, running):
+        message, system_prompt = (message or "").strip(), (system_prompt or "").strip()  # empty boxes: None
+        if not message:
+            yield gr.skip(), conversation_a, conversation_b, conversation_a, conversation_b
+            return
+        params = SamplingParams(max_tokens=int(limit), temperature=float(temp), top_p=float(nucleus))
+        prefix = [_message("system", system_prompt)] if system_prompt else []
+        conversations = [answered(conversation_a), answered(conversation_b)]
+        generations: list[tuple[int, Generation]] = []
+        for side, model in enumerate([first, other] if both else [first]):  # queue all: they run back to back
+            conversation = conversations[side] + [_message("user", message)]
             try:
-                for side, generation in generations:
-                    for piece in generation:
-                        reply = conversations[side][-1]["content"] + piece
-                        conversations[side][-1] = _message("assistant", reply)
-                        yield update()
-            finally:
-                for _, generation in generations:
-                    generation.cancel()
-                    running.pop(id(generation), None)
-            yield update()
+                messages = engine.fit_messages(model, prefix + conversation, params.max_tokens)
+                generation = engine.chat(model, messages, params)
+            except WeitiaoError as error:  # a toast; the conversation stays as it was
+                gr.Warning(f"{model}: {error}")
+                continue
+            running[id(generation)] = generation
+            conversations[side] = conversation + [_message("assistant", "")]
+            generations.append((side, generation))
 
-        def stop_generations(running):
-            for generation in list(running.values()):
+        def update():
+            return "", conversations[0], conversations[1], conversations[0], conversations[1]
+
+        yield update()
+        try:
+            for side, generation in generations:
+                for piece in generation:
+                    reply = conversations[side][-1]["content"] + piece
+                    conversations[side][-1] = _message("assistant", reply)
+                    yield update()
+        finally:
+            for _, generation in generations:
                 generation.cancel()
+                running.pop(id(generation), None)
+        yield update()
 
-        def toggle_side_by_side(both, other):
-            return gr.Dropdown(visible=both), gr.Chatbot(visible=both, label=other)
+    def stop_generations(running):
+        for generation in list(running.values()):
+            generation.cancel()
 
-        def attach_adapter(path, name):
-            path = path.strip()
-            name = name.strip() or Path(path).resolve().name
-            try:
-                engine.add_adapter(name, path)
-            except WeitiaoError as error:
-                return f"⚠️ {error}", gr.Dropdown(), gr.Dropdown()
-            return (f"Attached `{name}`.", gr.Dropdown(choices=engine.names, value=name),
-                    gr.Dropdown(choices=engine.names))
+    def toggle_side_by_side(both, other):
+        return gr.Dropdown(visible=both), gr.Chatbot(visible=both, label=other)
 
-        chat_inputs = [prompt, history_a, history_b, model_a, model_b, side_by_side, system, temperature, top_p,
-                       max_tokens, in_flight]
-        chat_outputs = [prompt, chat_a, chat_b, history_a, history_b]
-        submitted = prompt.submit(respond, chat_inputs, chat_outputs)
-        stop_chat.click(stop_generations, in_flight, None, cancels=[submitted])
-        clear.click(lambda: ([], [], [], []), None, [chat_a, chat_b, history_a, history_b])
-        side_by_side.change(toggle_side_by_side, [side_by_side, model_b], [model_b, chat_b])
-        model_a.change(lambda name: gr.Chatbot(label=name), model_a, chat_a)
-        model_b.change(lambda name: gr.Chatbot(label=name), model_b, chat_b)
-        attach.click(attach_adapter, [adapter_path, adapter_name], [attach_status, model_a, model_b])
+    def attach_adapter(path, name):
+        path = path.strip()
+        name = name.strip() or Path(path).resolve().name
+        try:
+            engine.add_adapter(name, path)
+        except WeitiaoError as error:
+            return f"⚠️ {error}", gr.Dropdown(), gr.Dropdown()
+        return (f"Attached `{name}`.", gr.Dropdown(choices=engine.names, value=name),
+                gr.Dropdown(choices=engine.names))
 
-        with gr.Tab("Train"):
-            gr.Markdown("Fine-tune with the main settings: *Start* writes them into a weitiao config and runs "
-                        "`weitiao train` on it, so the output is a run folder like any other.")
-            with gr.Row():
-                train_model = gr.Textbox(value=engine.base_name, label="Base model", elem_id="train-model")
-                run_name = gr.Textbox(value=lambda: time.strftime("run-%Y%m%d-%H%M%S"), label="Run name",
-                                      elem_id="run-name", info=f"saved under {runs_dir}/")
-            with gr.Row():
-                train_file = gr.Textbox(value=str(DEMO_DATA / "extract_train.jsonl"), label="Training data file",
-                                        elem_id="train-file", info="json / jsonl / csv / parquet")
-                eval_file = gr.Textbox(value=str(DEMO_DATA / "extract_test.jsonl"), label="Evaluation data file",
-                                       elem_id="eval-file", info="optional; without it a share of the training "
-                                       "data is held out")
-                val_size = gr.Number(value=0.1, label="Held-out share (no eval file)", minimum=0, maximum=0.5)
-            with gr.Row():
-                method = gr.Radio(["lora", "full"], value="lora", label="Method")
-                template = gr.Dropdown(TEMPLATES, value="auto", label="Prompt template")
-                lora_r = gr.Number(value=16, label="LoRA rank", precision=0, minimum=1)
-                max_length = gr.Number(value=256, label="Max tokens per example", precision=0, minimum=8)
-            with gr.Row():
-                learning_rate = gr.Number(value=1e-3, label="Learning rate", minimum=0)
-                epochs = gr.Number(value=1, label="Epochs", minimum=0)
-                max_steps = gr.Number(value=40, label="Max steps (-1: by epochs)", precision=0, elem_id="max-steps")
-                batch_size = gr.Number(value=8, label="Batch size", precision=0, minimum=1, elem_id="batch-size")
-                logging_steps = gr.Number(value=2, label="Log every N steps", precision=0, minimum=1)
-            compare = gr.Checkbox(value=True, label="Compare base and fine-tuned on the eval data after training "
-                                  "(writes the report)", elem_id="compare")
-            with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="start-training")
-                stop_training = gr.Button("Stop", variant="stop", elem_id="stop-training")
-            train_status = gr.Markdown("No run started yet.", elem_id="train-status")
-            loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Loss",
-                                    color_map={"training": "#2f80ed", "validation": "#eb5757"}, elem_id="loss-plot",
-                                    height=320)
-            train_log = gr.Textbox(label="Log (last lines)", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="train-log")
-            poll = gr.Timer(1.5)
+    chat_inputs = [prompt, history_a, history_b, model_a, model_b, side_by_side, system, temperature, top_p,
+                   max_tokens, in_flight]
+    chat_outputs = [prompt, chat_a, chat_b, history_a, history_b]
+    submitted = prompt.submit(respond, chat_inputs, chat_outputs)
+    stop_chat.click(stop_generations, in_flight, None, cancels=[submitted])
+    clear.click(lambda: ([], [], [], []), None, [chat_a, chat_b, history_a, history_b])
+    side_by_side.change(toggle_side_by_side, [side_by_side, model_b], [model_b, chat_b])
+    model_a.change(lambda name: gr.Chatbot(label=name), model_a, chat_a)
+    model_b.change(lambda name: gr.Chatbot(label=name), model_b, chat_b)
+    attach.click(attach_adapter, [adapter_path, adapter_name], [attach_status, model_a, model_b])
 
-        def start_run(*fields):
-            *settings, name = fields
-            try:
-                output_dir = run_output_dir(runs_dir, (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S"))
-                return trainer.start(training_config(*settings, output_dir=str(output_dir))).status()
-            except WeitiaoError as error:
-                return f"⚠️ {error}"
+    def current_models():  # adapters attached since the page was built (a reload shows them too)
+        return gr.Dropdown(choices=engine.names), gr.Dropdown(choices=engine.names)
 
-        def stop_run():
-            trainer.stop()
-            return trainer.current.status() if trainer.current else "No run started yet."
+    app.load(current_models, None, [model_a, model_b])
 
-        def show_progress():
-            current = trainer.current
-            if current is None:
-                return gr.skip(), gr.skip(), gr.skip()
-            return current.status(), loss_frame(current.metrics()), current.log_tail()
 
-        start.click(start_run, [train_model, train_file, eval_file, val_size, template, method, epochs, max_steps,
-                                learning_rate, batch_size, lora_r, max_length, logging_steps, compare, run_name],
-                    train_status)
-        stop_training.click(stop_run, None, train_status)
-        poll.tick(show_progress, None, [train_status, loss_plot, train_log])
+def _train_tab(engine: Engine, runs_dir: Path, trainer: Trainer) -> None:
+    """The main training settings, run as `weitiao train CONFIG` in a subprocess, with a live loss plot."""
+    with gr.Tab("Train"):
+        gr.Markdown("Fine-tune with the main settings: *Start* writes them into a weitiao config and runs "
+                    "`weitiao train` on it, so the output is a run folder like any other.")
+        with gr.Row():
+            train_model = gr.Textbox(value=engine.base_name, label="Base model", elem_id="train-model")
+            run_name = gr.Textbox(value=lambda: time.strftime("run-%Y%m%d-%H%M%S"), label="Run name",
+                                  elem_id="run-name", info=f"saved under {runs_dir}/")
+        with gr.Row():
+            train_file = gr.Textbox(value=str(DEMO_DATA / "extract_train.jsonl"), label="Training data file",
+                                    elem_id="train-file", info="json / jsonl / csv / parquet")
+            eval_file = gr.Textbox(value=str(DEMO_DATA / "extract_test.jsonl"), label="Evaluation data file",
+                                   elem_id="eval-file", info="optional; without it a share of the training "
+                                   "data is held out")
+            val_size = gr.Number(value=0.1, label="Held-out share (no eval file)", minimum=0, maximum=0.5)
+        with gr.Row():
+            method = gr.Radio(["lora", "full"], value="lora", label="Method")
+            template = gr.Dropdown(TEMPLATES, value="auto", label="Prompt template")
+            lora_r = gr.Number(value=16, label="LoRA rank", precision=0, minimum=1)
+            max_length = gr.Number(value=256, label="Max tokens per example", precision=0, minimum=8)
+        with gr.Row():
+            learning_rate = gr.Number(value=1e-3, label="Learning rate", minimum=0)
+            epochs = gr.Number(value=1, label="Epochs", minimum=0)
+            max_steps = gr.Number(value=40, label="Max steps (-1: by epochs)", precision=0, elem_id="max-steps")
+            batch_size = gr.Number(value=8, label="Batch size", precision=0, minimum=1, elem_id="batch-size")
+            logging_steps = gr.Number(value=2, label="Log every N steps", precision=0, minimum=1)
+        compare = gr.Checkbox(value=True, label="Compare base and fine-tuned on the eval data after training "
+                              "(writes the report)", elem_id="compare")
+        with gr.Row():
+            start = gr.Button("Start training", variant="primary", elem_id="start-training")
+            stop_training = gr.Button("Stop", variant="stop", elem_id="stop-training")
+        train_status = gr.Markdown("No run started yet.", elem_id="train-status")
+        loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Loss",
+                                color_map={"training": "#2f80ed", "validation": "#eb5757"}, elem_id="loss-plot",
+                                height=320)
+        train_log = gr.Textbox(label="Log (last lines)", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="train-log")
+        poll = gr.Timer(1.5)
 
-        with gr.Tab("Eval"):
-            with gr.Row():
-                runs = list_runs(runs_dir)
-                run_picker = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run folder",
-                                         allow_custom_value=True, elem_id="run-picker", scale=4)
-                refresh_runs = gr.Button("Refresh list", scale=1)
-            report = gr.Markdown(elem_id="report")
-            loss_image = gr.Image(label="Training and validation loss", type="pil", interactive=False,
-                                  elem_id="loss-image", height=360)
-            metrics_image = gr.Image(label="Base vs fine-tuned", type="pil", interactive=False, elem_id="metrics-image")
-            samples = gr.Markdown(elem_id="samples")
-        def show_report(path):
-            if not path:
-                return load_report("")
-            try:
-                return load_report(str(report_folder(runs_dir, path)))
-            except WeitiaoError as error:
-                return f"⚠️ {error}", None, None, ""
+    def start_run(*fields):
+        *settings, name = fields
+        try:
+            output_dir = run_output_dir(runs_dir, (name or "").strip() or time.strftime("run-%Y%m%d-%H%M%S"))
+            return trainer.start(training_config(*settings, output_dir=str(output_dir))).status()
+        except WeitiaoError as error:
+            return f"⚠️ {error}"
 
-        def current_models():  # adapters attached since the page was built (a reload shows them too)
-            return gr.Dropdown(choices=engine.names), gr.Dropdown(choices=engine.names)
+    def stop_run():
+        trainer.stop()
+        return trainer.current.status() if trainer.current else "No run started yet."
 
-        run_picker.change(show_report, run_picker, [report, loss_image, metrics_image, samples])
-        app.load(show_report, run_picker, [report, loss_image, metrics_image, samples])  # the preselected run
-        app.load(current_models, None, [model_a, model_b])
-        refresh_runs.click(lambda: gr.Dropdown(choices=list_runs(runs_dir)), None, run_picker)
-    return app
+    def show_progress():
+        current = trainer.current
+        if current is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return current.status(), loss_frame(current.metrics()), current.log_tail()
+
+    start.click(start_run, [train_model, train_file, eval_file, val_size, template, method, epochs, max_steps,
+                            learning_rate, batch_size, lora_r, max_length, logging_steps, compare, run_name],
+                train_status)
+    stop_training.click(stop_run, None, train_status)
+    poll.tick(show_progress, None, [train_status, loss_plot, train_log])
+
+
+def _eval_tab(app: gr.Blocks, runs_dir: Path) -> None:
+    """A run folder's report (under runs_dir only), its plots and sample answers."""
+    with gr.Tab("Eval"):
+        with gr.Row():
+            runs = list_runs(runs_dir)
+            run_picker = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run folder",
+                                     allow_custom_value=True, elem_id="run-picker", scale=4)
+            refresh_runs = gr.Button("Refresh list", scale=1)
+        report = gr.Markdown(elem_id="report")
+        loss_image = gr.Image(label="Training and validation loss", type="pil", interactive=False,
+                              elem_id="loss-image", height=360)
+        metrics_image = gr.Image(label="Base vs fine-tuned", type="pil", interactive=False, elem_id="metrics-image")
+        samples = gr.Markdown(elem_id="samples")
+
+    def show_report(path):
+        if not path:
+            return load_report("")
+        try:
+            return load_report(str(report_folder(runs_dir, path)))
+        except WeitiaoError as error:
+            return f"⚠️ {error}", None, None, ""
+
+    run_picker.change(show_report, run_picker, [report, loss_image, metrics_image, samples])
+    app.load(show_report, run_picker, [report, loss_image, metrics_image, samples])  # the preselected run
+    refresh_runs.click(lambda: gr.Dropdown(choices=list_runs(runs_dir)), None, run_picker)
 
 
 def launch(engine: Engine, host: str = "127.0.0.1", port: int = 7860, runs_dir: str | Path = "outputs",
