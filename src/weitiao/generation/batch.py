@@ -130,8 +130,7 @@ class BatchModel:
         if not self.cuda_graphs:
             return 0.0
         started = time.perf_counter()
-        # A fresh memory pool (the old graphs' went with them) and one side stream for every warm-up: memory freed
-        # on a stream is cached for that stream only, so a stream per capture would hold a warm-up's worth each.
+        # A fresh memory pool (the old graphs' went with them); one side stream serves every warm-up.
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = self._stream or torch.cuda.Stream(self.device)
         self._inputs.zero_()
