@@ -15,7 +15,7 @@ def test_data_inspect_reports_format_lengths_truncation_and_labels(tmp_path, cap
     out = capsys.readouterr().out
     assert "format:   alpaca (detected)" in out
     assert "records:  3 in 1 file(s); usable: 2" in out
-    assert "1 x missing field" in out and "record 3: field 'output'" in out
+    assert "1 x missing field" in out and "record 3 (line 3): field 'output'" in out
     assert "at max_length 64 (truncation: right): 1 truncated, 0 dropped" in out
     assert "[[hi<|im_end|>]]" in out  # the trained tokens of example 0, marked
 
@@ -37,8 +37,9 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "weitiao", "train", str(config)], capture_output=True, text=True)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (f"error: {data}: record 2: invalid JSON: Expecting "
-                                                    "property name enclosed in double quotes at column 37")
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {data}: record 2 (line 2): invalid JSON: Expecting property name enclosed in double quotes at column "
+        "37; the line ends before its JSON closes with '}': it looks cut off")
 
 
 def test_unknown_override_is_a_user_error(tmp_path, capsys):

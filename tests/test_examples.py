@@ -24,3 +24,27 @@ def test_demo_config_is_valid():
 
     config = load_config(DEMO_CONFIG)
     assert config.model.name_or_path == "default" and all(Path(s.path).is_file() for s in config.data.train)
+
+
+def test_the_readme_commands_for_the_real_public_sets_load(monkeypatch):
+    """The one-line commands of the README's recipe table give valid configs that read what they say."""
+    import re
+    import shlex
+
+    from weitiao.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("runs on the real public"):]
+    block = block[block.index("```bash") + 7:block.index("```", block.index("```bash") + 7)]
+    commands = [shlex.split(re.sub(r"#.*", "", line)) for line in block.replace("\\\n", " ").splitlines()
+                if line.startswith("weitiao train")]
+    assert len(commands) == 6
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    for words in commands:
+        args, overrides = build_parser().parse_known_args(words[1:])
+        config = load_config(args.config, overrides)
+        assert config.data.train[0].path == overrides[overrides.index("--data.train.0.path") + 1]
+    sentiment = load_config("examples/sentiment/config.yaml", [
+        "--data.train.0.label", '"{file}"', "--data.train.0.encoding", "cp1252", "--data.eval", "[]"])
+    assert (sentiment.data.train[0].label, sentiment.data.train[0].sample_by) == ("{file}", "line")
+    assert "{text}" in sentiment.data.train[0].prompt_template and sentiment.data.eval == []

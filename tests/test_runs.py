@@ -91,3 +91,22 @@ def test_eos_ids_add_the_end_of_turn_token_saved_with_the_run(tmp_path, tokenize
     assert run.eos_token_ids(tokenizer, fallback=None) == [tokenizer.eos_token_id]
     GenerationConfig(eos_token_id=[7, 9]).save_pretrained(tmp_path)
     assert run.eos_token_ids(tokenizer, fallback=None) == [7, 9, tokenizer.eos_token_id]
+
+
+def test_a_new_run_starts_a_new_log(tmp_path):
+    """An interrupted run without checkpoints left its log and report: the next run (without --resume) must not
+    append to them, and --resume keeps them."""
+    run = RunFolder(tmp_path / "out")
+    run.path.mkdir()
+    run.append_metrics({"step": 0, "eval_loss": 9.0})
+    run.append_metrics({"step": 10, "loss": 3.0})
+    for name in (RunFolder.REPORT, RunFolder.LOSS_PLOT):
+        (run.path / name).write_text("old")
+    run.prepare(resume=False, overwrite=False)
+    assert run.metrics() == [] and not (run.path / RunFolder.REPORT).exists()
+    assert not (run.path / RunFolder.LOSS_PLOT).exists()
+    run.append_metrics({"step": 0, "eval_loss": 2.0})
+    run.checkpoint(5).mkdir(parents=True)
+    run.write_trainer_state(run.checkpoint(5), {"global_step": 5}, keep=2)
+    run.prepare(resume=True, overwrite=False)
+    assert run.metrics() == [{"step": 0, "eval_loss": 2.0}]

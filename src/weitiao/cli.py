@@ -26,13 +26,14 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def _columns(items: list[str] | None) -> dict[str, str]:
-    mapping = {}
+def _columns(items: list[str] | None) -> dict[str, str | list[str]]:
+    """--column FIELD=COLUMN, or FIELD=COLUMN1,COLUMN2 for a reply with several references."""
+    mapping: dict[str, str | list[str]] = {}
     for item in items or []:
         field, sep, column = item.partition("=")
         if not sep:
             raise WeitiaoError(f"--column expects FIELD=COLUMN (e.g. prompt=dialogue), got '{item}'")
-        mapping[field] = column
+        mapping[field] = column.split(",") if "," in column else column
     return mapping
 
 
@@ -69,10 +70,16 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.config import load_config
-    from weitiao.runs import RunFolder
     from weitiao.eval.compare import compare_run
     from weitiao.eval.report import format_samples, format_table
+    from weitiao.runs import RunFolder
 
+    if args.run is None:
+        _eval_benchmarks(args, overrides)
+        return
+    if args.benchmark or args.model or args.adapter:
+        raise WeitiaoError("--model, --adapter and --benchmark are for evaluating without a run folder; a run is "
+                           "evaluated as its config says (--config, or overrides such as eval.max_examples=50)")
     run = RunFolder(args.run)
     config = load_config(args.config, overrides) if args.config else run.config(overrides)
     report = compare_run(run.path, config)
@@ -80,11 +87,36 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"\nReport: {run.path / RunFolder.REPORT_MARKDOWN}")
 
 
-def _source_from_args(args: argparse.Namespace):
-    from weitiao.config import DataSource
+def _eval_benchmarks(args: argparse.Namespace, overrides: list[str]) -> None:
+    """weitiao eval --model M [--adapter A] --benchmark TASK[=PATH] ...: benchmarks without a run folder."""
+    from weitiao.config import BenchmarkConfig, load_config, section_from_dict
+    from weitiao.eval.compare import benchmark_models
+    from weitiao.eval.report import format_table
+    from weitiao.runs import RunFolder
 
-    return DataSource(path=args.file, format=args.format, columns=_columns(args.column),
-                      prompt_template=args.prompt_template)
+    config = load_config(args.config, overrides)
+    model = config.model if args.model is None else config.model.model_copy(update={"name_or_path": args.model})
+    benchmarks = list(config.eval.benchmarks)
+    for item in args.benchmark or []:
+        task, _, path = item.partition("=")
+        options = {"task": task, "path": path or None, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                   "subjects": args.subjects.split(",") if args.subjects else None}
+        benchmarks.append(section_from_dict(BenchmarkConfig, {k: v for k, v in options.items() if v is not None},
+                                            f"--benchmark {item}"))
+    settings = config.eval.model_copy(update={"benchmarks": benchmarks})
+    output = Path(args.output) if args.output else None
+    report = benchmark_models(model, args.adapter, settings, output)
+    print(format_table(report))
+    if output is not None:
+        print(f"\nReport: {output / RunFolder.REPORT_MARKDOWN}")
+
+
+def _source_from_args(args: argparse.Namespace):
+    from weitiao.config import DataSource, section_from_dict
+
+    return section_from_dict(DataSource, {
+        "path": args.file, "format": args.format, "columns": _columns(args.column),
+        "prompt_template": args.prompt_template, "encoding": args.encoding, "label": args.label}, "(options)")
 
 
 def cmd_data_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -149,9 +181,10 @@ def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
 
     config = _section_from_args(SelectConfig, args)
     output = check_output(Path(args.output), args.file)
-    examples, _ = load_source(_source_from_args(args), args.on_error)
+    source = _source_from_args(args)
+    examples, _ = load_source(source, args.on_error)
     selection = select_examples(examples, config)
-    print(format_summary(write_selection(examples, selection, output, config, args.file)))
+    print(format_summary(write_selection(examples, selection, output, config, source)))
 
 
 def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -305,10 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fine-tune the default model on the demo data and show the gain")
     demo.set_defaults(handler=cmd_demo)
 
-    evaluate = commands.add_parser("eval", help="compare base and fine-tuned model of a run; writes report.md")
-    evaluate.add_argument("run", help="a training output folder")
+    evaluate = commands.add_parser("eval", help="compare base and fine-tuned model of a run (writes report.md), or "
+                                   "score any model on benchmarks without a run")
+    evaluate.add_argument("run", nargs="?", help="a training output folder (leave out with --model/--benchmark)")
     evaluate.add_argument("--config", help="config to evaluate with (default: the run's config.yaml)")
     evaluate.add_argument("--compare", action="store_true", help="base vs tuned side by side (the default)")
+    evaluate.add_argument("--model", help="without a run: the model to score (default: model.name_or_path of "
+                          "--config, else the default model)")
+    evaluate.add_argument("--adapter", help="without a run: score the model with this adapter too (base vs tuned)")
+    evaluate.add_argument("--benchmark", action="append", metavar="TASK[=PATH]",
+                          help="without a run: an lm-eval task, or a local one: mmlu|ceval|cmmlu=FOLDER, "
+                          "truthfulqa_mc1|truthfulqa_mc2=mc_task.json, blimp=FOLDER of <phenomenon>.jsonl (repeatable)")
+    evaluate.add_argument("--subjects", help="comma-separated subjects (mmlu/ceval/cmmlu) or phenomena (blimp)")
+    evaluate.add_argument("--limit", type=int, help="score only the first N questions of each subject")
+    evaluate.add_argument("--num-fewshot", type=int, help="solved examples before each question")
+    evaluate.add_argument("--output", help="without a run: folder for report.json / report.md (default: print only)")
     evaluate.set_defaults(handler=cmd_eval)
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model (a plain transformers folder)")
@@ -399,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--column", action="append", metavar="FIELD=COLUMN",
                          help="map a format field to a column, e.g. --column prompt=dialogue")
         sub.add_argument("--prompt-template", help="format string over the columns that builds the user turn")
+        sub.add_argument("--encoding", help="text encoding of the files: e.g. gb18030, cp1252, utf-16, or auto "
+                         "(default: UTF-8)")
+        sub.add_argument("--label", help="read plain-text files as one example per line with this reply, e.g. "
+                         "positive, or {file} for the label in the file name (reviews.pos -> pos)")
         sub.set_defaults(handler=handler)
         if name == "inspect":
             sub.add_argument("--model", default="default", help="whose tokenizer counts tokens (default model)")

@@ -45,26 +45,62 @@ class ModelConfig(_Section):
     pre-training. Its rank, targets and modules_to_save are the adapter's own (the lora section is not used)."""
 
 
+# Format fields that may name several columns: the references of a reply (DataSource.columns).
+REFERENCE_FIELDS = ("response", "output")
+
+
 class DataSource(_Section):
     path: str
     """A file (json, jsonl, csv, parquet, txt), a directory of them, or a glob pattern."""
     format: Literal["auto", "alpaca", "sharegpt", "openai", "qa", "text"] = "auto"
     """Data format; auto detects it from the columns of the first record."""
-    columns: dict[str, str] = Field(default_factory=dict)
-    """Map a format's fields to this file's column names, e.g. {prompt: dialogue, response: summary}."""
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)
+    """Map a format's fields to this file's column names, e.g. {prompt: dialogue, response: summary}. The reply
+    (qa's response, alpaca's output) may be a list of columns holding several references, e.g. {response: [summary1,
+    summary2, summary3]}: the first is the reply trained on and scored by loss, all of them are the references of
+    ROUGE (best of) and BLEU (multi-reference) in evaluation."""
     prompt_template: str | None = None
     """Python format string over the record's columns that builds the user turn, e.g. '{dialogue}\\n\\nSummarize.'"""
     system: str | None = None
     """System prompt for records that carry none."""
     weight: float = Field(1.0, gt=0)
-    """Share of this source: 0.5 keeps a random half of its records, 2 uses each twice."""
-    sample_by: Literal["line", "paragraph", "document"] = "paragraph"
-    """How .txt files are cut into documents: each line, each blank-line-separated paragraph, or the whole file."""
+    """Share of this source: 0.5 keeps a random half of its records, 2 uses each twice. In data.eval at most 1: a
+    seeded random subset (train.seed), counted in the report."""
+    sample_by: Literal["line", "paragraph", "document"] | None = None
+    """How text files are cut into documents: each line, each blank-line-separated paragraph, or the whole file.
+    None: line with a `label`, else paragraph."""
+    encoding: str | None = None
+    """Text encoding of the files (json, jsonl, csv, txt). None: UTF-8 (with or without a byte-order mark); a file
+    in another encoding stops with its line and byte offset and the encoding it looks like. A codec name (gb18030,
+    cp1252, utf-16, latin-1, ...) reads it; auto guesses it per file (byte-order mark, else charset-normalizer) and
+    data_stats.json says what was used."""
+    label: str | None = None
+    """Classification sets that ship one text per line and the label as the file (reviews.pos / reviews.neg,
+    pos.txt / neg.txt): every line of these files (any suffix but json/jsonl/csv/parquet) becomes an example whose
+    prompt is the text (or prompt_template over {text}) and whose reply is this label. '{file}' stands for the
+    label in the file's name: its suffix (reviews.pos -> pos), or for .txt files its stem (neg.txt -> neg);
+    '{folder}' for the name of the file's folder (IMDB's aclImdb/train/pos/*.txt -> pos, with sample_by:
+    document). Quote it in YAML: label: "{file}"."""
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("columns")
+    @classmethod
+    def _reference_lists(cls, columns: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for field, column in columns.items():
+            if isinstance(column, list) and (field not in REFERENCE_FIELDS or not column):
+                raise ValueError(f"columns.{field}: only the reply ({' or '.join(REFERENCE_FIELDS)}) may list "
+                                 "several columns (references), and the list must not be empty")
+        return columns
+
+    @model_validator(mode="after")
+    def _text_unit(self) -> DataSource:
+        if self.sample_by is None:
+            self.sample_by = "line" if self.label is not None else "paragraph"
+        return self
 
 
 class CustomTemplate(_Section):
@@ -157,6 +193,10 @@ class DataConfig(_Section):
             raise ValueError(f"custom_template is set but template is '{self.template}'; set template: custom")
         if self.custom_template is not None:
             self.template = "custom"
+        for index, source in enumerate(self.eval):
+            if source.weight > 1:
+                raise ValueError(f"data.eval[{index}].weight is {source.weight}: evaluation would count examples "
+                                 "more than once; an eval source's weight keeps a random share of it (0 < weight <= 1)")
         return self
 
 
@@ -305,6 +345,10 @@ class TrainConfig(_Section):
     wandb follows WANDB_MODE (offline works without network; files in OUTPUT_DIR/wandb) and WANDB_PROJECT (default
     weitiao); mlflow follows MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME (a local folder: file:///PATH with
     MLFLOW_ALLOW_FILE_STORE=true). The config is logged as the run's hyper-parameters."""
+    cpu_threads: int | None = Field(None, gt=0)
+    """torch threads when training on a CPU. None: measured at the start (1, half or all of the available cores,
+    whichever multiplies matrices fastest right now; on a shared 2-core machine one thread ran 4-7x faster than
+    two), or OMP_NUM_THREADS when that is set. settings.json records the count and how it was chosen."""
     dataloader_num_workers: int | None = Field(None, ge=0)
     """Worker processes that read and collate the next batches while the GPU trains. None: 2 with a CUDA GPU (the
     training thread then only launches GPU work: +23% tokens/s for eager 1B LoRA, 1.03x compiled, H200) unless the
@@ -321,7 +365,8 @@ class TrainConfig(_Section):
 # Benchmarks that read local files (eval.benchmarks[].path); weitiao.eval.benchmarks knows their layouts.
 CSV_BENCHMARK_TASKS = ("mmlu", "ceval", "cmmlu")
 TRUTHFULQA_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2")
-LOCAL_BENCHMARK_TASKS = (*CSV_BENCHMARK_TASKS, *TRUTHFULQA_TASKS)
+MINIMAL_PAIR_TASKS = ("blimp",)
+LOCAL_BENCHMARK_TASKS = (*CSV_BENCHMARK_TASKS, *TRUTHFULQA_TASKS, *MINIMAL_PAIR_TASKS)
 _BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -329,9 +374,14 @@ class BenchmarkConfig(_Section):
     """A multiple-choice benchmark run through lm-evaluation-harness on the base and the tuned model."""
     task: str
     """With `path`: mmlu, ceval, cmmlu (folders of CSV files), truthfulqa_mc1 or truthfulqa_mc2 (an
-    mc_task.json). Without `path`: any lm-eval task or group name, whose data lm-eval gets from the Hub."""
+    mc_task.json), blimp (minimal pairs: JSON Lines of sentence_good/sentence_bad, one file per phenomenon).
+    Without `path`: any lm-eval task or group name, whose data lm-eval gets from the Hub."""
     path: str | None = None
-    """Local files of the benchmark: a folder for mmlu/ceval/cmmlu, a JSON file for truthfulqa_mc1/mc2."""
+    """Local files of the benchmark: a folder for mmlu/ceval/cmmlu, a JSON file for truthfulqa_mc1/mc2, a folder
+    of <phenomenon>.jsonl files (or one such file) for blimp."""
+    subjects: list[str] | None = None
+    """Score only these subjects of a local mmlu/ceval/cmmlu folder (file names without the split suffix, e.g.
+    [global_facts, astronomy]) or these phenomena of a blimp folder. None: all of them."""
     name: str | None = None
     """Prefix of this benchmark's metrics in the report (default: task), e.g. mmlu -> mmlu/acc."""
     num_fewshot: int | None = Field(None, ge=0)
@@ -353,12 +403,16 @@ class BenchmarkConfig(_Section):
         if not _BENCHMARK_NAME.match(self.metric_prefix):
             raise ValueError(f"benchmark name '{self.metric_prefix}' may hold only letters, digits, '_', '.', '-'")
         if self.path is None:
-            if self.split is not None:
-                raise ValueError(f"{self.task}: `split` applies to local folders (set `path`)")
+            if self.split is not None or self.subjects is not None:
+                raise ValueError(f"{self.task}: `split` and `subjects` apply to local folders (set `path`)")
             return self
         if self.task not in LOCAL_BENCHMARK_TASKS:
             raise ValueError(f"task '{self.task}' cannot read local files; with `path`, task is one of "
                              f"{', '.join(LOCAL_BENCHMARK_TASKS)} (without `path`, any lm-eval task name)")
+        if self.subjects is not None and self.task not in (*CSV_BENCHMARK_TASKS, *MINIMAL_PAIR_TASKS):
+            raise ValueError(f"{self.task}: `subjects` applies to mmlu, ceval, cmmlu and blimp folders")
+        if self.task in MINIMAL_PAIR_TASKS and (self.num_fewshot or self.split is not None):
+            raise ValueError(f"{self.task}: minimal pairs are scored without few-shot examples or splits")
         if self.task in TRUTHFULQA_TASKS:
             if self.num_fewshot:
                 raise ValueError(f"{self.task}: num_fewshot must be 0; its prompt already holds six solved "
@@ -620,9 +674,13 @@ def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tu
     return paths
 
 
-def _resolve_key(key: str) -> tuple[str, ...]:
-    """'train.learning_rate', or a unique leaf name such as 'learning_rate'; '--model X' sets the model path."""
+def _resolve_key(key: str) -> tuple[str | int, ...]:
+    """'train.learning_rate', or a unique leaf name such as 'learning_rate'; '--model X' sets the model path;
+    'data.train.0.path' a key of the first item of a list (the item is validated with the config)."""
     parts = tuple(key.replace("-", "_").split("."))
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    if index is not None and index > 0:
+        return (*_resolve_key(".".join(parts[:index])), int(parts[index]), *parts[index + 1:])
     if parts == ("model",):
         return ("model", "name_or_path")
     leaves = _leaf_paths(Config)
@@ -661,14 +719,29 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return result
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = _merge(merged[key], value, f"{where}{key}.")
+        elif isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
+            merged[key] = _merge_items(f"{where}{key}", merged.get(key), value)
         else:
             merged[key] = value
     return merged
+
+
+def _merge_items(key: str, items: Any, extra: dict[int, Any]) -> list[Any]:
+    """--data.train.0.path X: the overrides of list items, by index, merged into the items the config has."""
+    items = list(items) if isinstance(items, list) else [items] if items is not None else []
+    for index, value in extra.items():
+        if index >= len(items):
+            raise ConfigError(f"override --{key}.{index}...: {key} has {len(items)} item(s)")
+        if isinstance(value, dict) and not isinstance(items[index], dict):
+            raise ConfigError(f"override --{key}.{index}...: item {index} of {key} is '{items[index]}', not a mapping;"
+                              f" give the whole item: --{key}.{index} '{{...}}'")
+        items[index] = _merge(items[index], value, f"{key}.{index}.") if isinstance(value, dict) else value
+    return items
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -25,7 +25,7 @@ class DataError(WeitiaoError):
         if path is not None:
             where.append(str(path))
         if record is not None:
-            where.append(f"record {record}" + (f" (line {line})" if line is not None and line != record else ""))
+            where.append(f"record {record}" + (f" (line {line})" if line is not None else ""))
         elif line is not None:
             where.append(f"line {line}")
         if field is not None:

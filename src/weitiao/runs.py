@@ -107,17 +107,20 @@ class RunFolder:
             return
         if not self.path.exists():
             return
-        if overwrite:
-            (self.path / self.METRICS).unlink(missing_ok=True)
-            self.remove_checkpoints()
-            return
-        checkpoints = self.path / self.CHECKPOINTS
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
-            raise ConfigError(f"{self.path} holds checkpoints of an unfinished run: pass --resume to continue it, or "
-                              "--overwrite_output_dir true to start again")
-        if self.holds_adapter or self.holds_model:
-            raise ConfigError(f"{self.path} already holds a trained model: choose another train.output_dir, or pass "
-                              "--overwrite_output_dir true")
+        if not overwrite:
+            checkpoints = self.path / self.CHECKPOINTS
+            if checkpoints.is_dir() and any(checkpoints.iterdir()):
+                raise ConfigError(f"{self.path} holds checkpoints of an unfinished run: pass --resume to continue it, "
+                                  "or --overwrite_output_dir true to start again")
+            if self.holds_adapter or self.holds_model:
+                raise ConfigError(f"{self.path} already holds a trained model: choose another train.output_dir, or "
+                                  "pass --overwrite_output_dir true")
+        # A new run starts a new log: what an earlier run (finished, or stopped before its first checkpoint) wrote
+        # must not join this one's curves and report.
+        for name in (self.METRICS, self.RESULT, self.REPORT, self.REPORT_MARKDOWN, self.LOSS_PLOT, self.METRICS_PLOT,
+                     self.CONFUSION_PLOT, self.PREDICTIONS):
+            (self.path / name).unlink(missing_ok=True)
+        self.remove_checkpoints()
 
     def write_start(self, config: Config, settings: dict[str, Any], data_stats: dict[str, Any]) -> None:
         """What a run knows before its first step: its config, its resolved settings and its data."""

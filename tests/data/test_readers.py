@@ -34,14 +34,14 @@ def test_json_array_and_json_lines_with_json_suffix(tmp_path):
 def test_json_array_syntax_error_is_located(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[{"text": "a"},\n {"text": }]', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad.json: invalid JSON: .* line 2"):
+    with pytest.raises(DataError, match=r"bad.json: line 2: invalid JSON: Expecting value at column 11$"):
         list(read_records(path))
 
 
 def test_non_object_record(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "a"}\n["not", "an", "object"]\n', encoding="utf-8")
-    with pytest.raises(DataError, match="record 2: expected a JSON object, got list"):
+    with pytest.raises(DataError, match=r"record 2 \(line 2\): expected a JSON object, got list"):
         list(read_records(path))
 
 
@@ -109,3 +109,103 @@ def test_text_files_by_paragraph_line_or_document(tmp_path):
     blank.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(DataError, match="no records"):
         list(read_records(blank))
+
+
+# -- encodings: the files users really have ----------------------------------------------------------------
+
+CP1252_REVIEWS = "A fine film\x85 really.\nGreat \x96 the best \x97 ever.\nplain line\n"  # bytes only cp1252 maps
+
+
+def write_cp1252(path):
+    path.write_bytes(CP1252_REVIEWS.encode("latin-1"))  # the code points 0x85/0x96/0x97 as single bytes
+    return path
+
+
+def test_cp1252_text_names_file_line_offset_bytes_and_fix(tmp_path):
+    path = write_cp1252(tmp_path / "reviews.txt")
+    with pytest.raises(DataError) as error:
+        list(read_records(path, sample_by="line"))
+    # The first bad byte is 0x85, the 12th byte of line 1 (offset 11).
+    assert str(error.value) == (
+        f"{path}: line 1: byte 0x85 at byte offset 11 is not valid UTF-8: the file looks like cp1252 (Windows "
+        "Western European); read it with `encoding: cp1252` on its data source (--encoding cp1252 on the command "
+        "line), or convert it to UTF-8 (iconv -f cp1252 -t utf-8)")
+
+
+def test_the_offset_counts_bytes_of_earlier_lines(tmp_path):
+    path = tmp_path / "later.jsonl"
+    path.write_bytes('{"text": "héllo"}\n{"text": "ok"}\n'.encode() + '{"text": "na\x96ve"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"later.jsonl: line 3: byte 0x96 at byte offset 46 is not valid UTF-8"):
+        list(read_records(path))
+
+
+def test_encoding_option_reads_cp1252_and_latin1_never_adds_lines(tmp_path):
+    path = write_cp1252(tmp_path / "reviews.txt")
+    lines = [r.data["text"] for r in read_records(path, sample_by="line", encoding="cp1252")]
+    assert lines == ["A fine film\u2026 really.", "Great \u2013 the best \u2014 ever.", "plain line"]
+    # latin-1 reads 0x85 as U+0085 (NEL), which str.splitlines would split on: still three lines, as in the file.
+    latin = [r.data["text"] for r in read_records(path, sample_by="line", encoding="latin-1")]
+    assert len(latin) == 3 and "\x85" in latin[0]
+    assert [r.data["text"] for r in read_records(path, sample_by="line", encoding="auto")] == lines
+
+
+def test_utf16_with_bom_is_named_and_readable(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "一"}\n{"text": "two"}\n', encoding="utf-16")  # writes the FF FE mark
+    with pytest.raises(DataError) as error:
+        list(read_records(path))
+    assert str(error.value).startswith(f"{path}: line 1: the file starts with a UTF-16 (little-endian) byte-order "
+                                       "mark (FF FE), so it is not UTF-8; read it with `encoding: utf-16`")
+    assert [r.data["text"] for r in read_records(path, encoding="utf-16")] == ["一", "two"]
+    assert [r.data["text"] for r in read_records(path, encoding="auto")] == ["一", "two"]
+
+
+def test_gbk_csv_is_recognised_as_chinese(tmp_path):
+    path = tmp_path / "qa.csv"
+    rows = "question,answer\n今天天气怎么样？,今天天气很好，适合出去散步。\n你叫什么名字？,我是一个语言模型助手。\n"
+    path.write_bytes(rows.encode("gbk"))
+    with pytest.raises(DataError, match=r"qa.csv: line 2: byte 0x.. at byte offset 16 is not valid UTF-8: the file "
+                                        r"looks like GB18030/GBK \(Chinese\); read it with `encoding: gb18030`"):
+        list(read_records(path))
+    assert [r.data["answer"] for r in read_records(path, encoding="gb18030")][1] == "我是一个语言模型助手。"
+
+
+def test_utf8_bom_and_explicit_utf8_drop_the_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffquestion,answer\nq,a\n".encode())
+    assert list(next(read_records(path)).data) == ["question", "answer"]
+    assert list(next(read_records(path, encoding="UTF8")).data) == ["question", "answer"]
+
+
+def test_unknown_encoding_name(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("x\n", encoding="utf-8")
+    with pytest.raises(DataError, match="a.txt: unknown encoding 'win-1252'"):
+        list(read_records(path, encoding="win-1252"))
+
+
+def test_cut_off_jsonl_line_says_so_with_its_line(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "this reply was cut off in the mid\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        list(read_records(path))
+    assert str(error.value) == (f"{path}: record 3 (line 4): invalid JSON: Invalid control character at column 44; "
+                                "the line ends before its JSON closes with '}': it looks cut off")
+
+
+def test_complete_but_invalid_line_is_not_called_cut_off(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a",}\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        list(read_records(path))
+    assert str(error.value).endswith("record 1 (line 1): invalid JSON: Expecting property name enclosed in double "
+                                     "quotes at column 14")
+
+
+def test_any_suffix_reads_as_text_when_asked(tmp_path):
+    path = tmp_path / "reviews.pos"
+    path.write_text("good one\n\nloved it\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unsupported file type '\.pos'.*`label`"):
+        list(read_records(path))
+    assert [(r.number, r.line, r.data) for r in read_records(path, sample_by="line", as_text=True)] == [
+        (1, 1, {"text": "good one"}), (2, 3, {"text": "loved it"})]

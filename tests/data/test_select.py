@@ -206,7 +206,7 @@ def test_outputs_keep_the_input_format_and_account_for_every_example(tmp_path, t
     config = SelectConfig(method="ifd", count=3, model=tiny_model_dir, ifd_max=10)
     selection = select_examples(examples, config)
     output = tmp_path / "picked.jsonl"
-    summary = write_selection(examples, selection, output, config, str(source))
+    summary = write_selection(examples, selection, output, config, DataSource(path=str(source)))
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert written == [rows[i] for i in selection.selected]  # the records as they were, extra column too
     scores = [json.loads(line) for line in (tmp_path / "picked.scores.jsonl").read_text().splitlines()]

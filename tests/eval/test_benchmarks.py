@@ -162,7 +162,7 @@ def test_bad_answer_letter(tmp_path):
 def test_wrong_field_count(tmp_path):
     folder = copy_fixture("mmlu", tmp_path)
     (folder / "test" / "astronomy_test.csv").write_text("Q?,a,b,c,d,e,A\n")
-    with pytest.raises(DataError, match=r"astronomy_test.csv: record 1: row has 7 fields, expected 6"):
+    with pytest.raises(DataError, match=r"astronomy_test.csv: record 1 \(line 1\): row has 7 fields, expected 6"):
         BenchmarkSuite([bench("mmlu", folder)], tmp_path / "tasks")
 
 
@@ -190,7 +190,7 @@ def test_truthfulqa_mc1_needs_one_true_answer(tmp_path):
     ({"task": "mmlux", "path": "x"}, "task 'mmlux' cannot read local files; with `path`, task is one of mmlu, "
                                      "ceval, cmmlu, truthfulqa_mc1, truthfulqa_mc2"),
     ({"task": "truthfulqa_mc2", "path": "x", "num_fewshot": 5}, "truthfulqa_mc2: num_fewshot must be 0"),
-    ({"task": "arc_easy", "split": "test"}, "arc_easy: `split` applies to local folders"),
+    ({"task": "arc_easy", "split": "test"}, "arc_easy: `split` and `subjects` apply to local folders"),
     ({"task": "mmlu", "path": "x", "name": "my exam"}, "benchmark name 'my exam' may hold only"),
     ({"task": "mmlu", "path": "x", "limit": 0}, "eval.benchmarks.0.limit: Input should be greater than 0"),
     ({"task": "mmlu", "path": "x", "colour": 1}, "eval.benchmarks.0.colour: unknown key"),
@@ -310,3 +310,99 @@ def test_compare_run_reports_benchmarks(tiny_model_dir, tmp_path):
     assert "| truthfulqa_mc2 accuracy |" in markdown and "| mmlu accuracy |" in markdown
     assert "### mmlu by subject" in markdown
     assert (run_dir / "benchmark_tasks" / "mmlu" / "weitiao_mmlu.yaml").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Subjects, minimal pairs, and benchmarks without a run folder
+
+PAIRS = {"causative": [("Aaron breaks the glass.", "Aaron appeared the glass."),
+                       ("Tina sold the car.", "Tina existed the car."),
+                       ("The boy opened the door.", "The boy arrived the door.")],
+         "determiner_noun_agreement_1": [("Craig explored that grocery store.", "Craig explored that grocery stores."),
+                                         ("These dogs bark.", "This dogs bark."),
+                                         ("Those books are old.", "That books are old."),
+                                         ("This cat sleeps.", "These cat sleeps.")]}
+
+
+def write_pairs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for phenomenon, pairs in PAIRS.items():
+        (folder / f"{phenomenon}.jsonl").write_text("".join(
+            json.dumps({"sentence_good": good, "sentence_bad": bad, "UID": phenomenon}) + "\n" for good, bad in pairs),
+            encoding="utf-8")
+    return folder
+
+
+def test_subjects_keep_only_the_named_ones(tmp_path):
+    BenchmarkSuite([bench("mmlu", FIXTURES / "mmlu", subjects=["astronomy"])], tmp_path / "tasks")
+    assert read_yaml(tmp_path / "tasks" / "mmlu" / "weitiao_mmlu.yaml")["task"] == ["weitiao_mmlu_astronomy"]
+    with pytest.raises(DataError, match=r"mmlu: no subject 'astronomi' here \(did you mean 'astronomy'\?\); the "
+                                        r"subjects are: "):
+        BenchmarkSuite([bench("mmlu", FIXTURES / "mmlu", subjects=["astronomi"])], tmp_path / "tasks2")
+    with pytest.raises(ConfigError, match="truthfulqa_mc2: `subjects` applies to mmlu, ceval, cmmlu and blimp"):
+        config_from_dict({"eval": {"benchmarks": [{"task": "truthfulqa_mc2", "path": "x.json", "subjects": ["a"]}]}})
+
+
+def test_minimal_pairs_score_whole_sentence_likelihoods(answering_model_dir, tmp_path):
+    """A pair is right when the good sentence is the more likely one: recomputed here from the model's logits."""
+    from lm_eval.models.huggingface import HFLM
+
+    folder = write_pairs(tmp_path / "blimp")
+    suite = BenchmarkSuite([bench("blimp", folder)], tmp_path / "tasks")
+    model, tokenizer = load_tiny(answering_model_dir)
+    scores = suite.evaluate(model, tokenizer, batch_size=4)
+
+    prefix = HFLM(pretrained=model, tokenizer=tokenizer).prefix_token_id  # what an empty context is
+
+    def log_likelihood(sentence: str) -> float:
+        # lm-eval scores a choice after its target delimiter, a space.
+        ids = torch.tensor([[prefix] + tokenizer(" " + sentence, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            logits = model(ids).logits.log_softmax(-1)
+        return float(logits[0, :-1].gather(1, ids[0, 1:, None]).sum())
+
+    right = {phenomenon: [log_likelihood(good) > log_likelihood(bad) for good, bad in pairs]
+             for phenomenon, pairs in PAIRS.items()}
+    expected = sum(map(sum, right.values())) / sum(map(len, right.values()))
+    assert scores["metrics"]["blimp/acc"] == pytest.approx(expected)
+    assert scores["benchmarks"]["blimp"]["questions"] == 7
+    assert scores["benchmarks"]["blimp"]["subjects"]["causative"]["acc"] == pytest.approx(sum(right["causative"]) / 3)
+    assert 0 < expected < 1  # the wide random model gets some pairs wrong: the check can fail
+
+    one = BenchmarkSuite([bench("blimp", folder, subjects=["causative"])], tmp_path / "one")
+    assert one.evaluate(model, tokenizer)["benchmarks"]["blimp"]["questions"] == 3
+
+
+def test_minimal_pair_files_are_checked(tmp_path):
+    folder = write_pairs(tmp_path / "blimp")
+    (folder / "causative.jsonl").write_text('{"sentence_good": "A b.", "sentence_bad": ""}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"causative.jsonl: record 1 \(line 1\): field 'sentence_bad': expected a "
+                                        r"sentence"):
+        BenchmarkSuite([bench("blimp", folder)], tmp_path / "tasks")
+
+
+def test_eval_without_a_run_base_alone_and_base_vs_adapter(answering_model_dir, tmp_path):
+    """`weitiao eval --model M --benchmark blimp=DIR [--adapter A]`, outside any git checkout: no run folder, one
+    table, and none of git's 'fatal: not a git repository' lines that lm-eval's git lookup used to print."""
+    from tests.conftest import make_lora_adapter
+
+    folder = write_pairs(tmp_path / "blimp")
+    adapter = make_lora_adapter(tmp_path / "adapter", Path(answering_model_dir))
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, "-m", "weitiao", "eval", "--model", answering_model_dir,
+               "--benchmark", f"blimp={folder}", "--subjects", "causative,determiner_noun_agreement_1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    alone = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert "fatal" not in alone.stderr + alone.stdout
+    assert alone.stdout.splitlines()[0].split() == ["metric", "score"]
+    compared = subprocess.run(command + ["--adapter", str(adapter), "--output", str(tmp_path / "report")], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    blimp = report["metrics"]["blimp/acc"]
+    assert set(blimp) == {"base", "tuned", "delta"} and blimp["delta"] == pytest.approx(blimp["tuned"] - blimp["base"])
+    assert f"{blimp['base']:.4f}" in alone.stdout  # base = the model alone
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| blimp accuracy |" in markdown and "### blimp by subject" in markdown

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
 from tests.train.test_sft import make_config
 from weitiao.errors import DataError
 from weitiao.eval.compare import compare_run, evaluate_model
@@ -99,3 +100,31 @@ def test_loss_label_says_which_tokens_were_scored():
     assert [row[0] for row in metric_rows(report)] == ["eval loss (trained tokens: all)", "eval loss (all tokens)"]
     report["loss_tokens"] = "responses"
     assert metric_rows(report)[0][0] == "eval loss (response tokens)"
+
+
+def test_report_header_counts_what_of_the_eval_data_was_not_scored(tmp_path, tiny_model_dir):
+    """Truncation that leaves an eval example no reply, an eval source cut to a share by its weight, and several
+    references: each is said in report.md and above the terminal table."""
+    rows = [{"question": f"q{i}", "answer": f"short {i}", "answer2": f"other {i}"} for i in range(4)]
+    rows.append({"question": "long " * 200, "answer": "lost", "answer2": "lost too"})  # the prompt fills max_length
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"question": f"e{i}", "answer": f"e {i}"} for i in range(10)])
+    sources = [{"path": str(test), "columns": {"prompt": "question", "response": ["answer", "answer2"]}},
+               {"path": str(extra), "weight": 0.5}]
+    config = make_config(tmp_path, tiny_model_dir, train__max_steps=1, data__eval=sources,
+                         eval__max_new_tokens=4)
+    result = run(config)
+    report = compare_run(result.output_dir, config)
+    data = report["eval_data"]
+    assert report["eval_examples"] == 4 + 5 and data["examples_in"] == 5 + 5
+    assert data["dropped"] == {"dropped: no response tokens left after truncation": 1}
+    assert data["subsets"] == [{"path": str(extra), "weight": 0.5, "records": 10, "used": 5}]
+    assert data["references_per_example"] == 2
+    markdown = (Path(result.output_dir) / "report.md").read_text()
+    notes = ["1 of 10 eval examples not scored (1 dropped: no response tokens left after truncation; data.max_length "
+             "128)", f"{extra}: a seeded random 0.5 of it (5 of 10 records; its weight)",
+             "2 references per example on average: exact match on any, ROUGE the best F1 over them, BLEU "
+             "multi-reference"]
+    table = format_table(report)
+    for note in notes:
+        assert f"- {note}" in markdown and f"note: {note}" in table

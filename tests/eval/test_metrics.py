@@ -91,3 +91,23 @@ def test_generation_metrics_bundle():
     metrics = generation_metrics(["#### 4"], ["#### 4"], extractor="gsm8k")
     assert metrics["exact_match"] == 100.0 and math.isclose(metrics["rouge-1"], 100.0)
     assert set(metrics) == {"exact_match", "rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+
+
+def test_several_references_best_rouge_any_exact_match_multi_reference_bleu():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    predictions = ["the cat sat on the mat", "a dog barks loudly", "it rains"]
+    references = [["a cat was sitting on a mat", "the cat sat on the mat"], ["the dog is barking"], "it rains"]
+    scores = generation_metrics(predictions, references)
+    assert scores["exact_match"] == pytest.approx(200 / 3)  # a hit on the second reference counts
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    best = [max(scorer.score(r, p)["rougeL"].fmeasure for r in ([refs] if isinstance(refs, str) else refs))
+            for p, refs in zip(predictions, references)]
+    assert scores["rouge-l"] == pytest.approx(100 * sum(best) / 3)
+    streams = [["a cat was sitting on a mat", "the dog is barking", "it rains"],
+               ["the cat sat on the mat", None, None]]
+    assert scores["bleu-4"] == pytest.approx(sacrebleu.corpus_bleu(predictions, streams).score)
+    # One reference each (the first ones) scores lower: the extra reference is used, not ignored.
+    single = generation_metrics(predictions, [refs[0] if isinstance(refs, list) else refs for refs in references])
+    assert single["rouge-l"] < scores["rouge-l"] and single["bleu-4"] < scores["bleu-4"]

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from weitiao.config import CleanConfig, DataSource
-from weitiao.data.dataset import Example, load_source
-from weitiao.data.readers import SUPPORTED_SUFFIXES, Record, expand_paths, read_records, write_records
+from weitiao.data.dataset import Example, load_source, source_records
+from weitiao.data.readers import SUPPORTED_SUFFIXES, Record, expand_paths, write_records
 from weitiao.errors import ConfigError, DataError
 
 RULES = ("invalid", "empty_response", "short_response", "short_prompt", "too_long", "language", "truncated",
@@ -76,15 +76,15 @@ def check_output(output: Path, source: str) -> Path:
     return output
 
 
-def original_records(examples: list[Example]) -> list[dict[str, Any]]:
-    """The records behind these examples exactly as their files hold them (every column, the file's own field
-    names), in the examples' order: what `clean` and `select` write, so nothing of the input is lost."""
+def original_records(examples: list[Example], source: DataSource) -> list[dict[str, Any]]:
+    """The records behind these examples (read from `source`) exactly as their files hold them (every column, the
+    file's own field names), in the examples' order: what `clean` and `select` write, so nothing is lost."""
     wanted: dict[str, set[int]] = defaultdict(set)
     for example in examples:
         wanted[example.source].add(example.record)
     found = {}
     for path, numbers in wanted.items():
-        for record in read_records(Path(path)):
+        for record in source_records(source, Path(path)):
             if record.number in numbers:
                 found[(path, record.number)] = record.data
     return [found[(example.source, example.record)] for example in examples]
@@ -204,7 +204,7 @@ def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
     # The reader's own "empty response" check is this command's empty_response rule; its other checks are invalid.
     removed = [Removed("empty_response" if error.reason == "empty response" else "invalid", str(error),
                        record.path, record.number, record.data) for record, error in rejected]
-    originals = original_records(examples)
+    originals = original_records(examples, source)
     kept, kept_originals = [], []
     seen_exact: dict[str, Example] = {}
     near = (NearDuplicateIndex(config.near_dup_threshold, config.num_perm, config.shingle_size)

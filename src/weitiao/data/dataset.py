@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,8 @@ import numpy as np
 from weitiao.config import DataConfig, DataSource
 from weitiao.data.blocks import block_features, pack_blocks, streamed_blocks
 from weitiao.data.encode import IGNORE_INDEX, TemplateMismatch, encode_document, encode_example, truncate
-from weitiao.data.formats import Normalizer, detect_format, field_map
-from weitiao.data.readers import Record, expand_paths, read_records
+from weitiao.data.formats import Normalizer, check_columns, detect_format, field_map, required_columns
+from weitiao.data.readers import Record, expand_paths, guess_encoding, read_records
 from weitiao.errors import DataError
 from weitiao.paths import cache_dir
 
@@ -57,6 +58,8 @@ class Example:
     """The file it was read from."""
     record: int
     """Its 1-based record number in that file."""
+    references: list[str] | None = None
+    """Every reference of the last reply, when the source maps several columns to it (DataSource.columns)."""
 
     def content(self) -> dict[str, Any]:
         """What the encoders read: {'messages': ...} or {'text': ...}."""
@@ -64,31 +67,63 @@ class Example:
 
     def row(self) -> dict[str, Any]:
         """A row of a datasets.Dataset (ROW_COLUMNS)."""
-        return {"messages": self.messages, "text": self.text, "source": self.source, "record": self.record}
+        return {"messages": self.messages, "text": self.text, "source": self.source, "record": self.record,
+                "references": self.references}
 
 
-ROW_COLUMNS = ["messages", "text", "source", "record"]
+ROW_COLUMNS = ["messages", "text", "source", "record", "references"]
+STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def file_label(path: Path) -> str:
+    """The label a classification file's name carries: reviews.pos -> pos, neg.txt -> neg."""
+    return path.suffix[1:] if path.suffix and path.suffix.lower() != ".txt" else path.stem
+
+
+def source_records(source: DataSource, path: Path) -> Iterator[Record]:
+    """One file's records as the source reads them: in its encoding and text unit, with its label."""
+    if source.label is not None and path.suffix.lower() in STRUCTURED_SUFFIXES:
+        raise DataError("`label` is for plain-text files (one text per line, the label in the file's name); this "
+                        "file has columns: map them instead, e.g. columns: {prompt: text, response: label}",
+                        path=str(path))
+    label = (source.label.replace("{file}", file_label(path)).replace("{folder}", path.parent.name)
+             if source.label is not None else None)
+    for record in read_records(path, sample_by=source.sample_by, encoding=source.encoding,
+                               as_text=label is not None):
+        if label is not None:
+            record.data["label"] = label
+        yield record
 
 
 def iter_source(source: DataSource, on_error: str, stats: SourceStats,
                 rejected: list[tuple[Record, DataError]] | None = None) -> Iterator[Example]:
     """Read and normalise one source lazily, counting into `stats`. With on_error "skip", `rejected` (when given)
     receives each skipped record with its error."""
+    # A column list names the references of the reply: the first one is the reply (DataSource.columns).
+    columns = {field: column[0] if isinstance(column, list) else column for field, column in source.columns.items()}
+    references = next((column for column in source.columns.values() if isinstance(column, list)), None)
+    if source.label is not None:  # text + label: a question/answer pair
+        columns = {"prompt": "text", "response": "label", **columns}
     for path in expand_paths(source.path):
         stats.files += 1
+        if source.encoding == "auto":
+            stats.notes[f"files read as {guess_encoding(path)[0]}"] += 1
         normalizer = None
-        for record in read_records(path, sample_by=source.sample_by):
+        for record in source_records(source, path):
             stats.records += 1
             if normalizer is None:
+                check_columns(record.data, [("response", column) for column in references or []], str(path),
+                              record.line)
                 if source.format == "auto":
-                    fmt, fields = detect_format(record.data, source.columns, str(path))
+                    fmt, fields = detect_format(record.data, columns, str(path), record.line)
                 else:
                     try:
-                        fmt, fields = source.format, field_map(source.format, source.columns)
+                        fmt, fields = source.format, field_map(source.format, columns)
                     except DataError as error:
                         raise DataError(error.reason, path=str(path)) from None
+                    check_columns(record.data, required_columns(columns), str(path), record.line)
                 stats.format = fmt if stats.format in ("", fmt) else "mixed"
-                normalizer = Normalizer(fmt, fields, source.prompt_template, source.system)
+                normalizer = Normalizer(fmt, fields, source.prompt_template, source.system, references)
             try:
                 example = normalizer(record)
             except DataError as error:
@@ -100,7 +135,8 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
                 if len(stats.skipped_examples) < 5:
                     stats.skipped_examples.append(str(error))
                 continue
-            yield Example(example.get("messages"), example.get("text"), str(path), record.number)
+            yield Example(example.get("messages"), example.get("text"), str(path), record.number,
+                          example.get("references"))
         if normalizer is not None:
             stats.notes.update(normalizer.notes)
 
@@ -110,6 +146,16 @@ def load_source(source: DataSource, on_error: str = "raise", rejected: list[tupl
     """Read and normalise one source (see iter_source)."""
     stats = SourceStats(path=source.path, weight=source.weight)
     return list(iter_source(source, on_error, stats, rejected)), stats
+
+
+def load_eval_source(source: DataSource, on_error: str, seed: int) -> tuple[list[Example], SourceStats]:
+    """An eval source, or the seeded random share of it that its weight (<= 1) keeps, in file order."""
+    examples, stats = load_source(source, on_error)
+    if source.weight < 1:
+        kept = sorted(random.Random(seed).sample(range(len(examples)), max(1, round(len(examples) * source.weight))))
+        examples = [examples[index] for index in kept]
+    stats.used = len(examples)
+    return examples, stats
 
 
 def apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
@@ -214,7 +260,7 @@ def _build_streaming(data: DataConfig, tokenizer, seed: int):
     """Training blocks streamed from the files; evaluation blocks (data.eval) built in memory."""
     eval_examples, source_stats = [], []
     for source in data.eval:
-        examples, stats = load_source(source, data.on_error)
+        examples, stats = load_eval_source(source, data.on_error, seed)
         eval_examples += examples
         source_stats.append(stats)
     evaluation, eval_summary = encode_documents(eval_examples, tokenizer, data) if eval_examples else (None, None)
@@ -233,7 +279,7 @@ def _cache_key(data: DataConfig, tokenizer, stage: str, seed: int) -> str:
     payload = json.dumps({"data": data.model_dump(mode="json", exclude={"num_proc", "cache"}), "files": files,
                           "stage": stage, "seed": seed, "tokenizer": tokenizer.name_or_path,
                           "vocab": len(tokenizer), "template": tokenizer.chat_template,
-                          "eos": tokenizer.eos_token, "version": 3}, sort_keys=True)
+                          "eos": tokenizer.eos_token, "version": 4}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -262,7 +308,7 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
         train_parts.append((examples, stats))
         source_stats.append(stats)
     for source in data.eval:
-        examples, stats = load_source(source, data.on_error)
+        examples, stats = load_eval_source(source, data.on_error, seed)
         _check_stage(examples, source, stage)
         eval_examples += examples
         source_stats.append(stats)

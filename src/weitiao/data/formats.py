@@ -7,7 +7,9 @@ out in any format, which is what `weitiao data convert` does.
 
 from __future__ import annotations
 
+import difflib
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from weitiao.data.readers import Record
@@ -24,6 +26,7 @@ FORMAT_FIELDS: dict[str, dict[str, str]] = {
 }
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "openai": ("messages",),
                    "qa": ("prompt", "response"), "text": ("text",)}
+_REQUIRED_ANYWHERE = {field for fields in REQUIRED_FIELDS.values() for field in fields}
 # Column pairs that mean "question/answer" in the wild.
 QA_COLUMN_PAIRS = (("question", "answer"), ("prompt", "response"), ("prompt", "completion"), ("query", "response"))
 
@@ -31,8 +34,28 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "model": "assistant", "chatgpt": "assistant", "system": "system"}
 
 
-def detect_format(record: dict[str, Any], columns: dict[str, str], path: str) -> tuple[str, dict[str, str]]:
-    """Pick the format from the columns mapping and the first record's keys; return it with its field map."""
+def check_columns(record: dict[str, Any], columns: Iterable[tuple[str, str]], path: str, line: int | None = None
+                  ) -> None:
+    """Each (field, column) the mapping names is a column of the first record: a typo in the mapping or in the
+    file's header says so, with the closest column, instead of failing to detect the format."""
+    for field, column in columns:
+        if column not in record:
+            close = difflib.get_close_matches(column, [str(key) for key in record], n=1, cutoff=0.6)
+            raise DataError(f"column '{column}' (columns: {field}={column}) not found; the file has: "
+                            f"{', '.join(map(str, record))}" + (f" (did you mean '{close[0]}'?)" if close else ""),
+                            path=path, record=1, line=line)
+
+
+def required_columns(columns: dict[str, str]) -> list[tuple[str, str]]:
+    """The mapped columns that some format cannot do without (optional ones such as system may be absent)."""
+    return [(field, column) for field, column in columns.items() if field in _REQUIRED_ANYWHERE]
+
+
+def detect_format(record: dict[str, Any], columns: dict[str, str], path: str, line: int | None = None
+                  ) -> tuple[str, dict[str, str]]:
+    """Pick the format from the columns mapping and the first record's keys (`line`: where that record starts);
+    return it with its field map."""
+    check_columns(record, required_columns(columns), path, line)
     if columns:  # the mapping names the format: {prompt: dialogue, response: summary} is qa
         for name, fields in FORMAT_FIELDS.items():
             mapped = {**fields, **columns}
@@ -54,7 +77,7 @@ def detect_format(record: dict[str, Any], columns: dict[str, str], path: str) ->
         f"cannot tell the data format from the columns {sorted(keys)}; expected one of: alpaca "
         "(instruction/input/output), sharegpt (conversations), openai (messages), qa (question/answer) or "
         "text; or set `format` and `columns` for this source (e.g. columns: {prompt: dialogue, response: summary})",
-        path=path, record=1)
+        path=path, record=1, line=line)
 
 
 def field_map(fmt: str, columns: dict[str, str]) -> dict[str, str]:
@@ -69,15 +92,23 @@ class Normalizer:
     """Turns raw records of one source into normalised examples, counting every repair it makes."""
 
     def __init__(self, fmt: str, fields: dict[str, str], prompt_template: str | None = None,
-                 system: str | None = None):
+                 system: str | None = None, references: list[str] | None = None):
         self.fmt, self.fields, self.prompt_template, self.system = fmt, fields, prompt_template, system
+        self.references = references or []
+        """Columns holding the references of the reply (the first is the reply itself), when there are several."""
         self.notes: Counter[str] = Counter()
 
     def __call__(self, record: Record) -> dict[str, Any]:
         if self.fmt == "text":
             return {"text": self._string(record, "text", allow_empty=False)}
         messages = getattr(self, f"_{self.fmt}")(record)
-        return {"messages": self._validate(messages, record)}
+        example: dict[str, Any] = {"messages": self._validate(messages, record)}
+        if self.references:
+            references = [str(value) for column in self.references
+                          if (value := record.data.get(column)) is not None and str(value).strip()]
+            self.notes["references"] += len(references)
+            example["references"] = references
+        return example
 
     # -- field access ------------------------------------------------------------------------
     def _error(self, record: Record, message: str, field: str | None = None) -> DataError:

@@ -6,6 +6,7 @@ streamed; a .json array is the exception: it is parsed whole.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import json
@@ -48,21 +49,31 @@ def expand_paths(spec: str) -> list[Path]:
     raise DataError("no such file or directory", path=spec)
 
 
-def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by: str = "paragraph"
-                 ) -> Iterator[Record]:
+def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by: str = "paragraph",
+                 encoding: str | None = None, as_text: bool = False) -> Iterator[Record]:
     """The file's records in order. `csv_columns` names the columns of a CSV file that has no header row;
-    `sample_by` (one of TEXT_UNITS) says how a .txt file is cut into {"text": ...} records."""
+    `sample_by` (one of TEXT_UNITS) says how a .txt file is cut into {"text": ...} records; `encoding` is the
+    text files' encoding (None: UTF-8, 'auto': detected); `as_text` reads a file of any suffix as plain text
+    (e.g. the reviews.pos / reviews.neg files of sentiment sets)."""
     suffix = path.suffix.lower()
+    if as_text and suffix not in (".json", ".jsonl", ".csv", ".parquet"):
+        suffix = ".txt"
     if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"unsupported file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})", path=str(path))
+        raise DataError(f"unsupported file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)}, or give the source "
+                        "a `label` to read it as one text per line)", path=str(path))
     if path.stat().st_size == 0:
         raise DataError("file is empty", path=str(path))
-    if suffix == ".csv":
-        records = _read_csv(path, csv_columns)
-    elif suffix == ".txt":
-        records = _read_text(path, sample_by)
+    if suffix == ".parquet":
+        records = _read_parquet(path)
     else:
-        records = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[suffix](path)
+        text_encoding = resolve_encoding(path, encoding)
+        if suffix == ".csv":
+            records = _read_csv(path, text_encoding, csv_columns)
+        elif suffix == ".txt":
+            records = _read_text(path, text_encoding, sample_by)
+        else:
+            records = {".json": _read_json, ".jsonl": _read_jsonl}[suffix](path, text_encoding)
+        records = _decoded(records, path, text_encoding)
     count = 0
     for record in records:
         count += 1
@@ -71,15 +82,131 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
         raise DataError("file has no records", path=str(path))
 
 
+# -- encodings ---------------------------------------------------------------------------------------------
+
+# Byte-order marks of the encodings that are not UTF-8 (UTF-32 first: its little-endian mark starts with UTF-16's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32 (little-endian)"),
+         (codecs.BOM_UTF32_BE, "utf-32", "UTF-32 (big-endian)"),
+         (codecs.BOM_UTF16_LE, "utf-16", "UTF-16 (little-endian)"),
+         (codecs.BOM_UTF16_BE, "utf-16", "UTF-16 (big-endian)"))
+# charset-normalizer's names of the East Asian encodings users have, as the codec that reads them (GB18030 is a
+# superset of GBK and GB2312) and a name for messages.
+_EAST_ASIAN = {"gb18030": ("gb18030", "GB18030/GBK (Chinese)"), "gbk": ("gb18030", "GB18030/GBK (Chinese)"),
+               "gb2312": ("gb18030", "GB18030/GBK (Chinese)"), "big5": ("big5", "Big5 (traditional Chinese)"),
+               "cp932": ("cp932", "Shift-JIS (Japanese)"), "shift_jis": ("cp932", "Shift-JIS (Japanese)"),
+               "euc_jp": ("euc_jp", "EUC-JP (Japanese)"), "cp949": ("cp949", "EUC-KR (Korean)"),
+               "euc_kr": ("cp949", "EUC-KR (Korean)")}
+_GUESS_BYTES = 1 << 20
+
+
+def resolve_encoding(path: Path, encoding: str | None) -> str:
+    """The codec a text file is read with. None: UTF-8 (with or without its byte-order mark); a UTF-16/32
+    byte-order mark is an error that names the fix. 'auto': the guessed encoding (guess_encoding)."""
+    if encoding == "auto":
+        return guess_encoding(path)[0]
+    if encoding is not None:
+        try:
+            name = codecs.lookup(encoding).name
+        except LookupError:
+            raise DataError(f"unknown encoding '{encoding}' (e.g. utf-8, gb18030, cp1252, utf-16, latin-1, auto)",
+                            path=str(path)) from None
+        return "utf-8-sig" if name == "utf-8" else name  # a UTF-8 byte-order mark is not text
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    for bom, codec, name in _BOMS:
+        if head.startswith(bom):
+            raise DataError(f"the file starts with a {name} byte-order mark ({bom.hex(' ').upper()}), so it is not "
+                            f"UTF-8; {_fix(codec)}", path=str(path), line=1)
+    return "utf-8-sig"
+
+
+def guess_encoding(path: Path) -> tuple[str, str]:
+    """(codec, description) of a text file's likely encoding, from its byte-order mark or its first megabyte."""
+    with path.open("rb") as handle:
+        sample = handle.read(_GUESS_BYTES)
+    for bom, codec, name in _BOMS:
+        if sample.startswith(bom):
+            return codec, f"a {name} byte-order mark ({bom.hex(' ').upper()})"
+    if sample.count(0) > len(sample) // 4:  # ASCII text in UTF-16 has every other byte 0
+        codec = "utf-16-le" if sample[1::2].count(0) > sample[0::2].count(0) else "utf-16-be"
+        return codec, f"{codec.upper()} without a byte-order mark (many 0 bytes)"
+    try:
+        sample.decode("utf-8")
+        return "utf-8-sig", "UTF-8"
+    except UnicodeDecodeError as error:
+        if len(sample) == _GUESS_BYTES and error.start >= len(sample) - 3:  # a character cut by the sample's end
+            return "utf-8-sig", "UTF-8"
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(sample).best()
+    if best is not None and best.encoding in _EAST_ASIAN:
+        return _EAST_ASIAN[best.encoding]
+    # Western single-byte text: charset-normalizer cannot tell the Windows code pages apart (it says cp1250 for
+    # French or English cp1252 text); cp1252 is by far the most common, and maps the 0x80-0x9F punctuation.
+    try:
+        sample.decode("cp1252")
+        return "cp1252", "cp1252 (Windows Western European)"
+    except UnicodeDecodeError:
+        return "latin-1", "latin-1 (ISO 8859-1)"
+
+
+def _fix(codec: str) -> str:
+    return (f"read it with `encoding: {codec}` on its data source (--encoding {codec} on the command line), or "
+            f"convert it to UTF-8 (iconv -f {codec} -t utf-8)")
+
+
+def _decoded(records: Iterator[Record], path: Path, encoding: str) -> Iterator[Record]:
+    """The records, with a decoding failure turned into one line that locates the bytes and names the fix."""
+    try:
+        yield from records
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
+
+
+def _decode_error(path: Path, encoding: str) -> DataError:
+    """Where the first undecodable bytes are (line, byte offset, the bytes) and what the file looks like."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line, offset = 1, 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            pending = len(decoder.getstate()[0])
+            try:
+                line += decoder.decode(raw).count("\n")
+            except UnicodeDecodeError as error:
+                position = offset - pending + error.start
+                line += error.object[:error.start].count(b"\n")
+                shown = " ".join(f"0x{byte:02X}" for byte in error.object[error.start:error.end])
+                codec, looks = guess_encoding(path)
+                hint = f"the file looks like {looks}; {_fix(codec)}" if codec != "utf-8-sig" else _fix("ENCODING")
+                return DataError(f"byte {shown} at byte offset {position} is not valid {_codec_name(encoding)}: "
+                                 f"{hint}", path=str(path), line=line)
+            offset += len(raw)
+    return DataError(f"the file is not valid {_codec_name(encoding)} (it ends inside a character)", path=str(path))
+
+
+def _codec_name(codec: str) -> str:
+    return "UTF-8" if codec == "utf-8-sig" else codec
+
+
 def _check_object(value: Any, path: Path, number: int, line: int | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DataError(f"expected a JSON object, got {type(value).__name__}", path=str(path), record=number, line=line)
     return value
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def _json_problem(error: json.JSONDecodeError, text: str, closing: str, what: str) -> str:
+    """'invalid JSON: <json's message> at column N', and a note when the text stops before it closes."""
+    # json's messages either end in "at" ("Invalid control character at") or do not ("Expecting value").
+    message = f"invalid JSON: {error.msg}{'' if error.msg.endswith(' at') else ' at'} column {error.colno}"
+    if not text.rstrip().endswith(closing):
+        message += f"; the {what} ends before its JSON closes with '{closing}': it looks cut off"
+    return message
+
+
+def _read_jsonl(path: Path, encoding: str) -> Iterator[Record]:
     number = 0
-    with path.open(encoding="utf-8-sig") as handle:
+    # Lines end at \n (or \r\n, \r), never inside a JSON value: escaped line breaks are two characters.
+    with path.open(encoding=encoding) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -87,22 +214,22 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"invalid JSON: {error.msg} at column {error.colno}",
+                raise DataError(_json_problem(error, line, "}", "line"),
                                 path=str(path), record=number, line=line_number) from None
             yield Record(str(path), number, line_number, _check_object(value, path, number, line_number))
 
 
-def _read_json(path: Path) -> Iterator[Record]:
+def _read_json(path: Path, encoding: str) -> Iterator[Record]:
     """A JSON array of objects; many '.json' files are really JSON Lines, so fall back to that."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = path.read_text(encoding=encoding)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and text.lstrip().startswith("{"):
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, encoding)
             return
-        raise DataError(f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno}",
-                        path=str(path)) from None
+        closing = "}" if text.lstrip().startswith("{") else "]"
+        raise DataError(_json_problem(error, text, closing, "file"), path=str(path), line=error.lineno) from None
     if isinstance(value, dict):
         lists = [key for key, item in value.items() if isinstance(item, list)]
         if len(lists) == 1 and all(isinstance(v, dict) for v in value[lists[0]]):
@@ -115,9 +242,9 @@ def _read_json(path: Path) -> Iterator[Record]:
         yield Record(str(path), index, None, _check_object(item, path, index, None))
 
 
-def _read_csv(path: Path, columns: Sequence[str] | None = None) -> Iterator[Record]:
+def _read_csv(path: Path, encoding: str, columns: Sequence[str] | None = None) -> Iterator[Record]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with path.open(encoding=encoding, newline="") as handle:
         reader = csv.DictReader(handle, fieldnames=columns)
         if not reader.fieldnames:
             raise DataError("CSV file has no header row", path=str(path))
@@ -130,18 +257,19 @@ def _read_csv(path: Path, columns: Sequence[str] | None = None) -> Iterator[Reco
             yield Record(str(path), number, reader.line_num, {k: (v if v != "" else None) for k, v in row.items()})
 
 
-def _read_text(path: Path, sample_by: str) -> Iterator[Record]:
+def _read_text(path: Path, encoding: str, sample_by: str) -> Iterator[Record]:
     """Plain text as {"text": ...} records. Lines keep no newline; a paragraph keeps its inner newlines; whitespace-only
-    lines separate paragraphs and are never a record."""
+    lines separate paragraphs and are never a record. A line ends at \n, \r\n or \r only: not at U+0085 or
+    U+2028 as in str.splitlines (latin-1 reads the byte 0x85, an ellipsis in cp1252 text, as U+0085)."""
     if sample_by not in TEXT_UNITS:
         raise DataError(f"sample_by must be one of {', '.join(TEXT_UNITS)}, not '{sample_by}'", path=str(path))
     if sample_by == "document":
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding=encoding)
         if text.strip():
             yield Record(str(path), 1, 1, {"text": text.rstrip("\n")})
         return
     number, lines, first_line = 0, [], 0
-    with path.open(encoding="utf-8-sig") as handle:
+    with path.open(encoding=encoding) as handle:  # universal newlines: \n, \r\n, \r
         for line_number, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
             if line.strip() and sample_by == "line":

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from weitiao.config import ModelConfig, SelectConfig
+from weitiao.config import DataSource, ModelConfig, SelectConfig
 from weitiao.data.clean import original_records, side_file
 from weitiao.data.dataset import Example
 from weitiao.data.encode import IGNORE_INDEX, Encoded, TemplateMismatch, encode_conversation, truncate
@@ -483,10 +483,10 @@ def plot_histograms(selection: Selection, path: Path) -> bool:
 
 
 def write_selection(examples: list[Example], selection: Selection, output: Path, config: SelectConfig,
-                    source: str) -> dict[str, Any]:
+                    source: DataSource) -> dict[str, Any]:
     """OUT (the selected records as they are in the input), OUT.scores.jsonl (every example: scores, selected or
     why excluded), OUT.summary.json and OUT.scores.png. Returns the summary."""
-    records = original_records([examples[i] for i in selection.selected])
+    records = original_records([examples[i] for i in selection.selected], source)
     write_records(records, output)
     chosen = set(selection.selected)
     names = [name for name in SCORE_NAMES if name in selection.scores]
@@ -503,7 +503,7 @@ def write_selection(examples: list[Example], selection: Selection, output: Path,
     plotted = plot_histograms(selection, plot)
     selected = np.array(selection.selected, dtype=int)
     summary = {
-        "input": source, "output": str(output), "method": selection.method, "examples": len(examples),
+        "input": source.path, "output": str(output), "method": selection.method, "examples": len(examples),
         "budget": selection.budget, "selected": len(selection.selected),
         "eligible": len(examples) - len(selection.excluded),
         "excluded": dict(Counter(selection.excluded.values())),

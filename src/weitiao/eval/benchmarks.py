@@ -13,7 +13,9 @@ folder runs from the command line: `lm_eval --model hf --model_args pretrained=D
 
 Prompts are those of lm-eval's mmlu, ceval-valid, cmmlu and truthfulqa_mc1/mc2 tasks. TruthfulQA's local
 tasks include lm-eval's own YAML, so its prompt and its MC2 metric (lm-eval's process_results_mc2) are
-lm-eval's code, not a copy.
+lm-eval's code, not a copy. BLiMP's local tasks include lm-eval's blimp template the same way: a pair counts as
+right when the model gives the whole good sentence a higher log-likelihood than the bad one (accuracy per
+phenomenon, and over all pairs).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import difflib
 import importlib
 import json
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +36,7 @@ import yaml
 
 # The config checks the local task names at load (LOCAL_TASKS); CSV_LAYOUTS below has the layout of each CSV one.
 from weitiao.config import LOCAL_BENCHMARK_TASKS as LOCAL_TASKS
-from weitiao.config import TRUTHFULQA_TASKS, BenchmarkConfig
+from weitiao.config import MINIMAL_PAIR_TASKS, TRUTHFULQA_TASKS, BenchmarkConfig
 from weitiao.data.readers import Record, read_records
 from weitiao.errors import ConfigError, DataError
 
@@ -130,11 +135,12 @@ class BenchmarkSuite:
             for benchmark in self.benchmarks:
                 config = benchmark.config
                 started = time.time()
-                output = simple_evaluate(
-                    model=lm, tasks=[benchmark.lm_eval_task], task_manager=self.task_manager,
-                    # A local task's YAML holds its num_fewshot, so the lm_eval command line needs no flag.
-                    num_fewshot=config.num_fewshot if config.path is None else None,
-                    limit=config.limit, bootstrap_iters=0, log_samples=False)
+                with _quiet_git():
+                    output = simple_evaluate(
+                        model=lm, tasks=[benchmark.lm_eval_task], task_manager=self.task_manager,
+                        # A local task's YAML holds its num_fewshot, so the lm_eval command line needs no flag.
+                        num_fewshot=config.num_fewshot if config.path is None else None,
+                        limit=config.limit, bootstrap_iters=0, log_samples=False)
                 scores = {task: _scores(values) for task, values in output["results"].items()}
                 for metric, value in scores[benchmark.lm_eval_task].items():
                     metrics[f"{config.metric_prefix}/{metric}"] = value
@@ -158,6 +164,8 @@ class BenchmarkSuite:
         target.mkdir(parents=True)
         if config.task in TRUTHFULQA_TASKS:
             return _write_truthfulqa_task(config, source, target)
+        if config.task in MINIMAL_PAIR_TASKS:
+            return _write_minimal_pair_tasks(config, source, target)
         return _write_csv_tasks(config, CSV_LAYOUTS[config.task], source, target)
 
     def _check_hub_task(self, config: BenchmarkConfig) -> None:
@@ -175,6 +183,42 @@ class BenchmarkSuite:
             raise ConfigError(f"lm-eval task '{config.task}' needs its dataset from the Hugging Face Hub, which "
                               f"is not reachable ({error}); without internet use a local copy: `path` with "
                               f"task {', '.join(LOCAL_TASKS)}") from None
+
+
+@contextmanager
+def _quiet_git() -> Iterator[None]:
+    """lm-eval records the git commit of the working folder (`git describe`); outside a git checkout git prints
+    'fatal: not a git repository' on the terminal. The same lookup with git's complaint dropped."""
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+
+    def commit() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+
+    modules = (lm_eval.evaluator, lm_eval.loggers.utils)
+    saved = [module.get_git_commit_hash for module in modules]
+    for module in modules:
+        module.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.get_git_commit_hash = original
+
+
+def _chosen_subjects(config: BenchmarkConfig, found: list[str], where: Path) -> list[str]:
+    """The folder's subjects, or those of `subjects` (each must exist)."""
+    if config.subjects is None:
+        return found
+    for subject in config.subjects:
+        if subject not in found:
+            close = difflib.get_close_matches(subject, found, n=1)
+            raise DataError(f"{config.task}: no subject '{subject}' here" + (f" (did you mean '{close[0]}'?)" if close
+                            else "") + f"; the subjects are: {', '.join(found)}", path=str(where))
+    return [subject for subject in found if subject in config.subjects]
 
 
 def _scores(values: dict[str, Any]) -> dict[str, float]:
@@ -248,6 +292,7 @@ def _write_csv_tasks(config: BenchmarkConfig, layout: CsvLayout, source: Path, t
     if not subjects:
         raise DataError(f"no <subject>{layout.file_suffix.format(split=split)} files (the {config.task} layout: "
                         f"{split}/<subject>{layout.file_suffix.format(split=split)})", path=str(split_folder))
+    subjects = _chosen_subjects(config, subjects, split_folder)
     num_fewshot = config.num_fewshot or 0
     names = _subject_names(layout)
     group = TASK_PREFIX + config.metric_prefix
@@ -334,3 +379,48 @@ def _write_truthfulqa_task(config: BenchmarkConfig, source: Path, target: Path) 
                  "dataset_path": "json", "dataset_name": None,
                  "dataset_kwargs": {"data_files": {"validation": str(data_file)}}}, target / f"{task}.yaml")
     return Benchmark(config, task)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BLiMP-style minimal pairs: <phenomenon>.jsonl files of {sentence_good, sentence_bad}
+
+
+def _read_pairs(file: Path) -> list[dict[str, str]]:
+    pairs = []
+    for record in read_records(file):
+        for field in ("sentence_good", "sentence_bad"):
+            value = record.data.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError("expected a sentence (a minimal pair has sentence_good and sentence_bad)",
+                                path=record.path, record=record.number, line=record.line, field=field)
+        pairs.append({"sentence_good": record.data["sentence_good"], "sentence_bad": record.data["sentence_bad"]})
+    return pairs
+
+
+def _write_minimal_pair_tasks(config: BenchmarkConfig, source: Path, target: Path) -> Benchmark:
+    from lm_eval import tasks as lm_eval_tasks
+
+    template = Path(lm_eval_tasks.__file__).parent / "blimp" / "_template_yaml"
+    if not template.is_file():
+        raise ConfigError(f"this lm-eval install has no {template}, which the local blimp tasks build on")
+    files = sorted(source.glob("*.jsonl")) if source.is_dir() else [source] if source.is_file() else []
+    if not files:
+        raise DataError("no <phenomenon>.jsonl files of sentence_good / sentence_bad pairs", path=str(source))
+    chosen = _chosen_subjects(config, [file.stem for file in files], source)
+    group = TASK_PREFIX + config.metric_prefix
+    tasks = []
+    for file in files:
+        if file.stem not in chosen:
+            continue
+        data_file = (target / f"{file.stem}.jsonl").resolve()
+        _write_jsonl(_read_pairs(file), data_file)
+        task = f"{group}_{file.stem}"
+        _write_yaml({"include": str(template), "task": task, "task_alias": file.stem, "tag": [],
+                     "dataset_path": "json", "dataset_name": None,
+                     "dataset_kwargs": {"data_files": {"train": str(data_file)}}}, target / f"{task}.yaml")
+        tasks.append(task)
+    # Over all pairs, as BLiMP's paper reports its overall accuracy.
+    _write_yaml({"group": group, "task": tasks,
+                 "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+                 "metadata": {"version": 1.0}}, target / f"{group}.yaml")
+    return Benchmark(config, group)

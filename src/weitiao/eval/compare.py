@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from weitiao.config import Config
+from weitiao.config import Config, EvalConfig, ModelConfig
 from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets
 from weitiao.data.templates import template_stops
-from weitiao.errors import DataError
+from weitiao.errors import ConfigError, DataError
 from weitiao.eval.benchmarks import BenchmarkSuite
 from weitiao.eval.choices import choice_loglikelihoods, choice_metrics, choose, confusion_matrix
 from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
@@ -45,6 +46,9 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
             and eval_set[0]["messages"] is not None:
         rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
         prompts, references = zip(*(prompt_messages(m) for m in rows["messages"]))
+        # Several references where the source maps several columns to the reply (the first is the reply).
+        scored_against = [refs or [reply] for refs, reply in zip(rows["references"], references)] \
+            if "references" in rows.column_names else list(references)
         locations = list(zip(rows["source"], rows["record"]))
         result.update(prompts=list(prompts), references=list(references))
         if settings.generation:
@@ -54,7 +58,7 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
                 settings.top_p), stop_strings=template_stops(config.data),
                 desc=f"generating ({desc})")
             result["seconds"]["generation"] = time.time() - started
-            metrics.update(generation_metrics(predictions, references, settings.extractor, settings.regex,
+            metrics.update(generation_metrics(predictions, scored_against, settings.extractor, settings.regex,
                                               settings.labels))
             if database is not None:
                 metrics.update(execution_scores(predictions, references, database, locations))
@@ -94,7 +98,7 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     config = config or run.config()
     run.check_trained()
     tokenizer = load_tokenizer(str(run.path))  # carries the chat template the run trained with
-    _, eval_set, _ = build_datasets(config.data, tokenizer, config.stage, config.train.seed)
+    _, eval_set, data_stats = build_datasets(config.data, tokenizer, config.stage, config.train.seed)
     if eval_set is None or len(eval_set) == 0:
         raise DataError("no evaluation data: set data.eval or data.val_size in the config")
     # Before loading the model, so bad benchmark files fail fast. The task files stay in the run folder:
@@ -123,14 +127,32 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     if database is not None:
         database.close()
 
-    report = build_report(config, base_path, run, base_result, tuned_result, len(eval_set))
+    report = build_report(config, base_path, run, base_result, tuned_result, len(eval_set), data_stats)
     if write:
         write_report(run, report)
     return report
 
 
+def eval_data_summary(config: Config, data_stats: dict[str, Any]) -> dict[str, Any]:
+    """What of the eval data was scored: examples dropped by truncation, the share each eval source kept (its
+    weight), and the number of references per example."""
+    summary = data_stats.get("eval") or {}
+    eval_paths = {source.path for source in config.data.eval}
+    return {
+        "examples_in": summary.get("examples_in"), "dropped": summary.get("dropped", {}),
+        "max_length": config.data.max_length,
+        "subsets": [{"path": source["path"], "weight": source["weight"], "records": source["records"],
+                     "used": source["examples_used"]}
+                    for source in data_stats.get("sources", []) if source["path"] in eval_paths
+                    and source["weight"] < 1],
+        "references_per_example": round(max((source["notes"].get("references", 0) / max(1, source["records"])
+                                             for source in data_stats.get("sources", [])
+                                             if source["path"] in eval_paths), default=0), 2),
+    }
+
+
 def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str, Any], tuned: dict[str, Any],
-                 eval_examples: int) -> dict[str, Any]:
+                 eval_examples: int, data_stats: dict[str, Any] | None = None) -> dict[str, Any]:
     metrics = {}
     for name, base_value in base["metrics"].items():
         tuned_value = tuned["metrics"][name]
@@ -151,6 +173,7 @@ def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str,
     return {
         "run": str(run.path), "base_model": config.model.name_or_path, "base_model_path": base_path,
         "method": config.method, "eval_examples": eval_examples,
+        "eval_data": eval_data_summary(config, data_stats or {}),
         "generation_examples": len(samples) if "predictions" in tuned else 0, "extractor": config.eval.extractor,
         "choice_examples": len(samples) if choices else 0, "choices": choices,
         "loss_tokens": config.data.train_on,
@@ -160,15 +183,57 @@ def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str,
     }
 
 
-def _benchmark_details(config: Config, base: dict[str, Any], tuned: dict[str, Any]) -> list[dict[str, Any]]:
-    """How each benchmark was run, and its per-subject scores for both models."""
+def _benchmark_details(config: Config | EvalConfig, base: dict[str, Any], tuned: dict[str, Any] | None
+                       ) -> list[dict[str, Any]]:
+    """How each benchmark was run, and its per-subject scores for both models (the base alone without `tuned`)."""
+    settings = config.eval if isinstance(config, Config) else config
     details = []
-    for benchmark in config.eval.benchmarks:
-        base_run, tuned_run = base["benchmarks"][benchmark.metric_prefix], tuned["benchmarks"][benchmark.metric_prefix]
+    for benchmark in settings.benchmarks:
+        base_run = base["benchmarks"][benchmark.metric_prefix]
+        tuned_run = tuned["benchmarks"][benchmark.metric_prefix] if tuned is not None else None
         details.append({
             "name": benchmark.metric_prefix, "task": benchmark.task, "path": benchmark.path,
             "num_fewshot": benchmark.num_fewshot, "limit": benchmark.limit, "questions": base_run["questions"],
-            "subjects": {subject: {"base": scores, "tuned": tuned_run["subjects"][subject]}
+            "subjects": {subject: {"base": scores} | ({"tuned": tuned_run["subjects"][subject]} if tuned_run else {})
                          for subject, scores in base_run["subjects"].items()},
         })
     return details
+
+
+def benchmark_models(model: ModelConfig, adapter: str | None, settings: EvalConfig, output: Path | None = None
+                     ) -> dict[str, Any]:
+    """eval.benchmarks on a model without a run folder: the model alone, or the model (base) vs the model with
+    `adapter` (tuned). With `output`, the report (report.json, report.md, metrics.png) and the lm-eval task folder
+    are written there."""
+    if not settings.benchmarks:
+        raise ConfigError("nothing to evaluate: name benchmarks (--benchmark TASK or TASK=PATH, or eval.benchmarks "
+                          "in --config)")
+    tasks = output / "benchmark_tasks" if output else Path(tempfile.mkdtemp(prefix="weitiao-benchmarks-"))
+    suite = BenchmarkSuite(settings.benchmarks, tasks)
+    adapter_run = RunFolder.adapter(adapter) if adapter else None
+    base, tokenizer, base_path = load_model(model)
+    base.to("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict[str, Any] = {}
+    if adapter_run is not None:
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(base, str(adapter_run.path))
+        with tuned.disable_adapter():
+            results["base"] = suite.evaluate(tuned, tokenizer, settings.batch_size)
+        results["tuned"] = suite.evaluate(tuned, tokenizer, settings.batch_size)
+    else:
+        results["base"] = suite.evaluate(base, tokenizer, settings.batch_size)
+    metrics = {}
+    for name, value in results["base"]["metrics"].items():
+        metrics[name] = {"base": value}
+        if "tuned" in results:
+            tuned_value = results["tuned"]["metrics"][name]
+            metrics[name].update(tuned=tuned_value, delta=tuned_value - value)
+    report = {"run": str(adapter_run.path) if adapter_run else None, "base_model": model.name_or_path,
+              "base_model_path": base_path, "adapter": adapter, "method": None, "eval_examples": 0,
+              "generation_examples": 0, "extractor": None, "choice_examples": 0, "choices": None,
+              "metrics": metrics, "samples": [], "training_log": [],
+              "benchmarks": _benchmark_details(settings, results["base"], results.get("tuned"))}
+    if output is not None:
+        write_report(RunFolder(output), report)
+    return report

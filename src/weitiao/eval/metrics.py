@@ -2,6 +2,11 @@
 
 Chinese: rouge-score's tokenizer drops every non-ASCII character, so text with CJK characters is segmented
 with jieba before ROUGE; BLEU uses sacrebleu's own `zh` tokenizer. All scores are percentages (0-100).
+
+An example may have several references (a list of strings instead of one string). Then exact match counts a hit
+on any of them, ROUGE takes the best F1 over them (rouge-score's `score_multi`, per ROUGE variant) and BLEU is
+sacrebleu's multi-reference corpus BLEU (n-gram counts clipped by the most frequent reference, brevity against the
+closest reference length), the conventions of the ROUGE and BLEU papers.
 """
 
 from __future__ import annotations
@@ -100,12 +105,20 @@ def make_extractor(name: str, pattern: str | None = None, labels: Sequence[str] 
     raise ConfigError(f"unknown extractor '{name}'; choose one of {', '.join(EXTRACTORS)}")
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str], extractor: Callable[[str], str | None]
+References = Sequence[str | Sequence[str]]
+"""One reference per example, or a list of them."""
+
+
+def reference_lists(references: References) -> list[list[str]]:
+    return [[reference] if isinstance(reference, str) else list(reference) for reference in references]
+
+
+def exact_match(predictions: Sequence[str], references: References, extractor: Callable[[str], str | None]
                 ) -> float:
     hits = 0
-    for prediction, reference in zip(predictions, references, strict=True):
+    for prediction, options in zip(predictions, reference_lists(references), strict=True):
         answer = extractor(prediction)
-        hits += answer is not None and answer == extractor(reference)
+        hits += answer is not None and any(answer == extractor(reference) for reference in options)
     return 100.0 * hits / max(1, len(references))
 
 
@@ -139,8 +152,8 @@ class _RougeTokenizer:
         return [w.lower() for w in jieba.lcut(text) if w.strip() and not re.fullmatch(r"[^\w]+", w)]
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 over examples."""
+def rouge(predictions: Sequence[str], references: References, use_stemmer: bool = True) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 over examples (with several references, the best F1 of each example)."""
     import logging
 
     from rouge_score import rouge_scorer
@@ -148,27 +161,32 @@ def rouge(predictions: Sequence[str], references: Sequence[str], use_stemmer: bo
     logging.getLogger("jieba").setLevel(logging.WARNING)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_RougeTokenizer(use_stemmer))
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(reference, prediction)
+    for prediction, options in zip(predictions, reference_lists(references), strict=True):
+        scores = scorer.score_multi(options, prediction)
         for key in totals:
             totals[key] += scores[key].fmeasure
     n = max(1, len(references))
     return {f"rouge-{key[5:].lower()}": 100.0 * value / n for key, value in totals.items()}
 
 
-def bleu4(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU-4; sacrebleu's zh tokenizer when the references are Chinese."""
+def bleu4(predictions: Sequence[str], references: References) -> float:
+    """Corpus BLEU-4 (multi-reference where examples have several); sacrebleu's zh tokenizer when the references
+    are Chinese."""
     import sacrebleu
 
-    tokenize = "zh" if any(has_cjk(r) for r in references) else "13a"
-    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize).score)
+    options = reference_lists(references)
+    tokenize = "zh" if any(has_cjk(r) for refs in options for r in refs) else "13a"
+    # sacrebleu takes one stream per reference position; None where an example has fewer references.
+    streams = [[refs[k] if k < len(refs) else None for refs in options] for k in range(max(map(len, options),
+                                                                                           default=1))]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams, tokenize=tokenize).score)
 
 
-def generation_metrics(predictions: Sequence[str], references: Sequence[str], extractor: str = "none",
+def generation_metrics(predictions: Sequence[str], references: References, extractor: str = "none",
                        pattern: str | None = None, labels: Sequence[str] | None = None) -> dict[str, float]:
     metrics = {"exact_match": exact_match(predictions, references, make_extractor(extractor, pattern, labels))}
     if extractor == "json":
-        metrics.update(json_scores(predictions, references))
+        metrics.update(json_scores(predictions, [refs[0] for refs in reference_lists(references)]))
     metrics.update(rouge(predictions, references))
     metrics["bleu-4"] = bleu4(predictions, references)
     return metrics

@@ -56,10 +56,22 @@ def _fmt(name: str, value: float) -> str:
     return metric_info(name)[2].format(value)
 
 
-def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def compares(report: dict[str, Any]) -> bool:
+    """Whether the report has a tuned model beside the base (`weitiao eval --model` alone scores one model)."""
+    return all("tuned" in values for values in report["metrics"].values())
+
+
+def table_header(report: dict[str, Any]) -> tuple[str, ...]:
+    return ("metric", "base", "tuned", "change") if compares(report) else ("metric", "score")
+
+
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for name, values in report["metrics"].items():
         label = metric_label(name, report)
+        if "tuned" not in values:
+            rows.append((label, _fmt(name, values["base"])))
+            continue
         delta = values["delta"]
         rows.append((label, _fmt(name, values["base"]), _fmt(name, values["tuned"]),
                      ("+" if delta >= 0 else "") + _fmt(name, delta)))
@@ -68,13 +80,14 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def format_table(report: dict[str, Any]) -> str:
     """The metric table as aligned plain text, for the terminal."""
-    header = ("metric", "base", "tuned", "change")
+    header = table_header(report)
+    notes = "".join(f"note: {note}\n" for note in data_notes(report))
     rows = [header] + metric_rows(report)
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return notes + "\n".join(lines)
 
 
 def format_samples(report: dict[str, Any], count: int | None = None, width: int = 300) -> str:
@@ -100,6 +113,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     return render_summary(report, plots=True) + render_samples(report)
 
 
+def data_notes(report: dict[str, Any]) -> list[str]:
+    """What of the eval data was not scored, or scored in a way to know about: examples dropped by truncation, eval
+    sources cut to a share by their weight, several references per example."""
+    data = report.get("eval_data") or {}
+    notes = []
+    dropped = sum(data.get("dropped", {}).values())
+    if dropped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in data["dropped"].items())
+        notes.append(f"{dropped} of {data['examples_in']} eval examples not scored ({reasons}; data.max_length "
+                     f"{data['max_length']})")
+    for subset in data.get("subsets", []):
+        notes.append(f"{subset['path']}: a seeded random {subset['weight']:g} of it ({subset['used']} of "
+                     f"{subset['records']} records; its weight)")
+    if data.get("references_per_example", 0) > 1:
+        notes.append(f"{data['references_per_example']:g} references per example on average: exact match on any, "
+                     "ROUGE the best F1 over them, BLEU multi-reference")
+    return notes
+
+
 def render_summary(report: dict[str, Any], plots: bool = False) -> str:
     """What was evaluated and the base-vs-tuned table (with confusion matrices and benchmark subjects); with plots,
     the markdown links to the run folder's images."""
@@ -109,14 +141,19 @@ def render_summary(report: dict[str, Any], plots: bool = False) -> str:
     if report.get("choice_examples"):
         examples += (f"; {report['choice_examples']} scored by constrained choice among "
                      f"{', '.join(report['choices']['labels'])}")
-    lines = ["# Evaluation: base vs fine-tuned", "",
-             f"- run: `{report['run']}`", f"- base model: `{report['base_model']}`", f"- method: {report['method']}",
-             examples, "", "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(report)]
+    header = table_header(report)
+    lines = ["# Evaluation: base vs fine-tuned" if compares(report) else "# Evaluation", ""]
+    lines += [f"- run: `{report['run']}`"] if report.get("run") else []
+    lines.append(f"- base model: `{report['base_model']}`")
+    lines += [f"- method: {report['method']}"] if report.get("method") else []
+    lines += [examples] if report["eval_examples"] else []
+    lines += [*(f"- {note}" for note in data_notes(report)), "",
+              "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in metric_rows(report)]
     lines.append("")
     if plots:
-        lines += [f"![training and validation loss]({RunFolder.LOSS_PLOT})", "",
-                  f"![metrics]({RunFolder.METRICS_PLOT})", ""]
+        lines += [f"![training and validation loss]({RunFolder.LOSS_PLOT})", ""] if report.get("training_log") else []
+        lines += [f"![metrics]({RunFolder.METRICS_PLOT})", ""]
     lines += _confusion_markdown(report.get("choices"))
     lines += _benchmark_markdown(report.get("benchmarks", []))
     return "\n".join(lines) + "\n"
@@ -172,12 +209,17 @@ def _benchmark_markdown(benchmarks: list[dict[str, Any]]) -> list[str]:
     for benchmark in benchmarks:
         if not benchmark["subjects"]:
             continue
-        lines += ["", f"### {benchmark['name']} by subject", "", "| subject | base | tuned | change |",
-                  "|---|---:|---:|---:|"]
+        both = all("tuned" in scores for scores in benchmark["subjects"].values())
+        lines += ["", f"### {benchmark['name']} by subject", "",
+                  "| subject | base | tuned | change |" if both else "| subject | score |",
+                  "|---|---:|---:|---:|" if both else "|---|---:|"]
         for subject, scores in benchmark["subjects"].items():
             for metric, base_value in scores["base"].items():
-                tuned_value = scores["tuned"][metric]
                 label = subject if metric == "acc" else f"{subject} ({metric})"
+                if not both:
+                    lines.append(f"| {label} | {base_value:.4f} |")
+                    continue
+                tuned_value = scores["tuned"][metric]
                 lines.append(f"| {label} | {base_value:.4f} | {tuned_value:.4f} | "
                              f"{tuned_value - base_value:+.4f} |")
     return lines + [""]
@@ -218,8 +260,9 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(1, len(names), figsize=(max(6, 1.9 * len(names)), 3.6), squeeze=False)
     for axis, name in zip(axes[0], names):
         values = report["metrics"][name]
-        bars = axis.bar(["base", "tuned"], [values["base"], values["tuned"]], color=["#9aa5b1", "#2f80ed"])
-        axis.bar_label(bars, labels=[_fmt(name, values["base"]), _fmt(name, values["tuned"])], fontsize=8)
+        models = [model for model in ("base", "tuned") if model in values]
+        bars = axis.bar(models, [values[model] for model in models], color=["#9aa5b1", "#2f80ed"][:len(models)])
+        axis.bar_label(bars, labels=[_fmt(name, values[model]) for model in models], fontsize=8)
         axis.set_title(metric_label(name, report), fontsize=8)
         axis.tick_params(labelsize=8)
         axis.margins(y=0.2)

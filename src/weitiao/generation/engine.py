@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from weitiao.config import ModelConfig
+from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import WeitiaoError
 from weitiao.generation.adapters import AdapterRows, route_lora_rows
 from weitiao.generation.batch import BatchModel, SlotCache
@@ -139,9 +140,12 @@ class Engine:
              **options: Any) -> Engine:
         """Load MODEL (what weitiao.models.resolve_model accepts) and attach `adapters` ({name: folder})."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if threads:
+        if device.type == "cpu":
             # Decoding is many small matrix products: on a CPU that other programs share, one thread can be several
-            # times faster than a team of threads waiting for each other (see docs/deploy.md).
+            # times faster than a team of threads waiting for each other (see docs/deploy.md), so the count is
+            # measured on decode-sized products unless given.
+            threads, why = (threads, "--threads") if threads else pick_cpu_threads(rows=8)
+            log.info("CPU threads: %d (%s)", threads, why)
             torch.set_num_threads(threads)
         loaded, tokenizer, base_path = load_model(ModelConfig(name_or_path=model, dtype=dtype_name(dtype)))
         loaded.to(device)

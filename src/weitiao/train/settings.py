@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from weitiao.config import Config
+from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import ConfigError
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, has_varlen_flash_attention, packed_row_attention
 
@@ -38,15 +39,21 @@ class Machine:
     liger_installed: bool
     processes: int
     """Processes of this run (torchrun / accelerate launch set WORLD_SIZE)."""
+    cpu_threads: tuple[int, str] | None = None
+    """On a CPU: the fastest torch thread count here and why (weitiao.cpu.pick_cpu_threads); None on a GPU."""
 
     @classmethod
-    def detect(cls) -> Machine:
+    def detect(cls, cpu_threads: int | None = None) -> Machine:
+        """This machine; the CPU thread count is measured unless `cpu_threads` (train.cpu_threads) is given."""
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        threads = None if cuda else (cpu_threads, "train.cpu_threads") if cpu_threads else pick_cpu_threads(
+            processes=processes)
         return cls(cuda=cuda, device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
                    bf16=cuda and torch.cuda.is_bf16_supported(), varlen_flash=has_varlen_flash_attention(device),
-                   liger_installed=importlib.util.find_spec("liger_kernel") is not None,
-                   processes=int(os.environ.get("WORLD_SIZE", "1")))
+                   liger_installed=importlib.util.find_spec("liger_kernel") is not None, processes=processes,
+                   cpu_threads=threads)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class Settings:
     """Fixed length of every training row on a GPU (compiled kernels then see one shape); None: as long as the
     longest row of the batch."""
     pad_to_multiple_of: int | None
+    cpu_threads: int | None = None
+    """torch threads on a CPU (None on a GPU: PyTorch's default)."""
+    cpu_threads_chosen_by: str = ""
 
     @property
     def on_gpu(self) -> bool:
@@ -128,7 +138,9 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         tf32=args.tf32 and machine.cuda,
         row_length=(config.data.max_length if config.stage == "pt" else config.data.packing_length)
         if machine.cuda and packing else None,
-        pad_to_multiple_of=8 if machine.cuda else None)
+        pad_to_multiple_of=8 if machine.cuda else None,
+        cpu_threads=machine.cpu_threads[0] if machine.cpu_threads else None,
+        cpu_threads_chosen_by=machine.cpu_threads[1] if machine.cpu_threads else "")
 
 
 def _check_machine(config: Config, machine: Machine) -> None:

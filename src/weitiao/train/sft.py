@@ -35,7 +35,9 @@ class SFTRecipe:
         run = RunFolder(args.output_dir)
         run.prepare(self.resume, args.overwrite_output_dir)
         check_trackers(args.report_to)
-        settings = resolve_settings(config, Machine.detect(), load_model_config(config.model))
+        settings = resolve_settings(config, Machine.detect(args.cpu_threads), load_model_config(config.model))
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
         # 2. The engine; the seeded sampler makes the data order a function of (seed, epoch).
         accelerator = make_accelerator(config, settings, run)
         self.is_main = accelerator.is_main_process
