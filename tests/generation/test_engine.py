@@ -275,3 +275,46 @@ def test_decode_graphs_are_captured_without_autograd(tiny_model, monkeypatch):
     engine = Engine.load(str(tiny_model), cuda_graphs=True, max_batch=4, max_model_len=512)
     engine.close()
     assert len(modes) == 3 * 2 and all(modes)  # batch buckets 1, 2, 4 x lengths 256, 512
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa():
+    """One-token queries of a grouped-query model read the cached keys in place; the numbers are sdpa's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from weitiao.generation.batch import grouped_sdpa_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, False
+    query = torch.randn(4, 9, 1, 16)
+    cache = torch.randn(2, 4, 3, 40, 16)  # keys and values of 4 rows, 3 kv heads, a longer cache than attended
+    keys, values = cache[0, :, :, :25], cache[1, :, :, :25]  # views, as SlotCache returns them
+    mask = torch.arange(25)[None, :] <= torch.tensor([3, 10, 24, 0])[:, None]
+    mask = mask[:, None, None, :]
+    ours, _ = grouped_sdpa_attention(module, query, keys, values, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (4, 1, 9, 16)
+    torch.testing.assert_close(ours, theirs)
+    prompt = torch.randn(1, 9, 5, 16)  # a prefill (several query positions) is sdpa's own path
+    torch.testing.assert_close(grouped_sdpa_attention(module, prompt, keys[:1], values[:1], None, scaling=0.25)[0],
+                               sdpa_attention_forward(module, prompt, keys[:1], values[:1], None, scaling=0.25)[0])
+
+
+def test_packed_cpu_linears_give_the_same_logits(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from weitiao.generation.batch import pack_linears_for_cpu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    inputs = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        before = model(inputs).logits
+        weights = [module.weight.clone() for module in model.modules() if isinstance(module, torch.nn.Linear)]
+        packed = pack_linears_for_cpu(model)
+        after = model(inputs).logits
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert packed == len(weights) > 0
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # float32 sums in another order
+    assert all(torch.equal(module.weight, weight) for module, weight in
+               zip([m for m in model.modules() if isinstance(m, torch.nn.Linear)], weights))

@@ -30,7 +30,7 @@ from weitiao.config import ModelConfig
 from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import WeitiaoError
 from weitiao.generation.adapters import AdapterRows, route_lora_rows
-from weitiao.generation.batch import BatchModel, SlotCache
+from weitiao.generation.batch import BatchModel, SlotCache, pack_linears_for_cpu
 from weitiao.generation.requests import (ContextLengthError, EngineBusyError, Generation, RequestError,
                                          SamplingParams, ServedModel, UnknownModelError)
 from weitiao.generation.sampling import next_tokens
@@ -149,6 +149,8 @@ class Engine:
             torch.set_num_threads(threads)
         loaded, tokenizer, base_path = load_model(ModelConfig(name_or_path=model, dtype=dtype_name(dtype)))
         loaded.to(device)
+        if device.type == "cpu":  # the engine owns this model: its linear layers may keep CPU-friendly copies
+            pack_linears_for_cpu(loaded)
         folder = RunFolder(base_path)  # a merged weitiao run ends replies at its template's stops too
         engine = cls(loaded, tokenizer, name=base_name or model, path=base_path,
                      eos_token_ids=folder.eos_token_ids(tokenizer, loaded.generation_config.eos_token_id),
