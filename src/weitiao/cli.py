@@ -75,6 +75,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.runs import RunFolder
 
     if args.run is None:
+        if not (args.benchmark or args.config):
+            raise WeitiaoError("weitiao eval needs a run folder (weitiao eval RUN) or benchmarks to score a model on "
+                               "(weitiao eval --model MODEL --benchmark TASK[=PATH])")
         _eval_benchmarks(args, overrides)
         return
     if args.benchmark or args.model or args.adapter:
