@@ -324,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "got better, and serve it.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _add_train_commands(commands)
+    _add_eval_command(commands)
+    _add_model_commands(commands)
+    _add_server_commands(commands)
+    _add_vocab_commands(commands)
+    _add_data_commands(commands)
+    return parser
+
+
+def _add_train_commands(commands) -> None:
+    """Train and demo."""
     train = commands.add_parser("train", help="fine-tune from a YAML config",
                                 description="Fine-tune from a YAML config. Any config key can be overridden: "
                                 "--train.learning_rate 1e-4, --learning_rate=1e-4 (unique leaf names), --model PATH.")
@@ -341,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fine-tune the default model on the demo data and show the gain")
     demo.set_defaults(handler=cmd_demo)
 
+
+def _add_eval_command(commands) -> None:
+    """Eval: a run's comparison, or benchmarks without a run."""
     evaluate = commands.add_parser("eval", help="compare base and fine-tuned model of a run (writes report.md), or "
                                    "score any model on benchmarks without a run")
     evaluate.add_argument("run", nargs="?", help="a training output folder (leave out with --model/--benchmark)")
@@ -358,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="without a run: folder for report.json / report.md (default: print only)")
     evaluate.set_defaults(handler=cmd_eval)
 
+
+def _add_model_commands(commands) -> None:
+    """Merge and chat."""
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model (a plain transformers folder)")
     merge.add_argument("--adapter", required=True, help="adapter folder (a weitiao LoRA run)")
     merge.add_argument("--base", help="base model (default: the one the adapter was trained on)")
@@ -378,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stop", action="append", metavar="TEXT", help="end a reply at TEXT (repeatable)")
     chat.set_defaults(handler=cmd_chat)
 
+
+def _add_server_commands(commands) -> None:
+    """Serve and webui, which share their model and network options."""
     for name, handler, port, help_text in (
             ("serve", cmd_serve, 8000, "an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)"),
             ("webui", cmd_webui, 7860, "a web UI to chat, train and read evaluation reports")):
@@ -409,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "looks for them (default outputs)")
         sub.set_defaults(handler=handler)
 
+
+def _add_vocab_commands(commands) -> None:
+    """Vocab extend."""
     vocab = commands.add_parser("vocab", help="extend a tokenizer with a domain's words").add_subparsers(
         dest="vocab_command", required=True)
     extend = vocab.add_parser("extend", help="add a corpus's frequent SentencePiece pieces to the tokenizer and "
@@ -430,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--out", required=True, help="new folder for the extended model and tokenizer")
     extend.set_defaults(handler=cmd_vocab_extend)
 
+
+def _add_data_commands(commands) -> None:
+    """Data inspect, convert, clean, select: one data source each."""
     data = commands.add_parser("data", help="inspect, convert, clean and select datasets").add_subparsers(
         dest="data_command", required=True)
     for name, handler, help_text in (
@@ -471,7 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
                 sub.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                                  help="records that cannot be read stop the command, or are skipped")
             _section_options(sub, CleanConfig if name == "clean" else SelectConfig)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
