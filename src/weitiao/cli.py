@@ -315,8 +315,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         "id, or an adapter run folder (its base is loaded and the adapter attached)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights dtype (auto: bf16 on a GPU that has it, fp32 on the CPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads for generation (default: PyTorch's choice, one per "
-                        "core; 1 is often faster on a busy machine)")
+    parser.add_argument("--threads", type=int, help="CPU threads for generation (default: measured at load: 1, half "
+                        "or all cores, whichever decodes fastest right now; or OMP_NUM_THREADS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
