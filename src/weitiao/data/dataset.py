@@ -106,7 +106,7 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
         columns = {"prompt": "text", "response": "label", **columns}
     for path in expand_paths(source.path):
         stats.files += 1
-        if source.encoding == "auto":
+        if source.encoding == "auto" and path.suffix.lower() != ".parquet":
             stats.notes[f"files read as {guess_encoding(path)[0]}"] += 1
         normalizer = None
         for record in source_records(source, path):
