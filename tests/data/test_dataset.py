@@ -230,3 +230,11 @@ def test_label_from_the_folder_one_document_per_file(tmp_path):
                                          sample_by="document"))
     assert sorted((e.messages[-2]["content"], e.messages[-1]["content"]) for e in examples) == [
         ("Dull.", "neg"), ("Fine.", "pos"), ("Great film.\nLoved it.", "pos")]
+
+
+def test_auto_encoding_says_what_each_file_was_read_as(tmp_path):
+    (tmp_path / "a.neg").write_bytes("dull\x85 and long\n".encode("latin-1"))
+    (tmp_path / "b.neg").write_text("tedious\n", encoding="utf-16")
+    examples, stats = load_source(DataSource(path=str(tmp_path / "*.neg"), label="{file}", encoding="auto"))
+    assert [e.messages[-2]["content"] for e in examples] == ["dull\u2026 and long", "tedious"]
+    assert dict(stats.notes) == {"files read as cp1252": 1, "files read as utf-16": 1}
