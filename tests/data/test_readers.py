@@ -209,3 +209,11 @@ def test_any_suffix_reads_as_text_when_asked(tmp_path):
         list(read_records(path))
     assert [(r.number, r.line, r.data) for r in read_records(path, sample_by="line", as_text=True)] == [
         (1, 1, {"text": "good one"}), (2, 3, {"text": "loved it"})]
+
+
+def test_a_bad_byte_past_the_first_megabyte_of_utf8(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n' * 70000 + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"line 70001: byte 0xE9 at byte offset 1190013 is not valid UTF-8: the rest "
+                                        r"of its first megabyte is UTF-8, so these bytes may be damaged"):
+        list(read_records(path))

@@ -177,7 +177,9 @@ def _decode_error(path: Path, encoding: str) -> DataError:
                 line += error.object[:error.start].count(b"\n")
                 shown = " ".join(f"0x{byte:02X}" for byte in error.object[error.start:error.end])
                 codec, looks = guess_encoding(path)
-                hint = f"the file looks like {looks}; {_fix(codec)}" if codec != "utf-8-sig" else _fix("ENCODING")
+                hint = (f"the file looks like {looks}; {_fix(codec)}" if codec != "utf-8-sig" else
+                        "the rest of its first megabyte is UTF-8, so these bytes may be damaged or from another "
+                        "encoding: fix or remove them, or " + _fix("cp1252"))
                 return DataError(f"byte {shown} at byte offset {position} is not valid {_codec_name(encoding)}: "
                                  f"{hint}", path=str(path), line=line)
             offset += len(raw)
