@@ -179,14 +179,13 @@ def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str,
         "loss_tokens": config.data.train_on,
         "metrics": metrics, "seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
         "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": run.metrics(),
-        "benchmarks": _benchmark_details(config, base, tuned),
+        "benchmarks": _benchmark_details(config.eval, base, tuned),
     }
 
 
-def _benchmark_details(config: Config | EvalConfig, base: dict[str, Any], tuned: dict[str, Any] | None
+def _benchmark_details(settings: EvalConfig, base: dict[str, Any], tuned: dict[str, Any] | None
                        ) -> list[dict[str, Any]]:
     """How each benchmark was run, and its per-subject scores for both models (the base alone without `tuned`)."""
-    settings = config.eval if isinstance(config, Config) else config
     details = []
     for benchmark in settings.benchmarks:
         base_run = base["benchmarks"][benchmark.metric_prefix]
