@@ -315,21 +315,8 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
 
     held_out = 0
     if not data.eval and data.val_size > 0:
-        total = sum(len(examples) for examples, _ in train_parts)
-        held_out = int(data.val_size) if data.val_size >= 1 else max(1, round(total * data.val_size))
-        if held_out >= total:
-            raise DataError(f"val_size {data.val_size} leaves no training data ({total} examples)")
-        order = list(range(total))
-        rng.shuffle(order)
-        chosen = set(order[:held_out])
-        position, split_parts = 0, []
-        for examples, stats in train_parts:
-            keep = []
-            for example in examples:
-                (eval_examples if position in chosen else keep).append(example)
-                position += 1
-            split_parts.append((keep, stats))
-        train_parts = split_parts
+        train_parts, eval_examples = _hold_out(train_parts, data.val_size, rng)
+        held_out = len(eval_examples)
 
     train_examples = []
     for examples, stats in train_parts:
@@ -360,6 +347,26 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
             evaluation.save_to_disk(str(folder / "eval"))
         (folder / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
     return train, evaluation, stats
+
+
+def _hold_out(parts: list[tuple[list[Example], SourceStats]], val_size: float, rng: random.Random
+              ) -> tuple[list[tuple[list[Example], SourceStats]], list[Example]]:
+    """A random val_size (a fraction, or a count >= 1) of all training examples, taken out of their sources."""
+    total = sum(len(examples) for examples, _ in parts)
+    count = int(val_size) if val_size >= 1 else max(1, round(total * val_size))
+    if count >= total:
+        raise DataError(f"val_size {val_size} leaves no training data ({total} examples)")
+    order = list(range(total))
+    rng.shuffle(order)
+    chosen = set(order[:count])
+    position, kept_parts, held_out = 0, [], []
+    for examples, stats in parts:
+        keep = []
+        for example in examples:
+            (held_out if position in chosen else keep).append(example)
+            position += 1
+        kept_parts.append((keep, stats))
+    return kept_parts, held_out
 
 
 def _check_stage(examples: list[Example], source: DataSource, stage: str) -> None:

@@ -276,43 +276,8 @@ def _chat_tab(app: gr.Blocks, engine: Engine) -> None:
         history_a, history_b = gr.State([]), gr.State([])
         in_flight = gr.State({})  # this browser session's generations, so Stop can cancel them
 
-    def respond(message, conversation_a, conversation_b, first, other, both, system_prompt, temp, nucleus,
-                limit, running):
-        message, system_prompt = (message or "").strip(), (system_prompt or "").strip()  # empty boxes: None
-        if not message:
-            yield gr.skip(), conversation_a, conversation_b, conversation_a, conversation_b
-            return
-        params = SamplingParams(max_tokens=int(limit), temperature=float(temp), top_p=float(nucleus))
-        prefix = [_message("system", system_prompt)] if system_prompt else []
-        conversations = [answered(conversation_a), answered(conversation_b)]
-        generations: list[tuple[int, Generation]] = []
-        for side, model in enumerate([first, other] if both else [first]):  # queue all: they run back to back
-            conversation = conversations[side] + [_message("user", message)]
-            try:
-                messages = engine.fit_messages(model, prefix + conversation, params.max_tokens)
-                generation = engine.chat(model, messages, params)
-            except WeitiaoError as error:  # a toast; the conversation stays as it was
-                gr.Warning(f"{model}: {error}")
-                continue
-            running[id(generation)] = generation
-            conversations[side] = conversation + [_message("assistant", "")]
-            generations.append((side, generation))
-
-        def update():
-            return "", conversations[0], conversations[1], conversations[0], conversations[1]
-
-        yield update()
-        try:
-            for side, generation in generations:
-                for piece in generation:
-                    reply = conversations[side][-1]["content"] + piece
-                    conversations[side][-1] = _message("assistant", reply)
-                    yield update()
-        finally:
-            for _, generation in generations:
-                generation.cancel()
-                running.pop(id(generation), None)
-        yield update()
+    def respond(*inputs):
+        yield from _chat_reply(engine, *inputs)
 
     def stop_generations(running):
         for generation in list(running.values()):
@@ -320,16 +285,6 @@ def _chat_tab(app: gr.Blocks, engine: Engine) -> None:
 
     def toggle_side_by_side(both, other):
         return gr.Dropdown(visible=both), gr.Chatbot(visible=both, label=other)
-
-    def attach_adapter(path, name):
-        path = path.strip()
-        name = name.strip() or Path(path).resolve().name
-        try:
-            engine.add_adapter(name, path)
-        except WeitiaoError as error:
-            return f"⚠️ {error}", gr.Dropdown(), gr.Dropdown()
-        return (f"Attached `{name}`.", gr.Dropdown(choices=engine.names, value=name),
-                gr.Dropdown(choices=engine.names))
 
     chat_inputs = [prompt, history_a, history_b, model_a, model_b, side_by_side, system, temperature, top_p,
                    max_tokens, in_flight]
@@ -340,12 +295,66 @@ def _chat_tab(app: gr.Blocks, engine: Engine) -> None:
     side_by_side.change(toggle_side_by_side, [side_by_side, model_b], [model_b, chat_b])
     model_a.change(lambda name: gr.Chatbot(label=name), model_a, chat_a)
     model_b.change(lambda name: gr.Chatbot(label=name), model_b, chat_b)
-    attach.click(attach_adapter, [adapter_path, adapter_name], [attach_status, model_a, model_b])
+    attach.click(lambda path, name: _attach_adapter(engine, path, name), [adapter_path, adapter_name],
+                 [attach_status, model_a, model_b])
 
     def current_models():  # adapters attached since the page was built (a reload shows them too)
         return gr.Dropdown(choices=engine.names), gr.Dropdown(choices=engine.names)
 
     app.load(current_models, None, [model_a, model_b])
+
+
+def _chat_reply(engine: Engine, message, conversation_a, conversation_b, first, other, both, system_prompt, temp,
+                nucleus, limit, running):
+    """Send the message to one model (or two, side by side) and stream both conversations as the replies grow;
+    the replies are cancelled when the page stops listening."""
+    message, system_prompt = (message or "").strip(), (system_prompt or "").strip()  # empty boxes: None
+    if not message:
+        yield gr.skip(), conversation_a, conversation_b, conversation_a, conversation_b
+        return
+    params = SamplingParams(max_tokens=int(limit), temperature=float(temp), top_p=float(nucleus))
+    prefix = [_message("system", system_prompt)] if system_prompt else []
+    conversations = [answered(conversation_a), answered(conversation_b)]
+    generations: list[tuple[int, Generation]] = []
+    for side, model in enumerate([first, other] if both else [first]):  # queue all: they run back to back
+        conversation = conversations[side] + [_message("user", message)]
+        try:
+            messages = engine.fit_messages(model, prefix + conversation, params.max_tokens)
+            generation = engine.chat(model, messages, params)
+        except WeitiaoError as error:  # a toast; the conversation stays as it was
+            gr.Warning(f"{model}: {error}")
+            continue
+        running[id(generation)] = generation
+        conversations[side] = conversation + [_message("assistant", "")]
+        generations.append((side, generation))
+
+    def update():
+        return "", conversations[0], conversations[1], conversations[0], conversations[1]
+
+    yield update()
+    try:
+        for side, generation in generations:
+            for piece in generation:
+                reply = conversations[side][-1]["content"] + piece
+                conversations[side][-1] = _message("assistant", reply)
+                yield update()
+    finally:
+        for _, generation in generations:
+            generation.cancel()
+            running.pop(id(generation), None)
+    yield update()
+
+
+def _attach_adapter(engine: Engine, path, name):
+    """Attach the adapter folder under `name` (default: the folder's name); the status line and both model lists."""
+    path = path.strip()
+    name = name.strip() or Path(path).resolve().name
+    try:
+        engine.add_adapter(name, path)
+    except WeitiaoError as error:
+        return f"⚠️ {error}", gr.Dropdown(), gr.Dropdown()
+    return (f"Attached `{name}`.", gr.Dropdown(choices=engine.names, value=name),
+            gr.Dropdown(choices=engine.names))
 
 
 def _train_tab(engine: Engine, runs_dir: Path, trainer: Trainer) -> None:
