@@ -1,8 +1,9 @@
 """GPU paths, run on a CUDA machine (skipped elsewhere): varlen and flex-attention packing, Liger kernels,
-compiled layers, the fused LoRA update, QLoRA, 8-bit optimizers. CI has no GPU; these run through the device tool;
-their output is kept in bench/results/logs (run9-gpu-tests-h200.log: all of them; run14-varlen-gpu-tests-h200.log:
-the varlen ones; the end of run15-fused-lora-and-chunks-1b.log: the fused LoRA one, in an earlier form that also
-fused in compiled layers) and quoted in docs/performance.md."""
+compiled layers, the fused LoRA update, offloaded checkpoints, QLoRA, 8-bit optimizers. CI has no GPU; these run
+through the device tool; their output is kept in bench/results/logs (run9-gpu-tests-h200.log: all of them then;
+run14-varlen-gpu-tests-h200.log: the varlen ones; the end of run15-fused-lora-and-chunks-1b.log: the fused LoRA one,
+in an earlier form that also fused in compiled layers; run31-offload-h200.log: the offload one) and quoted in
+docs/performance.md."""
 
 import importlib.util
 from pathlib import Path
@@ -177,3 +178,47 @@ def test_fused_lora_update_trains_as_peft(tmp_path, tokenizer):
     print("eval loss: " + ", ".join(f"{name} {loss:.5f}" for name, loss in losses.items()))
     assert abs(losses["eager fused"] - losses["eager peft"]) < 1e-2
     assert abs(losses["compiled"] - losses["eager peft"]) < 2e-2
+
+
+def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(tmp_path, tokenizer):
+    """train.offload_checkpoints: after the forward pass the checkpointed layers' inputs are in CPU memory (GPU memory
+    lower than plain reentrant checkpointing by at least layers x tokens x hidden x 2 bytes) with the same gradients;
+    a run trains to the loss of one without checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import run
+    from weitiao.train.offload import OffloadedSavedTensors
+
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    ids = torch.randint(5, 1000, (8, 512), device="cuda")
+
+    def forward_and_backward(offload: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with OffloadedSavedTensors() if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            hidden = model.model(input_ids=ids).last_hidden_state  # the decoder alone: no logits to keep
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - before
+        hidden.float().pow(2).mean().backward()
+        return kept, {name: p.grad for name, p in model.named_parameters()}
+
+    plain_kept, plain_grads = forward_and_backward(offload=False)
+    offload_kept, offload_grads = forward_and_backward(offload=True)
+    layer_inputs = 2 * ids.numel() * 256 * 2  # layers x tokens x hidden x bf16 bytes
+    print(f"GPU memory kept by the forward pass: plain {plain_kept / 2**20:.1f} MiB, offloaded "
+          f"{offload_kept / 2**20:.1f} MiB (layer inputs: {layer_inputs / 2**20:.1f} MiB)")
+    assert plain_kept - offload_kept >= layer_inputs
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(offload_grads[name], grad, msg=name)
+
+    settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
+                    data__packing=True, data__packing_length=512)
+    plain = run(make_config(tmp_path / "a", model_dir, **settings))
+    offloaded = run(make_config(tmp_path / "b", model_dir, train__gradient_checkpointing=True,
+                                train__offload_checkpoints=True, **settings))
+    print(f"eval loss: no checkpointing {plain.eval_loss:.5f}, offloaded checkpoints {offloaded.eval_loss:.5f}")
+    assert abs(plain.eval_loss - offloaded.eval_loss) < 1e-2

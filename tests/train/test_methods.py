@@ -83,13 +83,24 @@ def test_cpu_optimizers(optim, tmp_path, tiny_model_dir):
     assert result.eval_loss < result.eval_loss_before
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_gradient_checkpointing_gives_the_same_gradients(every, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("every, offload", [(1, False), (2, False), (1, True)])
+def test_gradient_checkpointing_gives_the_same_gradients(every, offload, tmp_path, tiny_model_dir):
+    """offload_checkpoints runs torch's reentrant checkpoint (its copies to CPU memory happen on GPUs only:
+    tests/gpu/test_cuda.py)."""
     plain = run(make_config(tmp_path / "a", tiny_model_dir, train__max_steps=2, train__optim="sgd"))
     checkpointed = run(make_config(tmp_path / "b", tiny_model_dir, train__max_steps=2, train__optim="sgd",
-                                   train__gradient_checkpointing=True, train__checkpoint_every=every))
+                                   train__gradient_checkpointing=True, train__checkpoint_every=every,
+                                   train__offload_checkpoints=offload))
     layers = [layer.gradient_checkpointing for layer in checkpointed.model.base_model.model.model.layers]
     assert layers == ([True, True] if every == 1 else [True, False])
     for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_offloaded_checkpoints_need_checkpointing_and_one_eager_process(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="set gradient_checkpointing: true"):
+        make_config(tmp_path, tiny_model_dir, train__offload_checkpoints=True)
+    with pytest.raises(ConfigError, match="without train.torch_compile"):
+        run(make_config(tmp_path, tiny_model_dir, train__gradient_checkpointing=True, train__offload_checkpoints=True,
+                        train__torch_compile=True))

@@ -28,7 +28,9 @@ def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     """Wrap or freeze `model` for the configured method and switch on training-time options."""
     model.config.use_cache = False  # the KV cache is useless in training and disables packed-sequence detection
     if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Offloading needs the reentrant form: it keeps the layer inputs as saved tensors (weitiao.train.offload).
+        reentrant = config.train.offload_checkpoints
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         if config.train.checkpoint_every > 1:  # granularity: keep the activations of the other layers
             for index, layer in enumerate(decoder_layers(model)[1]):
                 layer.gradient_checkpointing = index % config.train.checkpoint_every == 0

@@ -1,0 +1,47 @@
+"""Checkpointed layer inputs kept in CPU memory (train.offload_checkpoints), as unsloth's
+`use_gradient_checkpointing="unsloth"` does.
+
+With gradient checkpointing each decoder layer keeps only its input for the backward pass: 2 bytes x hidden size
+per token per layer (16 layers x 8k tokens x 2048 = 512 MiB for a 1B model, 32 layers x 8k x 4096 = 2 GiB for 8B).
+Here those inputs go to pinned CPU memory during the forward pass and come back for the layer's backward. The layers
+then run torch's reentrant checkpoint, which keeps its inputs as saved tensors (so the hooks below see them); the
+non-reentrant one holds them in a closure, out of the hooks' reach.
+
+The copies out run on a side stream, so the GPU does not wait for them; a copy back waits for its copy out and
+runs on the compute stream, in order with the layer that needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MIN_BYTES = 1 << 20  # smaller saved tensors (norm weights, LoRA factors, boundaries) stay where they are
+
+
+class OffloadedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """Inside this context, every saved CUDA tensor of at least MIN_BYTES is copied to pinned CPU memory."""
+
+    def __init__(self) -> None:
+        self.copy_stream = torch.cuda.Stream()
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if not tensor.is_cuda or tensor.numel() * tensor.element_size() < MIN_BYTES:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+        self.copy_stream.wait_stream(torch.cuda.current_stream())  # the tensor is written by now
+        with torch.cuda.stream(self.copy_stream):
+            host.copy_(tensor, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        tensor.record_stream(self.copy_stream)  # its memory is not reused before the copy has read it
+        return tensor.device, host, copied
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host, copied = packed
+        torch.cuda.current_stream().wait_event(copied)
+        return host.to(device, non_blocking=True)
