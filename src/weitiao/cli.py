@@ -197,6 +197,28 @@ def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"merged model saved to {out} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    import shlex
+
+    from weitiao.serve.export import check_export, export_run
+
+    run = Path(args.run)
+    out = args.out or (run.parent / f"{run.resolve().name}-gguf" / f"{run.resolve().name}-{args.quant}.gguf"
+                       if args.to == "gguf" else run.parent / f"{run.resolve().name}-{args.to}")
+    export = export_run(run, args.to, out, quant=args.quant, adapter=args.adapter, name=args.name)
+    print(f"exported {args.to}: {export.path}" + "".join(f"\n  {path}" for path in export.files))
+    if export.command:
+        print("serve it with:\n  " + shlex.join(export.command))
+    if args.check:
+        checked = check_export(export, run, args.check_examples)
+        print(f"chat template kept: {'yes' if checked['chat_template_kept'] else 'NO'}; end-of-reply ids "
+              f"{checked['eos_token_ids']} (the run's: {checked['expected_eos_token_id']})")
+        print(f"{'metric':<24}{'run':>12}{'exported':>12}")
+        for metric, values in checked["metrics"].items():
+            run_value = "-" if values["run"] is None else f"{values['run']:.4f}"
+            print(f"{metric:<24}{run_value:>12}{values['exported']:>12.4f}")
+
+
 def cmd_vocab_extend(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.vocab import extend_vocabulary
 
@@ -382,6 +404,22 @@ def _add_model_commands(commands) -> None:
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="dtype of the saved weights (the merge itself is computed in fp32)")
     merge.set_defaults(handler=cmd_merge)
+
+    from weitiao.serve.export import GGUF_QUANTS, TARGETS  # light: no torch work at import
+
+    export = commands.add_parser("export", help="a trained run as a GGUF file (llama.cpp, Ollama), a model folder "
+                                                "with a model card, or a folder and command for vLLM / SGLang")
+    export.add_argument("run", help="a weitiao run folder (LoRA adapter or full model)")
+    export.add_argument("--to", required=True, choices=TARGETS)
+    export.add_argument("--out", help="a new .gguf file (gguf) or folder; default: beside the run")
+    export.add_argument("--quant", default="f16", choices=GGUF_QUANTS, help="GGUF type of the weight matrices")
+    export.add_argument("--adapter", action="store_true",
+                        help="vllm/sglang: serve base + LoRA adapter unmerged (several adapters share one base)")
+    export.add_argument("--name", help="model name in the file / served model name (default: the run folder's)")
+    export.add_argument("--check", action="store_true",
+                        help="load the export as its server would and run the run's evaluation on it")
+    export.add_argument("--check-examples", type=int, help="--check: generation examples (default: eval.max_examples)")
+    export.set_defaults(handler=cmd_export)
 
     chat = commands.add_parser("chat", help="talk to a model in the terminal")
     _add_model_arguments(chat)
