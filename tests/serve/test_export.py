@@ -99,13 +99,15 @@ def test_vllm_and_sglang_folders_and_commands(trained_run, tmp_path):
     assert (merged.path / "chat_template.jinja").is_file() and (merged.path / "generation_config.json").is_file()
     assert merged.command[:3] == ["vllm", "serve", str(merged.path.resolve())]
     assert merged.command[merged.command.index("--served-model-name") + 1] == "extract"
-    assert shlex.join(merged.command) in (merged.path / "SERVE.md").read_text()
+    assert shlex.join(merged.command) in (merged.path / "README.md").read_text()
 
     adapter = export_run(trained_run, "vllm", tmp_path / "vllm-lora", adapter=True, name="extract")
     modules = adapter.command[adapter.command.index("--lora-modules") + 1]
     name, path = modules.split("=", 1)
     assert name == "extract" and (Path(path) / "adapter_config.json").is_file()
     assert adapter.command[adapter.command.index("--max-lora-rank") + 1] == "4"
+    assert check_export(adapter, trained_run, max_examples=1)["metrics"]["loss"]["exported"] == pytest.approx(
+        check_export(merged, trained_run, max_examples=1)["metrics"]["loss"]["exported"], abs=1e-4)
 
     sglang = export_run(trained_run, "sglang", tmp_path / "sglang", adapter=True, name="extract")
     assert sglang.command[:3] == ["python", "-m", "sglang.launch_server"]

@@ -5,7 +5,7 @@
   tokenizer, the chat template the run trained with and its end-of-reply id as EOS; an Ollama `Modelfile` beside it.
 - hf: the merged model as a plain transformers folder with a model card (README.md) holding the run's report.
 - vllm / sglang: that folder, or with `--adapter` the base plus the LoRA adapter as it is, and the exact command
-  to serve it, printed and written to the folder's SERVE.md.
+  to serve it, printed and written to the folder's README.md.
 
 `--check` loads what was written back (the GGUF through transformers' own GGUF reader, with the tokenizer and chat
 template found in the file) and runs the run's evaluation on it, next to the run's reported numbers.
@@ -45,11 +45,13 @@ SGLANG_OPTIONS = ("--model-path", "--served-model-name", "--context-length", "--
 
 @dataclass
 class Export:
-    """What an export wrote: the artifact (file or folder), the serve command if any, and other files."""
+    """What an export wrote: the artifact (file or folder), the serve command if any, other files, and the adapter
+    folder when base and adapter are served unmerged."""
     target: str
     path: Path
     command: list[str] | None = None
     files: list[Path] = field(default_factory=list)
+    adapter: Path | None = None
 
 
 def export_run(run_dir: str | Path, to: str, out: str | Path, quant: str = "f16", adapter: bool = False,
@@ -298,7 +300,7 @@ def _serve_adapter(run: RunFolder, out: Path, to: str, name: str) -> Export:
     command = serve_command(to, str(Path(base).resolve()) if Path(base).exists() else base, "base",
                             _context_length(Path(base)) if Path(base).exists() else None,
                             adapter / "chat_template.jinja", lora=(name, str(adapter.resolve()), int(rank)))
-    return Export(to, out, command, [_write_serve_readme(out, to, command)])
+    return Export(to, out, command, [_write_serve_readme(out, to, command)], adapter=adapter)
 
 
 def serve_command(to: str, model: str, name: str, context: int | None, template: Path,
@@ -328,7 +330,7 @@ def _context_length(folder: Path) -> int | None:
 
 def _write_serve_readme(folder: Path, to: str, command: list[str]) -> Path:
     server = {"vllm": "vLLM", "sglang": "SGLang"}[to]
-    path = folder / "SERVE.md"
+    path = folder / "README.md"
     path.write_text(f"# Serve with {server}\n\n```bash\n{shlex.join(command)}\n```\n\nAn OpenAI-compatible API on port "
                     f"{8000 if to == 'vllm' else 30000}; the chat template is the one the run trained with, and "
                     "generation_config.json ends a reply at its end-of-turn token.\n", encoding="utf-8")
@@ -383,13 +385,12 @@ def check_export(export: Export, run_dir: str | Path, max_examples: int | None =
 
     run = RunFolder(run_dir)
     config = run.config([f"--eval.max_examples={max_examples}"] if max_examples else None)
-    adapter = bool(export.command and "--enable-lora" in export.command)
     if export.target == "gguf":  # read as weitiao reads any GGUF file: transformers' reader, tokenizer from the file
         folder = Path(resolve_model(str(export.path)))
     else:
-        folder = export.path / run.path.resolve().name if adapter else export.path
+        folder = export.adapter or export.path
     tokenizer = load_tokenizer(str(folder))
-    if adapter:
+    if export.adapter:
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
