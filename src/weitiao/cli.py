@@ -203,8 +203,9 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.serve.export import check_export, export_run
 
     run = Path(args.run)
-    out = args.out or (run.parent / f"{run.resolve().name}-gguf" / f"{run.resolve().name}-{args.quant}.gguf"
-                       if args.to == "gguf" else run.parent / f"{run.resolve().name}-{args.to}")
+    stem = run.resolve().name  # a folder per export: a GGUF file's Modelfile sits beside it
+    out = args.out or (run.parent / f"{stem}-{args.quant}" / f"{stem}-{args.quant}.gguf" if args.to == "gguf"
+                       else run.parent / f"{stem}-{args.to}")
     export = export_run(run, args.to, out, quant=args.quant, adapter=args.adapter, name=args.name)
     print(f"exported {args.to}: {export.path}" + "".join(f"\n  {path}" for path in export.files))
     if export.command:

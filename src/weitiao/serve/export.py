@@ -95,6 +95,8 @@ def _merged_folder(run: RunFolder, out: Path) -> Path:
 
 
 def _export_gguf(run: RunFolder, out: Path, quant: str, name: str) -> Export:
+    from transformers import AutoConfig
+
     if quant not in GGUF_QUANTS:
         raise WeitiaoError(f"--quant {quant} is not one of {', '.join(GGUF_QUANTS)} (K-quants such as q4_k_m: export "
                            "f16, then run llama.cpp's llama-quantize on the file)")
@@ -102,8 +104,6 @@ def _export_gguf(run: RunFolder, out: Path, quant: str, name: str) -> Export:
         raise WeitiaoError(f"--out {out} for --to gguf is a file name ending in .gguf, e.g. {out}.gguf")
     with tempfile.TemporaryDirectory(prefix="weitiao-export-") as scratch:
         folder = _merged_folder(run, Path(scratch) / "merged") if run.holds_adapter else run.path
-        from transformers import AutoConfig
-
         eos = _end_of_reply_ids(run, AutoConfig.from_pretrained(folder).eos_token_id)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(folder, out, quant, eos, pre_tokenizer=_pre_tokenizer(run), name=name)
