@@ -204,3 +204,30 @@ def test_default_model_adapter_exports_with_the_same_greedy_replies(default_mode
                 assert replies[0] == replies[1]
             else:
                 assert error < 0.05 and agree > 0.85
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_architectures_read_back_tensor_for_tensor(model_type, tmp_path, tokenizer):
+    """write_gguf on a tiny model of each other architecture it names: transformers' GGUF reader gives back every
+    tensor (Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's Llama layout)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from weitiao.serve.export import write_gguf
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=512, tie_word_embeddings=model_type != "mistral",
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    for parameter in model.parameters():  # visible biases and norms, not the initial zeros and ones
+        if parameter.dim() == 1:
+            parameter.data.normal_(0.5, 0.2)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = write_gguf(tmp_path / "model", tmp_path / "model.gguf", "f16", [tokenizer.eos_token_id])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    weights = model.state_dict()
+    for name, weight in loaded.state_dict().items():
+        difference = ((weight - weights[name]).norm() / weights[name].norm()).item()
+        assert difference < 1e-3, f"{name}: relative difference {difference:.2e}"
