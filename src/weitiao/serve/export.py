@@ -36,7 +36,7 @@ GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")
 GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
 ROTARY_REORDERED = ("llama", "mistral")
 # The vLLM / SGLang options the commands use, as documented (docs.vllm.ai "vllm serve" and "LoRA Adapters";
-# docs.sglang.ai "Server Arguments"); tests check the commands against them.
+# docs.sglang.io "Server Arguments" and "LoRA Serving": --lora-paths NAME=PATH); tests check the commands against them.
 VLLM_OPTIONS = ("--served-model-name", "--max-model-len", "--chat-template", "--generation-config", "--enable-lora",
                 "--lora-modules", "--max-lora-rank")
 SGLANG_OPTIONS = ("--model-path", "--served-model-name", "--context-length", "--chat-template", "--enable-lora",
