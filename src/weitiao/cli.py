@@ -413,7 +413,9 @@ def _add_model_commands(commands) -> None:
     export.add_argument("run", help="a weitiao run folder (LoRA adapter or full model)")
     export.add_argument("--to", required=True, choices=TARGETS)
     export.add_argument("--out", help="a new .gguf file (gguf) or folder; default: beside the run")
-    export.add_argument("--quant", default="f16", choices=GGUF_QUANTS, help="GGUF type of the weight matrices")
+    export.add_argument("--quant", default="f16", choices=GGUF_QUANTS,
+                        help="GGUF type of the weight matrices (K-quants such as q4_k_m: export f16, then run "
+                             "llama.cpp's llama-quantize on it)")
     export.add_argument("--adapter", action="store_true",
                         help="vllm/sglang: serve base + LoRA adapter unmerged (several adapters share one base)")
     export.add_argument("--name", help="model name in the file / served model name (default: the run folder's)")
