@@ -98,6 +98,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(every, offload, tmp_pat
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_offloaded_checkpoints_move_only_the_layer_inputs(monkeypatch, tmp_path, tiny_model_dir):
+    """The saved-tensor hooks see one tensor per checkpointed layer per training forward pass: its input hidden
+    states (on a GPU they go to CPU memory; here, on the CPU, they stay)."""
+    from weitiao.train import offload
+
+    seen = []
+    pack = offload.OffloadedSavedTensors._pack
+
+    def spy(self, tensor):
+        seen.append(tuple(tensor.shape))
+        return pack(self, tensor)
+
+    monkeypatch.setattr(offload.OffloadedSavedTensors, "_pack", spy)
+    run(make_config(tmp_path, tiny_model_dir, train__max_steps=2, train__optim="sgd",
+                    train__gradient_checkpointing=True, train__offload_checkpoints=True))
+    assert len(seen) == 2 * 2  # 2 layers x 2 steps of one micro-batch
+    assert all(len(shape) == 3 and shape[-1] == 64 for shape in seen)  # (batch, tokens, hidden)
+
+
 def test_offloaded_checkpoints_need_checkpointing_and_one_eager_process(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="set gradient_checkpointing: true"):
         make_config(tmp_path, tiny_model_dir, train__offload_checkpoints=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
@@ -31,7 +31,6 @@ from weitiao.train.attention import PACKED_VARLEN, VARLEN, packed_rows_block_mas
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.fused_lora import fuse_lora_updates
 from weitiao.train.methods import apply_method, parameter_counts, quantization_config, set_adapter_input_casting
-from weitiao.train.offload import OffloadedSavedTensors
 from weitiao.train.settings import PADDED_BATCH_ATTENTION, Settings
 from weitiao.train.tracking import start_trackers
 
@@ -214,9 +213,6 @@ class Trainer:
         # Passed with each training forward down to Liger's loss (older Liger versions drop what they do not know).
         self.loss_kwargs = {"chunk_mem_const": kernels.LOGITS_CHUNK_BUDGET} if settings.fused_cross_entropy else {}
         self.block_masks = settings.packing and settings.attention == "flex_attention"  # see packed_rows_block_mask
-        # Where the forward pass keeps what the backward pass needs: checkpointed layer inputs in CPU memory or not.
-        self.saved_tensors = (OffloadedSavedTensors() if self.args.offload_checkpoints and torch.cuda.is_available()
-                              else nullcontext())
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
 
@@ -314,9 +310,7 @@ class Trainer:
             if self.block_masks:
                 batch["attention_mask"] = packed_rows_block_mask(batch["position_ids"])
             with accelerator.accumulate(self.model):
-                with self.saved_tensors:
-                    loss = self.model(**batch, use_cache=False, num_items_in_batch=window_tokens,
-                                      **self.loss_kwargs).loss
+                loss = self.model(**batch, use_cache=False, num_items_in_batch=window_tokens, **self.loss_kwargs).loss
                 accelerator.backward(loss * scale)
                 self.interval.loss += loss.detach()
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:

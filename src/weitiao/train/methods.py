@@ -8,6 +8,7 @@ import torch
 from weitiao.config import Config
 from weitiao.errors import ConfigError
 from weitiao.runs import RunFolder
+from weitiao.train.offload import offload_checkpointed_layers
 
 
 def quantization_config(config: Config):
@@ -28,12 +29,12 @@ def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     """Wrap or freeze `model` for the configured method and switch on training-time options."""
     model.config.use_cache = False  # the KV cache is useless in training and disables packed-sequence detection
     if config.train.gradient_checkpointing:
-        # Offloading needs the reentrant form: it keeps the layer inputs as saved tensors (weitiao.train.offload).
-        reentrant = config.train.offload_checkpoints
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.train.checkpoint_every > 1:  # granularity: keep the activations of the other layers
             for index, layer in enumerate(decoder_layers(model)[1]):
                 layer.gradient_checkpointing = index % config.train.checkpoint_every == 0
+        if config.train.offload_checkpoints:
+            offload_checkpointed_layers(decoder_layers(model)[1])
         if config.method != "full":
             # With frozen embeddings no input needs a gradient, so checkpointed blocks would get none either.
             model.enable_input_require_grads()
