@@ -77,7 +77,7 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, quant: str = "f16"
         card = folder / "README.md"
         card.write_text(model_card(run, name), encoding="utf-8")
         return Export("hf", folder, files=[card])
-    return _serve_merged(run, folder, to, name)
+    return _serve_merged(folder, to, name)
 
 
 def _merged_folder(run: RunFolder, out: Path) -> Path:
@@ -161,7 +161,7 @@ def write_gguf(folder: Path, out: Path, quant: str, eos_ids: list[int], pre_toke
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise WeitiaoError(f"no GGUF name for tensor {key} of a {config.model_type} model")
-        _add_tensor(writer, gguf, gguf_name, data, qtype)
+        _add_tensor(writer, gguf_name, data, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -176,8 +176,9 @@ def _llama_cpp_rotary_order(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _add_tensor(writer, gguf, name: str, data: np.ndarray, qtype) -> None:
+def _add_tensor(writer, name: str, data: np.ndarray, qtype) -> None:
     """1-D tensors (norms, biases) in F32; 2-D ones in `qtype`, or F16 where their rows do not fill whole blocks."""
+    import gguf
     import numpy as np
 
     types = gguf.GGMLQuantizationType
@@ -284,7 +285,7 @@ def ollama_modelfile(gguf_file: Path, tokenizer, stops: list[str]) -> str:
 # -- vLLM and SGLang -------------------------------------------------------------------------------
 
 
-def _serve_merged(run: RunFolder, folder: Path, to: str, name: str) -> Export:
+def _serve_merged(folder: Path, to: str, name: str) -> Export:
     command = serve_command(to, str(folder.resolve()), name, _context_length(folder), folder / "chat_template.jinja")
     return Export(to, folder, command, [_write_serve_readme(folder, to, command)])
 
