@@ -13,6 +13,12 @@ A peer that needs other versions of transformers, TRL or datasets than another r
 
   python bench/peers.py --shape 1b --variants trl:lora trl:lora:ckpt weitiao:lora weitiao:lora:ckpt
   python bench/peers.py --shape tiny --steps 5 --warmup 5 --variants trl:lora weitiao:lora   # CPU check
+  python bench/peers.py --shape 1b --tag dpo --variants trl:dpo trl:dpo:ckpt weitiao:dpo weitiao:dpo:ckpt
+
+Method `dpo` is LoRA DPO (sigmoid loss, beta 0.1, the reference = the base with the adapter off) on pairs made of the
+same records: each question with its own answer as the chosen reply and the next record's answer as the rejected one.
+Real tokens are those of the chosen and rejected sequences that enter the policy's forward with gradients (the
+reference's forward is not counted again); MFU counts that reference forward's 2N per token as well.
 
 Writes bench/results/peers-<shape>-<device>.json ({device, shape, rows}) and prints a table.
 """
@@ -33,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PEAK_BF16_FLOPS, StepTimer, build_model_folder, device_name, flops_per_token,  # noqa: E402
-                    peak_memory_gib, write_sft_data)
+                    linear_params, peak_memory_gib, write_sft_data)
 from train_speed import LOG_EVERY, run_weitiao  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,6 +76,16 @@ def conversations(data: Path) -> list[dict]:
              "completion": [{"role": "assistant", "content": r["answer"]}]} for r in records]
 
 
+def write_pairs(data: Path) -> Path:
+    """The synthetic records as preference pairs: {question, chosen, rejected} (weitiao's qa pair layout)."""
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    pairs = data.with_name("pairs.jsonl")
+    pairs.write_text("".join(json.dumps({"question": r["question"], "chosen": r["answer"],
+                                         "rejected": records[(i + 1) % len(records)]["answer"]}) + "\n"
+                             for i, r in enumerate(records)))
+    return pairs
+
+
 def clock_hf_trainers(warmup: int) -> StepTimer:
     """Time every transformers Trainer built from now on (TRL, unsloth, LLaMA-Factory and axolotl build one): a
     callback observes (step, tokens) every LOG_EVERY steps, and a hook on the model counts the tokens that enter it
@@ -79,6 +95,8 @@ def clock_hf_trainers(warmup: int) -> StepTimer:
     timer, seen = StepTimer(warmup), {"tokens": None}
 
     def count(module, args, kwargs):
+        if not torch.is_grad_enabled():  # a reference model's forward (DPO): its tokens are counted once already
+            return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         tokens = (mask != 0).sum() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.numel()
@@ -116,6 +134,8 @@ def run_trl(model_dir: str, data: Path, method: str, options: list, args: argpar
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    if method == "dpo":
+        return run_trl_dpo(model_dir, data, options, args)
     attention = "flex_attention" if torch.cuda.is_available() else "sdpa"  # flex has no CPU backward
     if "varlen" in options:
         from weitiao.train.attention import VARLEN, register_varlen_attention
@@ -144,6 +164,44 @@ def run_trl(model_dir: str, data: Path, method: str, options: list, args: argpar
                        target_modules="all-linear") if method == "lora" else None)
     trainer = SFTTrainer(model=model_dir, args=config, train_dataset=Dataset.from_list(conversations(data)),
                          peft_config=lora)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+    return {"settings": settings, "real_tokens_per_s": timer.tokens_per_second(), "peak_mem_gib": peak_memory_gib(),
+            "trainable_params": trainable}
+
+
+def run_trl_dpo(model_dir: str, data: Path, options: list, args: argparse.Namespace) -> dict:
+    """TRL DPOTrainer: its chunked fused LM head (the logits never materialised; TRL's default), Liger's layer
+    kernels (`use_liger_kernel`; its fused linear cross-entropy is refused by the DPO trainer), the reference = the
+    base with the adapter off (TRL's behaviour with a peft_config), 8 pairs per micro-batch padded to the longest
+    (padding_free is "temporarily unavailable" in TRL 1.16 and falls back to padding), sdpa attention;
+    `ckpt`: gradient checkpointing (DPOConfig's default; off otherwise)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    on_gpu = torch.cuda.is_available()
+    checkpointing = "ckpt" in options
+    pairs = [json.loads(line) for line in write_pairs(data).read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p["question"]}],
+                                  "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    settings = {"per_device_train_batch_size": 8, "max_length": 2048, "use_liger_kernel": on_gpu,
+                "gradient_checkpointing": checkpointing, "padding_free": False, "precompute_ref_log_probs": False,
+                "loss_type": "sigmoid", "beta": 0.1, "attn_implementation": "sdpa", "weights": "bf16",
+                "optimizer": "adamw_torch_fused", "versions": versions("trl", "liger-kernel", "datasets"),
+                "source": "huggingface.co/docs/trl dpo_trainer and reducing_memory; DPOConfig docstring "
+                          "(padding_free unavailable, gradient_checkpointing=True by default)"}
+    timer = clock_hf_trainers(args.warmup)
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-5, logging_steps=10,
+        save_strategy="no", report_to=[], bf16=on_gpu, max_length=2048, per_device_train_batch_size=8,
+        use_liger_kernel=on_gpu, gradient_checkpointing=checkpointing, beta=0.1, loss_type=["sigmoid"],
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch", dataset_num_proc=4, dataloader_num_workers=2,
+        model_init_kwargs={"dtype": torch.bfloat16, "attn_implementation": "sdpa"}, disable_tqdm=True)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules="all-linear")
+    trainer = DPOTrainer(model=model_dir, args=config, train_dataset=dataset, peft_config=lora)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     return {"settings": settings, "real_tokens_per_s": timer.tokens_per_second(), "peak_mem_gib": peak_memory_gib(),
@@ -236,6 +294,9 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
     entropy and layer kernels, the LoRA update in the base product's epilogue); `compile` adds train.torch_compile,
     `ckpt` train.gradient_checkpointing, `offload` train.offload_checkpoints."""
     extra = {"train.torch_compile": "compile" in options, "train.offload_checkpoints": "offload" in options}
+    if method == "dpo":  # whole pairs packed into the rows; the same LoRA, loss and reference as TRL's row
+        extra.update(stage="dpo", method="lora", **{"pref.loss": "sigmoid", "pref.beta": 0.1})
+        data = write_pairs(data)
     settings = {"packing_length": ROW_TOKENS, "torch_compile": "compile" in options,
                 "gradient_checkpointing": "ckpt" in options, "offload_checkpoints": "offload" in options,
                 "versions": versions("liger-kernel"),
@@ -270,6 +331,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--tag", default="", help="results file peers-<shape>-<tag>-<device>.json (e.g. dpo)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the default model's)")
     parser.add_argument("--site", action="append", default=[], metavar="PEER=DIR",
                         help="a package folder put first on PEER's PYTHONPATH (its own transformers/TRL versions)")
@@ -308,7 +370,9 @@ def main() -> None:
         rows.append({"peer": name, "variant": variant, "method": method, "options": rest[0].split(",") if rest else [],
                      "settings": measured.get("settings", {}), "real_tokens_per_s": tokens_per_s,
                      "peak_mem_gib": measured.get("peak_mem_gib"),
-                     "mfu": tokens_per_s * flops_per_token(args.shape, trained) / PEAK_BF16_FLOPS,
+                     "mfu": tokens_per_s * (flops_per_token(args.shape, trained)
+                                            + (2 * linear_params(args.shape) if method == "dpo" else 0))
+                     / PEAK_BF16_FLOPS,
                      **({"error": measured["error"]} if "error" in measured else {})})
         print(json.dumps(rows[-1]), flush=True)
         write_results(rows, args)  # after every row: a run stopped part-way keeps what it measured
@@ -319,7 +383,8 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     device = device_name()
-    (results / f"peers-{args.shape}-{device.split()[-1].lower()}.json").write_text(
+    tag = f"-{args.tag}" if args.tag else ""
+    (results / f"peers-{args.shape}{tag}-{device.split()[-1].lower()}.json").write_text(
         json.dumps({"device": device, "shape": args.shape, "steps": args.steps, "warmup": args.warmup,
                     "row_tokens": ROW_TOKENS, "rows": rows}, indent=2) + "\n")
 

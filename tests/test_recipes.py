@@ -22,7 +22,8 @@ EXPECTED = {"chat_zh/school_math": {"exact_match"}, "dialogue_summary/config": {
             "sentiment/config": {"choice_accuracy", "choice_macro_f1", "exact_match"},
             "docs_qa/config": {"rouge-l"}, "adgen/lora": {"rouge-l", "bleu-4"}, "adgen/prefix": {"rouge-l", "bleu-4"},
             "text_to_sql/config": {"exact_match", "sql_execution_match", "sql_executable"},
-            "gsm8k_cot/config": {"exact_match"}, "chat_zh/multiturn": set()}
+            "gsm8k_cot/config": {"exact_match"}, "chat_zh/multiturn": set(), "dpo/sft": {"rouge-l"},
+            "dpo/dpo": {"rouge-l", "pair_accuracy", "chosen_logps"}, "dpo/rm": {"pair_accuracy", "pair_margin"}}
 
 
 def recipe_config(path: Path, tmp_path: Path, tiny_model_dir: str, request, extra: list[str] = ()):
@@ -34,6 +35,8 @@ def recipe_config(path: Path, tmp_path: Path, tiny_model_dir: str, request, extr
     if SHARED in path.read_text(encoding="utf-8"):
         shared = request.getfixturevalue("shared_data")  # skips the test when the real data is not there
         extra = [*extra, "--data.train", str(shared / path.read_text().split(SHARED, 1)[1].split()[0])]
+    if "adapter:" in path.read_text(encoding="utf-8"):  # a later stage: it continues the earlier stage's run
+        extra = [*extra, "--model.adapter", str(earlier_stage(tmp_path, tiny_model_dir))]
     config = load_config(path, ["--model", tiny_model_dir, "--max_steps", "2", "--output_dir", str(tmp_path / "out"),
                                 "--eval_on_start", "false", "--max_examples", "3", "--max_new_tokens", "4", *extra])
     for split, count in ((config.data.train, 12), (config.data.eval, 4)):
@@ -46,6 +49,13 @@ def recipe_config(path: Path, tmp_path: Path, tiny_model_dir: str, request, extr
     return config
 
 
+def earlier_stage(tmp_path: Path, tiny_model_dir: str) -> Path:
+    """A LoRA adapter on the tiny model, standing in for the earlier stage's run."""
+    from tests.train.test_sft import make_config
+
+    return Path(run(make_config(tmp_path / "earlier", tiny_model_dir, train__max_steps=1)).output_dir)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
 def test_recipe_trains_and_reports(path, tmp_path, tiny_model_dir, request):
     config = recipe_config(path, tmp_path, tiny_model_dir, request)
@@ -53,7 +63,8 @@ def test_recipe_trains_and_reports(path, tmp_path, tiny_model_dir, request):
     assert result.steps == 2 and result.eval_loss is not None
     report = compare_run(result.output_dir, config)
     name = f"{path.parent.name}/{path.stem}"
-    assert EXPECTED[name] | {"loss", "loss_all_tokens"} <= set(report["metrics"]), name
+    losses = set() if config.stage == "rm" else {"loss", "loss_all_tokens"}  # a reward model scores, it has no loss
+    assert EXPECTED[name] | losses <= set(report["metrics"]), name
 
 
 def test_recipe_readmes_show_their_commands():

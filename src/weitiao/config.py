@@ -369,6 +369,41 @@ class TrainConfig(_Section):
         return self
 
 
+PAIR_STAGES = ("dpo", "rm")
+"""Stages that read preference pairs (a prompt, a chosen and a rejected reply)."""
+PREFERENCE_STAGES = ("dpo", "kto")
+"""Stages that train the policy on preferences (weitiao.train.preference)."""
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+class PreferenceConfig(_Section):
+    """Stages dpo and kto: how preferences train the policy (TRL's names and defaults)."""
+    loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = "sigmoid"
+    """Stage dpo: sigmoid (DPO), ipo (IPO: squared loss on length-averaged log-ratios), orpo (ORPO: the chosen
+    reply's NLL plus an odds-ratio term; no reference model), simpo (SimPO: length-averaged log-probs with a target
+    margin; no reference model)."""
+    beta: float | None = Field(None, gt=0)
+    """Strength of the preference term: DPO/IPO/KTO's KL weight, ORPO's lambda, SimPO's reward scale. None: 0.1
+    (2.0 for simpo), resolved at load so config.yaml records it."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """sigmoid: the assumed share of wrongly labelled pairs (conservative DPO); 0 is plain DPO."""
+    simpo_gamma_beta_ratio: float = Field(0.5, ge=0)
+    """simpo: the target reward margin gamma as a multiple of beta."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the loss of desirable (label true) examples."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the loss of undesirable (label false) examples."""
+    precompute_reference: bool = False
+    """Stage dpo: compute the reference model's log-probs of every pair once before training instead of at each
+    step (no reference forward per step; with full or freeze no second copy of the model). Always on when
+    model.adapter continues an adapter: the reference is then that adapter's model. Without it a LoRA-family run's
+    reference is the base with the adapter switched off, and full or freeze keep a frozen copy."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss in ("sigmoid", "ipo")
+
+
 # Benchmarks that read local files (eval.benchmarks[].path); weitiao.eval.benchmarks knows their layouts.
 CSV_BENCHMARK_TASKS = ("mmlu", "ceval", "cmmlu")
 TRUTHFULQA_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2")
@@ -562,9 +597,10 @@ class SelectConfig(_Section):
     embedding_model: str | None = None
     """kcenter, ifd+kcenter: a local encoder folder (e.g. a sentence-transformers model) whose mean-pooled last
     hidden states embed the prompts. None: the scoring model's own hidden states."""
-    scorer: Literal["judge", "classifier"] = "judge"
+    scorer: str = "judge"
     """quality: judge (a causal LM answers `judge_prompt`; the score is the expected rating under its next-token
-    probabilities over the ratings 1-5) or classifier (a sequence-classification / reward model)."""
+    probabilities over the ratings 1-5) or classifier (a sequence-classification / reward model). A folder instead
+    (a reward-model run of stage rm) means classifier with that folder as scorer_model."""
     scorer_model: str | None = None
     """quality: the judge or classifier model (a folder, .gguf or hub id). None: `model`."""
     judge_prompt: str = ("Rate the quality of the response to the instruction below on a scale of 1 to 5 (5: "
@@ -579,6 +615,21 @@ class SelectConfig(_Section):
     cache: bool = True
     """Cache scores per example, keyed by the model's files and the exact tokens scored (so by the template,
     max_length and the text too): a rerun, another method or an edited copy of the data rescore only what changed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scorer_folder(cls, value: Any) -> Any:
+        scorer = value.get("scorer") if isinstance(value, dict) else None
+        if isinstance(scorer, str) and scorer not in ("judge", "classifier") and Path(scorer).is_dir():
+            return {**value, "scorer": "classifier", "scorer_model": scorer}
+        return value
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        if value not in ("judge", "classifier"):
+            raise ValueError(f"'{value}' is neither judge, classifier nor a folder (a reward model run)")
+        return value
 
     @field_validator("template")
     @classmethod
@@ -597,8 +648,10 @@ class SelectConfig(_Section):
 
 
 class Config(_Section):
-    stage: Literal["sft", "pt"] = "sft"
-    """sft: supervised fine-tuning on conversations; pt: continued pre-training on plain text."""
+    stage: Literal["sft", "pt", "dpo", "kto", "rm"] = "sft"
+    """sft: supervised fine-tuning on conversations; pt: continued pre-training on plain text; dpo: preference
+    pairs (DPO, IPO, ORPO or SimPO: pref.loss); kto: binary feedback (a conversation and a boolean label); rm: a
+    reward model (a sequence-classification head trained on pairs)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: str = "lora"
@@ -610,6 +663,7 @@ class Config(_Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     prompt_learning: PromptLearningConfig = Field(default_factory=PromptLearningConfig)
     ia3: IA3Settings = Field(default_factory=IA3Settings)
+    pref: PreferenceConfig = Field(default_factory=PreferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -630,6 +684,7 @@ class Config(_Section):
         method = self.method_spec
         if self.stage == "pt" and self.data.train_on == "responses":
             self.data.train_on = "all"
+        self._check_preference_stage()
         if self.data.packing and not method.packable:
             raise ValueError(f"data.packing cannot be used with method {self.method}: its virtual tokens would be "
                              "shared by every example of a packed row; set data.packing: false")
@@ -655,6 +710,29 @@ class Config(_Section):
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "
                              "possible)")
         return self
+
+    def _check_preference_stage(self) -> None:
+        if self.pref.beta is None:
+            self.pref.beta = DEFAULT_BETA[self.pref.loss]
+        if self.stage not in (*PAIR_STAGES, *PREFERENCE_STAGES):
+            return
+        if not self.method_spec.packable:
+            raise ValueError(f"stage {self.stage} cannot train method {self.method}: its virtual tokens bypass the "
+                             "forward that scores replies; use lora, qlora, ia3, full or freeze")
+        if self.train.distributed in ("zero3", "zero3_offload", "fsdp"):
+            raise ValueError(f"stage {self.stage} runs on distributed: ddp or zero2 (it reads the output head's "
+                             "weights, which zero3 and fsdp shard)")
+        if self.stage in ("rm", "kto"):
+            if self.data.packing:
+                raise ValueError(f"stage {self.stage} trains on padded batches (rm scores each sequence at its last "
+                                 "token; kto pairs the prompts and replies of a batch anew): set data.packing: false")
+            self.data.packing = False
+        if self.stage == "kto" and self.pref.precompute_reference:
+            raise ValueError("pref.precompute_reference is for stage dpo (KTO's KL estimate pairs prompts and "
+                             "replies anew in every batch)")
+        if self.stage == "kto" and self.model.adapter is not None:
+            raise ValueError("stage kto cannot continue an adapter (its reference would be the adapter's model); "
+                             "merge it first (weitiao merge) and train on the merged model")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,18 +60,23 @@ def _lora(model: torch.nn.Module, config: Config):
 
     settings = config.lora
     check_targets(model, settings.target_modules, "lora")
-    return LoraConfig(task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha,
+    return LoraConfig(task_type=_task_type(config), r=settings.r, lora_alpha=settings.alpha,
                       lora_dropout=settings.dropout, target_modules=settings.target_modules,
                       use_rslora=settings.use_rslora, use_dora=settings.use_dora,
                       modules_to_save=settings.modules_to_save or None,
                       ensure_weight_tying=_saves_tied_embeddings(model, settings.modules_to_save))
 
 
+def _task_type(config: Config) -> str:
+    """A reward model's adapter trains its new score head too (PEFT keeps it in modules_to_save)."""
+    return "SEQ_CLS" if config.stage == "rm" else "CAUSAL_LM"
+
+
 def _ia3(model: torch.nn.Module, config: Config):
     from peft import IA3Config
 
     check_targets(model, config.ia3.target_modules, "ia3")
-    return IA3Config(task_type="CAUSAL_LM", target_modules=config.ia3.target_modules,
+    return IA3Config(task_type=_task_type(config), target_modules=config.ia3.target_modules,
                      feedforward_modules=config.ia3.feedforward_modules)
 
 

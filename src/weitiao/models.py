@@ -153,9 +153,12 @@ def load_model_config(config: ModelConfig):
         raise ModelLoadError(f"cannot load the config of model '{config.name_or_path}': {error}") from None
 
 
-def load_model(config: ModelConfig, dtype: torch.dtype | None = None, quantization=None, device_map=None):
-    """(model, tokenizer, resolved path). Without a device_map the model is on the CPU; callers move it."""
-    from transformers import AutoModelForCausalLM
+def load_model(config: ModelConfig, dtype: torch.dtype | None = None, quantization=None, device_map=None,
+               reward_head: bool = False):
+    """(model, tokenizer, resolved path). Without a device_map the model is on the CPU; callers move it. With
+    `reward_head` the model is transformers' sequence classification with one output (a reward model), its head new
+    unless the model has one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = resolve_model(config.name_or_path, config.revision)
     tokenizer = load_tokenizer(source, config)
@@ -169,8 +172,11 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None, quantizati
             register_varlen_attention()
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=device_map)
+    if reward_head:  # the reward is read at each row's last token that is not padding
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = (AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM).from_pretrained(
+            source, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load model '{config.name_or_path}': {error}") from None
     return model, tokenizer, source

@@ -222,6 +222,11 @@ class RunFolder:
             generation.save_pretrained(self.path)
         self.remove_checkpoints()
 
+    def remove_adapter_files(self) -> None:
+        """After an adapter was merged into the full model saved here (a reward model)."""
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (self.path / name).unlink(missing_ok=True)
+
     def write_result(self, summary: dict[str, Any]) -> None:
         self._write_json(self.RESULT, summary)
 

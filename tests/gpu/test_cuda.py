@@ -6,6 +6,7 @@ in an earlier form that also fused in compiled layers; run31-offload-h200.log: t
 docs/performance.md."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,54 @@ def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(tmp_path, to
                                 train__offload_checkpoints=True, **settings))
     print(f"eval loss: no checkpointing {plain.eval_loss:.5f}, offloaded checkpoints {offloaded.eval_loss:.5f}")
     assert abs(plain.eval_loss - offloaded.eval_loss) < 1e-2
+
+
+def test_preference_stages_on_the_gpu_defaults(tmp_path, tokenizer):
+    """dpo on packed pairs (varlen FlashAttention, Liger's layer kernels, the fused LoRA update): reply log-probs of a
+    packed row equal those of padded rows, and training ranks the held-out pairs; rm and kto run on padded batches."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_preference import encoded_pairs, make_config, pair_rows
+    from weitiao.data.collate import PadCollator
+    from weitiao.data.packing import PackedCollator
+    from weitiao.data.preference import PairCollator
+    from weitiao.config import ModelConfig
+    from weitiao.eval.pairs import sequence_logps
+    from weitiao.models import load_model
+    from weitiao.train import run
+    from weitiao.train.attention import VARLEN
+
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    pairs = encoded_pairs(tokenizer, pair_rows(6))
+    padded = PairCollator(PadCollator(tokenizer.pad_token_id))(pairs)
+    packed = PairCollator(PackedCollator(tokenizer.pad_token_id, 512, boundaries=True))(pairs)
+    model = load_model(ModelConfig(name_or_path=model_dir, attn_implementation=VARLEN), dtype=torch.bfloat16)[0]
+    model.cuda().eval()
+    with torch.no_grad():
+        from_packed = sequence_logps(model, {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()})[0]
+        model.set_attn_implementation("sdpa")
+        from_padded = sequence_logps(model, {k: v.cuda() if torch.is_tensor(v) else v for k, v in padded.items()})[0]
+    print(f"reply log-probs packed {from_packed.tolist()[:4]} padded {from_padded.tolist()[:4]}")
+    torch.testing.assert_close(from_packed, from_padded, rtol=2e-2, atol=5e-2)
+
+    result = run(make_config(tmp_path / "dpo", model_dir, train__max_steps=10))
+    settings = json.loads((Path(result.output_dir) / "settings.json").read_text())
+    assert settings["packing"] and settings["attention"] == "varlen_packed_rows" and settings["fused_lora"]
+    metrics = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in metrics if "eval_reward_accuracy" in r]
+    print(f"dpo on the GPU: eval reward accuracy {evals[0]['eval_reward_accuracy']} -> "
+          f"{evals[-1]['eval_reward_accuracy']}, loss {evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}")
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    for stage in ("rm", "kto"):
+        other = run(make_config(tmp_path / stage, model_dir, stage=stage, train__max_steps=4, **(
+            {"data__train": str(_feedback(tmp_path)), "data__eval": str(_feedback(tmp_path))} if stage == "kto"
+            else {})))
+        print(f"{stage} on the GPU: eval loss {other.eval_loss_before:.4f} -> {other.eval_loss:.4f}")
+        assert other.eval_loss < other.eval_loss_before
+
+
+def _feedback(tmp_path):
+    from tests.conftest import write_jsonl
+
+    return write_jsonl(tmp_path / "feedback.jsonl", [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"{2 * i + i % 2}"}], "label": i % 2 == 0} for i in range(24)])

@@ -198,7 +198,7 @@ class NearDuplicateIndex:
 def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
     """Apply the rules to every record of `source`; keep or remove each, counting removals per rule."""
     rejected: list[tuple[Record, DataError]] = []
-    examples, stats = load_source(source, on_error="skip", rejected=rejected)
+    examples, stats = load_source(source, on_error="skip", skipped=rejected)
     if examples and examples[0].messages is None:
         raise DataError("clean works on conversations, and this source is plain text", path=source.path)
     # The reader's own "empty response" check is this command's empty_response rule; its other checks are invalid.

@@ -22,8 +22,10 @@ import numpy as np
 
 from weitiao.config import DataConfig, DataSource
 from weitiao.data.blocks import block_features, pack_blocks, streamed_blocks
-from weitiao.data.encode import IGNORE_INDEX, TemplateMismatch, encode_document, encode_example, truncate
+from weitiao.data.encode import (IGNORE_INDEX, TemplateMismatch, encode_conversation, encode_document, encode_example,
+                                 truncate)
 from weitiao.data.formats import Normalizer, check_columns, detect_format, field_map, required_columns
+from weitiao.data.preference import NORMALIZERS, encode_pair, is_pair_record, record_kind
 from weitiao.data.readers import Record, expand_paths, guess_encoding, read_records
 from weitiao.errors import DataError
 from weitiao.paths import cache_dir
@@ -60,6 +62,10 @@ class Example:
     """Its 1-based record number in that file."""
     references: list[str] | None = None
     """Every reference of the last reply, when the source maps several columns to it (DataSource.columns)."""
+    rejected: str | None = None
+    """A preference pair's rejected reply (the chosen one ends `messages`)."""
+    label: bool | None = None
+    """Binary feedback: whether the last reply of `messages` is desirable."""
 
     def content(self) -> dict[str, Any]:
         """What the encoders read: {'messages': ...} or {'text': ...}."""
@@ -68,10 +74,10 @@ class Example:
     def row(self) -> dict[str, Any]:
         """A row of a datasets.Dataset (ROW_COLUMNS)."""
         return {"messages": self.messages, "text": self.text, "source": self.source, "record": self.record,
-                "references": self.references}
+                "references": self.references, "rejected": self.rejected, "label": self.label}
 
 
-ROW_COLUMNS = ["messages", "text", "source", "record", "references"]
+ROW_COLUMNS = ["messages", "text", "source", "record", "references", "rejected", "label"]
 STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -96,9 +102,10 @@ def source_records(source: DataSource, path: Path) -> Iterator[Record]:
 
 
 def iter_source(source: DataSource, on_error: str, stats: SourceStats,
-                rejected: list[tuple[Record, DataError]] | None = None) -> Iterator[Example]:
-    """Read and normalise one source lazily, counting into `stats`. With on_error "skip", `rejected` (when given)
-    receives each skipped record with its error."""
+                skipped: list[tuple[Record, DataError]] | None = None, kind: str | None = None) -> Iterator[Example]:
+    """Read and normalise one source lazily, counting into `stats`. With on_error "skip", `skipped` (when given)
+    receives each skipped record with its error. `kind` reads preference records: pairs or feedback
+    (weitiao.data.preference)."""
     # A column list names the references of the reply: the first one is the reply (DataSource.columns).
     columns = {field: column[0] if isinstance(column, list) else column for field, column in source.columns.items()}
     references = next((column for column in source.columns.values() if isinstance(column, list)), None)
@@ -111,6 +118,11 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
         normalizer = None
         for record in source_records(source, path):
             stats.records += 1
+            if normalizer is None and (kind is not None or is_pair_record(record.data, columns)):
+                # Preference pairs read by a stage that trains on conversations (sft): the chosen reply is the reply.
+                normalizer = NORMALIZERS[kind or "pairs"](record, source.format, columns, source.prompt_template,
+                                                          source.system)
+                stats.format = f"{normalizer.fmt} {kind or 'pairs (chosen replies)'}"
             if normalizer is None:
                 check_columns(record.data, [("response", column) for column in references or []], str(path),
                               record.line)
@@ -130,27 +142,28 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
                 if on_error == "raise":
                     raise
                 stats.skipped[error.reason] += 1
-                if rejected is not None:
-                    rejected.append((record, error))
+                if skipped is not None:
+                    skipped.append((record, error))
                 if len(stats.skipped_examples) < 5:
                     stats.skipped_examples.append(str(error))
                 continue
             yield Example(example.get("messages"), example.get("text"), str(path), record.number,
-                          example.get("references"))
+                          example.get("references"), example.get("rejected"), example.get("label"))
         if normalizer is not None:
             stats.notes.update(normalizer.notes)
 
 
-def load_source(source: DataSource, on_error: str = "raise", rejected: list[tuple[Record, DataError]] | None = None
-                ) -> tuple[list[Example], SourceStats]:
+def load_source(source: DataSource, on_error: str = "raise", skipped: list[tuple[Record, DataError]] | None = None,
+                kind: str | None = None) -> tuple[list[Example], SourceStats]:
     """Read and normalise one source (see iter_source)."""
     stats = SourceStats(path=source.path, weight=source.weight)
-    return list(iter_source(source, on_error, stats, rejected)), stats
+    return list(iter_source(source, on_error, stats, skipped, kind)), stats
 
 
-def load_eval_source(source: DataSource, on_error: str, seed: int) -> tuple[list[Example], SourceStats]:
+def load_eval_source(source: DataSource, on_error: str, seed: int, kind: str | None = None
+                     ) -> tuple[list[Example], SourceStats]:
     """An eval source, or the seeded random share of it that its weight (<= 1) keeps, in file order."""
-    examples, stats = load_source(source, on_error)
+    examples, stats = load_source(source, on_error, kind=kind)
     if source.weight < 1:
         kept = sorted(random.Random(seed).sample(range(len(examples)), max(1, round(len(examples) * source.weight))))
         examples = [examples[index] for index in kept]
@@ -179,12 +192,21 @@ def encode_examples(examples: list[Example], tokenizer, data: DataConfig, stage:
     With keep_source the rows keep their messages/text (references for generation metrics)."""
     import datasets
 
+    kind = record_kind(stage)
+
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         example = {"text": row["text"]} if stage == "pt" and row["text"] is not None else row
         if stage == "pt" and row["messages"] is not None:  # chat data mixed into pre-training: all tokens
             example = {"messages": row["messages"]}
         try:
-            encoded = encode_example(tokenizer, example, "all" if stage == "pt" else data.train_on)
+            if kind == "pairs":
+                pair, event, length = encode_pair(tokenizer, row["messages"], row["rejected"], data.max_length,
+                                                  data.truncation)
+                empty = {"input_ids": [], "labels": [], "rejected_input_ids": [], "rejected_labels": []}
+                return {**(pair or empty), "full_length": length, "event": event or ""}
+            # Feedback (kto) scores the last reply only, as a pair does.
+            encoded = (encode_conversation(tokenizer, row["messages"], last_reply_only=True) if kind == "feedback"
+                       else encode_example(tokenizer, example, "all" if stage == "pt" else data.train_on))
         except TemplateMismatch as error:
             raise DataError(str(error), path=row["source"], record=row["record"]) from None
         kept, event = truncate(encoded, data.max_length, data.truncation)
@@ -192,8 +214,9 @@ def encode_examples(examples: list[Example], tokenizer, data: DataConfig, stage:
                 "full_length": len(encoded.input_ids), "event": event or ""}
 
     dataset = datasets.Dataset.from_list([example.row() for example in examples])
+    kept_columns = ["label"] if kind == "feedback" else []  # kto trains on it
     dataset = dataset.map(encode, num_proc=data.num_proc if len(examples) > 1000 else None,
-                          remove_columns=[] if keep_source else ROW_COLUMNS,
+                          remove_columns=[] if keep_source else [c for c in ROW_COLUMNS if c not in kept_columns],
                           desc="tokenizing")
     events = Counter(e for e in dataset["event"] if e)
     full_lengths = dataset["full_length"]
@@ -303,12 +326,12 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
     rng = random.Random(seed)
     train_parts, eval_examples, source_stats = [], [], []
     for source in data.train:
-        examples, stats = load_source(source, data.on_error)
+        examples, stats = load_source(source, data.on_error, kind=record_kind(stage))
         _check_stage(examples, source, stage)
         train_parts.append((examples, stats))
         source_stats.append(stats)
     for source in data.eval:
-        examples, stats = load_eval_source(source, data.on_error, seed)
+        examples, stats = load_eval_source(source, data.on_error, seed, record_kind(stage))
         _check_stage(examples, source, stage)
         eval_examples += examples
         source_stats.append(stats)
@@ -335,7 +358,7 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
         train, train_summary = encode_examples(train_examples, tokenizer, data, stage)
         evaluation, eval_summary = (encode_examples(eval_examples, tokenizer, data, stage, keep_source=True)
                                     if eval_examples else (None, None))
-    if len(train) == 0:  # SFT only: pre-training documents are never dropped
+    if len(train) == 0:  # pre-training documents are never dropped
         raise DataError(f"every training example was dropped ({train_summary['dropped']}); "
                         f"raise data.max_length (now {data.max_length}) or use truncation: right/left")
     stats = {"sources": [s.to_dict() for s in source_stats], "held_out_for_eval": held_out,
@@ -370,7 +393,7 @@ def _hold_out(parts: list[tuple[list[Example], SourceStats]], val_size: float, r
 
 
 def _check_stage(examples: list[Example], source: DataSource, stage: str) -> None:
-    if stage == "sft" and any(example.text is not None for example in examples):
+    if stage != "pt" and any(example.text is not None for example in examples):
         raise DataError("this source is plain text; plain text trains with stage: pt (continued pre-training)",
                         path=source.path)
 

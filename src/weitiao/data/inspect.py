@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 from weitiao.config import DataConfig, DataSource
-from weitiao.data.dataset import encode_examples, load_source
+from weitiao.data.dataset import encode_examples, load_source, source_records
 from weitiao.data.encode import IGNORE_INDEX, encode_example
 from weitiao.data.formats import to_format
-from weitiao.data.readers import write_records
+from weitiao.data.preference import preference_to_format
+from weitiao.data.readers import expand_paths, write_records
 from weitiao.data.templates import install_template
 from weitiao.errors import DataError
 
@@ -72,11 +73,15 @@ def inspect(source: DataSource, tokenizer, data: DataConfig, example_index: int 
 
 
 def convert(source: DataSource, target_format: str, output: Path, on_error: str = "raise") -> dict[str, int]:
-    examples, stats = load_source(source, on_error)
+    """Every record in `target_format`; preference pairs stay pairs and binary feedback (a boolean `label`) keeps it."""
+    first = next((record for path in expand_paths(source.path) for record in source_records(source, path)), None)
+    feedback = first is not None and isinstance(first.data.get(source.columns.get("label", "label")), bool)
+    examples, stats = load_source(source, on_error, kind="feedback" if feedback else None)
     records, failed = [], 0
     for example in examples:
         try:
-            records.append(to_format(example.content(), target_format))
+            records.append(to_format(example.content(), target_format) if example.messages is None else
+                           preference_to_format(example.messages, target_format, example.rejected, example.label))
         except DataError as error:
             if on_error == "raise":
                 raise DataError(error.reason, path=example.source, record=example.record) from None

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from weitiao.config import Config, EvalConfig, ModelConfig
+from weitiao.config import PREFERENCE_STAGES, Config, EvalConfig, ModelConfig
 from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets
+from weitiao.data.preference import PAIR_COLUMNS, PairCollator
 from weitiao.data.templates import template_stops
 from weitiao.errors import ConfigError, DataError
 from weitiao.eval.benchmarks import BenchmarkSuite
@@ -21,6 +22,7 @@ from weitiao.eval.choices import choice_loglikelihoods, choice_metrics, choose, 
 from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
 from weitiao.eval.loss import evaluate_loss
 from weitiao.eval.metrics import generation_metrics
+from weitiao.eval.pairs import implicit_rewards, pair_logps, ranking_metrics, reward_model_metrics
 from weitiao.eval.report import write_report
 from weitiao.eval.sql import SqlDatabase, execution_scores
 from weitiao.models import load_model, load_tokenizer, pick_dtype
@@ -68,6 +70,12 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
             result.update(_constrained_choice(model, tokenizer, prompts, references, locations, config, desc))
             metrics.update(choice_metrics(result["confusion_matrix"]))
             result["seconds"]["choices"] = time.time() - started
+    if "rejected_input_ids" in eval_set.column_names:
+        started = time.time()
+        result["pair_logps"], lengths = pair_logps(model, pair_loader(eval_set, tokenizer, config),
+                                                   desc=f"scoring pairs ({desc})")
+        metrics.update(ranking_metrics(result["pair_logps"], lengths))
+        result["seconds"]["pairs"] = time.time() - started
     if benchmarks is not None:
         started = time.time()
         scores = benchmarks.evaluate(model, tokenizer, settings.batch_size)
@@ -75,6 +83,11 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
         metrics.update(scores["metrics"])
         result["benchmarks"] = scores["benchmarks"]
     return result
+
+
+def pair_loader(eval_set, tokenizer, config: Config) -> DataLoader:
+    return DataLoader(eval_set.select_columns(list(PAIR_COLUMNS)), batch_size=config.train.per_device_eval_batch_size,
+                      collate_fn=PairCollator(PadCollator(tokenizer.pad_token_id)))
 
 
 def _constrained_choice(model, tokenizer, prompts, references, locations, config: Config, desc: str
@@ -107,6 +120,15 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     database = SqlDatabase(config.eval.sql_database, config.eval.sql_timeout) if config.eval.sql_database else None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = (_compare_reward_models(config, run, eval_set, tokenizer, device, data_stats) if config.stage == "rm"
+              else _compare_models(config, run, eval_set, tokenizer, device, data_stats, suite, database))
+    if write:
+        write_report(run, report)
+    return report
+
+
+def _compare_models(config: Config, run: RunFolder, eval_set, tokenizer, device: str, data_stats: dict[str, Any],
+                    suite: BenchmarkSuite | None, database: SqlDatabase | None) -> dict[str, Any]:
     base, _, base_path = load_model(config.model)
     base.to(device)
     if run.holds_adapter:
@@ -127,10 +149,29 @@ def compare_run(run_dir: str | Path, config: Config | None = None, write: bool =
     if database is not None:
         database.close()
 
-    report = build_report(config, base_path, run, base_result, tuned_result, len(eval_set), data_stats)
-    if write:
-        write_report(run, report)
-    return report
+    return build_report(config, base_path, run, base_result, tuned_result, len(eval_set), data_stats)
+
+
+def _compare_reward_models(config: Config, run: RunFolder, eval_set, tokenizer, device: str,
+                           data_stats: dict[str, Any]) -> dict[str, Any]:
+    """Stage rm: the reward model before training (the base with the run's seeded new head) and after, ranking the
+    held-out pairs."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForSequenceClassification
+
+    loader = pair_loader(eval_set, tokenizer, config)
+    set_seed(config.train.seed)  # the head the run started from
+    base, _, base_path = load_model(config.model, reward_head=True)
+    started = time.time()
+    base_result = {"metrics": reward_model_metrics(base.to(device), loader),
+                   "seconds": {"pairs": time.time() - started}}
+    del base
+    gc.collect()
+    tuned = AutoModelForSequenceClassification.from_pretrained(run.path, dtype=pick_dtype(config.model.dtype))
+    started = time.time()
+    tuned_result = {"metrics": reward_model_metrics(tuned.to(device), loader),
+                    "seconds": {"pairs": time.time() - started}}
+    return build_report(config, base_path, run, base_result, tuned_result, len(eval_set), data_stats)
 
 
 def eval_data_summary(config: Config, data_stats: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +211,13 @@ def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str,
     if config.eval.choices:
         choices = {"labels": config.eval.choices, "base": base["confusion_matrix"],
                    "tuned": tuned["confusion_matrix"]}
+    preference = None
+    if "pair_logps" in tuned and config.stage in PREFERENCE_STAGES:
+        preference = {"beta": config.pref.beta, **implicit_rewards(base["pair_logps"], tuned["pair_logps"],
+                                                                   config.pref.beta)}
     return {
         "run": str(run.path), "base_model": config.model.name_or_path, "base_model_path": base_path,
+        "stage": config.stage, "preference": preference,
         "method": config.method, "eval_examples": eval_examples,
         "eval_data": eval_data_summary(config, data_stats or {}),
         "generation_examples": len(samples) if "predictions" in tuned else 0, "extractor": config.eval.extractor,

@@ -25,6 +25,11 @@ METRIC_LABELS = {
     "choice_macro_f1": ("choice macro F1 %", False, "{:.1f}"),
     "sql_execution_match": ("SQL execution match %", False, "{:.1f}"),
     "sql_executable": ("SQL that runs %", False, "{:.1f}"),
+    "pair_accuracy": ("pairs ranked right % (chosen more likely; reward models: higher reward)", False, "{:.1f}"),
+    "pair_accuracy_per_token": ("pairs ranked right % (per-token log-prob)", False, "{:.1f}"),
+    "pair_margin": ("margin chosen - rejected (log-prob; reward models: reward)", False, "{:.3f}"),
+    "chosen_logps": ("log-prob of chosen replies", False, "{:.2f}"),
+    "rejected_logps": ("log-prob of rejected replies", True, "{:.2f}"),
 }
 # Sample fields shown in report.md and on the terminal, in this order, when a report has them.
 SAMPLE_FIELDS = {"prompt": "prompt", "base": "base", "tuned": "tuned", "base_choice": "base choice",
@@ -135,7 +140,8 @@ def data_notes(report: dict[str, Any]) -> list[str]:
 def render_summary(report: dict[str, Any], plots: bool = False) -> str:
     """What was evaluated and the base-vs-tuned table (with confusion matrices and benchmark subjects); with plots,
     the markdown links to the run folder's images."""
-    examples = f"- eval examples: {report['eval_examples']} (loss)"
+    examples = (f"- held-out pairs: {report['eval_examples']} (ranked by the reward model)"
+                if report.get("stage") == "rm" else f"- eval examples: {report['eval_examples']} (loss)")
     if report["generation_examples"]:
         examples += f"; {report['generation_examples']} generated (extractor for exact match: {report['extractor']})"
     if report.get("choice_examples"):
@@ -147,6 +153,10 @@ def render_summary(report: dict[str, Any], plots: bool = False) -> str:
     lines.append(f"- base model: `{report['base_model']}`")
     lines += [f"- method: {report['method']}"] if report.get("method") else []
     lines += [examples] if report["eval_examples"] else []
+    if report.get("preference"):
+        preference = report["preference"]
+        lines.append(f"- held-out pairs with the base as reference (beta {preference['beta']}): reward accuracy "
+                     f"{preference['reward_accuracy']:.1f}%, mean reward margin {preference['reward_margin']:.3f}")
     lines += [*(f"- {note}" for note in data_notes(report)), "",
               "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in metric_rows(report)]

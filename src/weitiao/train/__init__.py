@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from weitiao.config import Config
 from weitiao.train.core import LogHook, TrainResult
+from weitiao.train.preference import PreferenceRecipe
 from weitiao.train.pt import PretrainRecipe
+from weitiao.train.reward import RewardRecipe
 from weitiao.train.sft import SFTRecipe
 
-STAGES = {"sft": SFTRecipe, "pt": PretrainRecipe}
+STAGES = {"sft": SFTRecipe, "pt": PretrainRecipe, "dpo": PreferenceRecipe, "kto": PreferenceRecipe,
+          "rm": RewardRecipe}
 
 
 def run(config: Config, resume: bool = False, on_log: LogHook | None = None) -> TrainResult:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -127,7 +127,7 @@ def load_model_for_training(config: Config, settings: Settings, accelerator) -> 
     model, tokenizer, base_path = load_model(
         ModelConfig(**{**config.model.model_dump(), "attn_implementation": loaded_with}),
         dtype=getattr(torch, settings.weights_dtype), quantization=quantization_config(config),
-        device_map={"": accelerator.device})
+        device_map={"": accelerator.device}, reward_head=config.stage == "rm")
     if settings.attention != loaded_with:
         model.set_attn_implementation(settings.attention)
     return model, tokenizer, base_path
@@ -192,26 +192,64 @@ def padded_batch_attention(model: torch.nn.Module) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
+# What a step minimises.
+
+
+class Objective(Protocol):
+    """A stage's loss: the loop averages it over `window_size` (summed over processes) per optimizer step."""
+
+    def window_size(self, window: list[dict[str, Any]]) -> torch.Tensor:
+        """What this process's micro-batches of a step hold that the loss is a mean over (tokens, pairs)."""
+
+    def __call__(self, model, batch: dict[str, Any], window_size: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's share of the step's mean loss, and its shares of other numbers to log."""
+
+    def evaluate(self, model, loader: DataLoader, accelerator) -> dict[str, float]:
+        """Held-out metrics, `loss` among them."""
+
+
+class TokenLoss:
+    """The model's own loss: cross-entropy averaged over every label token of the step (sft, pt)."""
+
+    def __init__(self, settings: Settings):
+        # Passed with each training forward down to Liger's loss (older Liger versions drop what they do not know).
+        self.loss_kwargs = {"chunk_mem_const": kernels.LOGITS_CHUNK_BUDGET} if settings.fused_cross_entropy else {}
+
+    def window_size(self, window: list[dict[str, Any]]) -> torch.Tensor:
+        return sum(count_label_tokens(batch["labels"]) for batch in window)
+
+    def __call__(self, model, batch: dict[str, Any], window_size: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return model(**batch, use_cache=False, num_items_in_batch=window_size, **self.loss_kwargs).loss, {}
+
+    def evaluate(self, model, loader: DataLoader, accelerator) -> dict[str, float]:
+        result = evaluate_loss(model, loader, accelerator)
+        return {"loss": result["loss"], "perplexity": result["perplexity"], "tokens": result["tokens"]}
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop.
 
 
 class Trainer:
-    """Trains a prepared model on a recipe's loaders and writes the run folder. `eval_extras` lets a stage add
-    metrics to each evaluation (stage pt: bits per character)."""
+    """Trains a prepared model on a recipe's loaders and writes the run folder. `objective` is what a step
+    minimises and what evaluation measures (the model's own token loss unless a stage brings its own, e.g. a
+    preference loss); `eval_extras` lets a stage add metrics to each evaluation (stage pt: bits per character)."""
 
     def __init__(self, config: Config, settings: Settings, accelerator, run: RunFolder, model, tokenizer,
                  loaders: Loaders, on_log: LogHook | None = None,
-                 eval_extras: Callable[[dict[str, float]], dict[str, float]] | None = None):
+                 eval_extras: Callable[[dict[str, float]], dict[str, float]] | None = None,
+                 objective: Objective | None = None):
         self.config, self.args, self.settings, self.accelerator, self.run = (
             config, config.train, settings, accelerator, run)
+        self.objective = objective or TokenLoss(settings)
         self.tokenizer, self.loaders, self.on_log, self.eval_extras = tokenizer, loaders, on_log, eval_extras
         self.is_main = accelerator.is_main_process
         self.state = LoopState()
         self.trainable, self.total = parameter_counts(model)
         self.steps_total, self.batches_per_epoch = self._schedule()
         self.model, self.optimizer, self.scheduler, self.eval_loader = self._prepare(model)
-        # Passed with each training forward down to Liger's loss (older Liger versions drop what they do not know).
-        self.loss_kwargs = {"chunk_mem_const": kernels.LOGITS_CHUNK_BUDGET} if settings.fused_cross_entropy else {}
         self.block_masks = settings.packing and settings.attention == "flex_attention"  # see packed_rows_block_mask
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
@@ -303,16 +341,16 @@ class Trainer:
         """One optimizer step over a gradient-accumulation window of micro-batches."""
         accelerator = self.accelerator
         self.interval.tokens += sum(batch.pop("num_tokens") for batch in window)
-        # Loss normaliser: label tokens in this window on all processes.
-        window_tokens = accelerator.reduce(sum(count_label_tokens(b["labels"]) for b in window), "sum")
+        # Loss normaliser: what the objective averages over (label tokens, pairs) in this window on all processes.
+        window_size = accelerator.reduce(self.objective.window_size(window), "sum")
         scale = self.args.gradient_accumulation_steps * accelerator.num_processes  # undoes accelerate's and DDP's mean
         for batch in window:
             if self.block_masks:
                 batch["attention_mask"] = packed_rows_block_mask(batch["position_ids"])
             with accelerator.accumulate(self.model):
-                loss = self.model(**batch, use_cache=False, num_items_in_batch=window_tokens, **self.loss_kwargs).loss
+                loss, stats = self.objective(self.model, batch, window_size)
                 accelerator.backward(loss * scale)
-                self.interval.loss += loss.detach()
+                self.interval.add(loss, stats)
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:
                     self.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
                 self.optimizer.step()
@@ -349,10 +387,11 @@ class Trainer:
 
     def _log_interval(self, step: int) -> None:
         """Sum the interval's losses and tokens over processes (one sync) and write a log line."""
-        loss_sum, tokens, steps, elapsed = self.interval.flush(self.accelerator)
+        loss_sum, tokens, steps, elapsed, extras = self.interval.flush(self.accelerator)
         self.state.tokens += int(tokens)
         self.last_train_loss = loss_sum / steps
         record = {"step": step, "epoch": self.epochs_done(), "loss": self.last_train_loss,
+                  **{name: total / steps for name, total in extras.items()},
                   "learning_rate": self.scheduler.get_last_lr()[0],
                   "tokens": self.state.tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
         if self.grad_norm is not None:
@@ -368,10 +407,10 @@ class Trainer:
         # Compiled layers would recompile for every padded eval shape: evaluation runs the same weights uncompiled.
         plain = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         with padded_batch_attention(plain):
-            result = evaluate_loss(plain if self.settings.torch_compile else self.model, self.eval_loader,
-                                   self.accelerator)
-        record = {"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-                  "eval_tokens": result["tokens"], **(self.eval_extras(result) if self.eval_extras else {})}
+            result = self.objective.evaluate(plain if self.settings.torch_compile else self.model, self.eval_loader,
+                                             self.accelerator)
+        record = {"step": step, **{f"eval_{name}": value for name, value in result.items()},
+                  **(self.eval_extras(result) if self.eval_extras else {})}
         self.log(record)
         return result["loss"]
 
@@ -430,15 +469,25 @@ class _Interval:
 
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
+        self.extras: dict[str, torch.Tensor] = {}
         self.steps, self.tokens, self.start = 0, 0, time.time()
 
-    def flush(self, accelerator) -> tuple[float, float, int, float]:
-        """(loss sum, tokens) over all processes, steps and seconds since the last flush; starts a new interval."""
-        loss_sum, tokens = accelerator.reduce(torch.stack(
-            [self.loss, torch.tensor(float(self.tokens), device=self.device)]), "sum").tolist()
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """A micro-batch's share of its window's loss, and of the objective's other numbers (reward margins...)."""
+        self.loss += loss.detach()
+        for name, value in stats.items():
+            self.extras[name] = self.extras.get(name, 0) + value.detach()
+
+    def flush(self, accelerator) -> tuple[float, float, int, float, dict[str, float]]:
+        """(loss sum, tokens) over all processes, steps and seconds since the last flush, and the sums of the
+        objective's numbers; starts a new interval."""
+        names = sorted(self.extras)
+        totals = accelerator.reduce(torch.stack(
+            [self.loss, torch.tensor(float(self.tokens), device=self.device)]
+            + [self.extras[name].float().reshape(()) for name in names]), "sum").tolist()
         steps, elapsed = self.steps, time.time() - self.start
         self._reset()
-        return loss_sum, tokens, steps, elapsed
+        return totals[0], totals[1], steps, elapsed, dict(zip(names, totals[2:]))
 
 
 def _only_trainable_weights(models, weights, _output_dir) -> None:

@@ -110,12 +110,15 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
     _check_machine(config, machine)
     precision = _precision(config, machine)
     packing = config.data.packing if config.data.packing is not None else machine.cuda and method.packable
-    if packing and config.stage == "sft" and config.data.max_length > config.data.packing_length:
+    row_holds = {"sft": 1, "dpo": 2}.get(config.stage)  # sequences of max_length in one example (a pair: two)
+    if packing and row_holds and row_holds * config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
-                          f"({config.data.packing_length}): an example must fit in a packed row")
+                          f"({config.data.packing_length})" + (" / 2" if row_holds == 2 else "") +
+                          ": an example (a pair: both sequences) must fit in a packed row")
     attention = _attention(config, machine, model_config, packing, precision)
     distributed = args.distributed if machine.cuda else "ddp"  # accelerate shards on GPUs only
-    fused_cross_entropy = distributed not in ("zero3", "zero3_offload")
+    # Preference and reward stages score replies their own way (weitiao.eval.pairs) and never call the model's loss.
+    fused_cross_entropy = distributed not in ("zero3", "zero3_offload") and config.stage in ("sft", "pt")
     liger = (_liger(args.liger, machine, getattr(model_config, "model_type", None))
              and (fused_cross_entropy or not args.torch_compile))  # else nothing of Liger's would be used
     weights = "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype

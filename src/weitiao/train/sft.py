@@ -55,11 +55,13 @@ class SFTRecipe:
             print("Data:\n" + format_stats(data_stats))
         # 5. Kernels, then the method (which weights train).
         model, fused = apply_method_and_kernels(model, config, settings, args.seed)
-        # 6. Batches: packed rows or padded ones.
+        # 6. What a step minimises (a stage's own loss, with what it needs: a reference model, precomputed data).
+        objective, train_set, eval_set = self.prepare(model, tokenizer, settings, accelerator, train_set, eval_set)
+        # 7. Batches: packed rows or padded ones.
         loaders = self.loaders(train_set, eval_set, tokenizer.pad_token_id, settings)
-        # 7. The loop, evaluation and the saved result.
+        # 8. The loop, evaluation and the saved result.
         trainer = Trainer(config, settings, accelerator, run, model, tokenizer, loaders, self.on_log,
-                          self.eval_extras(data_stats))
+                          self.eval_extras(data_stats), objective)
         self._print_method(trainer, settings, fused)
         if self.is_main:
             run.write_start(config, settings.to_dict() | {"stop_strings": stops}, data_stats)
@@ -85,6 +87,10 @@ class SFTRecipe:
                                collate_fn=padded(pad_id, settings), **common)
         return Loaders(train, eval_loader(eval_set, pad_id, settings, args.per_device_eval_batch_size),
                        len(train_set), len(eval_set) if eval_set is not None else 0, sampler)
+
+    def prepare(self, model, tokenizer, settings: Settings, accelerator, train_set, eval_set):
+        """(objective, train set, eval set): None keeps the model's own token loss (sft, pt)."""
+        return None, train_set, eval_set
 
     def eval_extras(self, data_stats: dict):
         """Metrics a stage adds to each evaluation (none for sft)."""
