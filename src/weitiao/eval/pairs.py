@@ -35,11 +35,14 @@ def output_head_removed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block the model's `logits` are its last hidden states; yields the output head."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
-    lm.set_output_embeddings(torch.nn.Identity())
+    # The attribute itself (lm_head for most models): regional compilation may have wrapped the head in a compiled
+    # module, which transformers' set_output_embeddings cannot test for truth; the chunks run its plain module.
+    name = next(name for name, child in lm.named_children() if child is head)
+    setattr(lm, name, torch.nn.Identity())
     try:
-        yield head
+        yield getattr(head, "_orig_mod", head)
     finally:
-        lm.set_output_embeddings(head)
+        setattr(lm, name, head)
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
