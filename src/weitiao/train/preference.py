@@ -213,8 +213,7 @@ class FeedbackLoss(PairLoss):
 class PreferenceRecipe(SFTRecipe):
     """Stages dpo (pairs) and kto (feedback)."""
 
-    def collator(self, settings: Settings, packed: bool):
-        pad_id = self.pad_id
+    def collator(self, settings: Settings, pad_id: int, packed: bool):
         inner = (PackedCollator(pad_id, settings.row_length, **row_boundaries(self.config, settings))
                  if packed else padded(pad_id, settings))
         return PairCollator(inner) if self.config.stage in PAIR_STAGES else FeedbackCollator(inner)
@@ -223,21 +222,23 @@ class PreferenceRecipe(SFTRecipe):
         """Packed rows hold whole pairs (chosen then rejected, each attending to itself only); kto's batches are
         padded, so each holds the examples its KL estimate pairs anew."""
         args, data = self.config.train, self.config.data
-        self.pad_id, common = pad_id, loader_options(args.seed, settings)
+        common = loader_options(args.seed, settings)
         sampler = None
         if settings.packing:
             lengths = [len(c) + len(r) for c, r in zip(train_set["input_ids"], train_set["rejected_input_ids"])]
             sampler = PackedBatchSampler(lengths, data.packing_length, args.seed)
-            train = DataLoader(train_set, batch_sampler=sampler, collate_fn=self.collator(settings, True), **common)
+            train = DataLoader(train_set, batch_sampler=sampler, collate_fn=self.collator(settings, pad_id, True),
+                               **common)
             if self.is_main:
                 print(f"Packing: {len(train_set)} pairs in {len(sampler)} rows of up to {data.packing_length} "
                       f"tokens ({100 * sampler.fill:.1f}% filled)")
         else:
             train = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True,
-                               collate_fn=self.collator(settings, False), **common)
-        evaluation = (DataLoader(eval_set, batch_size=args.per_device_eval_batch_size,
-                                 collate_fn=self.collator(settings, False)) if eval_set is not None and len(eval_set)
-                      else None)
+                               collate_fn=self.collator(settings, pad_id, False), **common)
+        evaluation = None
+        if eval_set is not None and len(eval_set):
+            evaluation = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size,
+                                    collate_fn=self.collator(settings, pad_id, False))
         return Loaders(train, evaluation, len(train_set), len(eval_set) if evaluation else 0, sampler)
 
     def prepare(self, model, tokenizer, settings: Settings, accelerator, train_set, eval_set):
