@@ -223,9 +223,12 @@ class RunFolder:
         self.remove_checkpoints()
 
     def remove_adapter_files(self) -> None:
-        """After an adapter was merged into the full model saved here (a reward model)."""
+        """After an adapter was merged into the full model saved here (a reward model); PEFT's model card too."""
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             (self.path / name).unlink(missing_ok=True)
+        card = self.path / "README.md"
+        if card.is_file() and "library_name: peft" in card.read_text(encoding="utf-8", errors="replace"):
+            card.unlink()
 
     def write_result(self, summary: dict[str, Any]) -> None:
         self._write_json(self.RESULT, summary)

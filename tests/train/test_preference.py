@@ -193,6 +193,7 @@ def test_reward_model_loads_in_plain_transformers_and_ranks_a_hand_made_pair(tmp
     result = run(config)
     out = Path(result.output_dir)
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert not (out / "README.md").exists()  # PEFT's card of the adapter that is no more
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1
 
