@@ -2,8 +2,9 @@
 compiled layers, the fused LoRA update, offloaded checkpoints, QLoRA, 8-bit optimizers. CI has no GPU; these run
 through the device tool; their output is kept in bench/results/logs (run9-gpu-tests-h200.log: all of them then;
 run14-varlen-gpu-tests-h200.log: the varlen ones; the end of run15-fused-lora-and-chunks-1b.log: the fused LoRA one,
-in an earlier form that also fused in compiled layers; run31-offload-h200.log: the offload one) and quoted in
-docs/performance.md."""
+in an earlier form that also fused in compiled layers; run31-offload-h200.log: the offload one;
+run35-gpu-preference-h200.log: the preference stages, after run32's had found a stride-0 sequence index that the
+loader could not pin) and quoted in docs/performance.md and docs/alignment.md."""
 
 import importlib.util
 import json
