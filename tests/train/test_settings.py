@@ -73,3 +73,12 @@ def test_the_run_folder_says_what_ran(tmp_path, tiny_model_dir, capsys):
     assert "Settings (saved as settings.json):" in printed and "  packing" in printed
     # config.yaml stays the config as given, so the same file resolves again on another machine.
     assert "packing: true" in (Path(result.output_dir) / "config.yaml").read_text()
+
+
+def test_preference_stages_refuse_models_that_transform_logits_after_the_head():
+    capped = LlamaConfig(num_hidden_layers=2)
+    capped.final_logit_softcapping = 30.0
+    with pytest.raises(ConfigError, match="final_logit_softcapping=30.0"):
+        settings(architecture=capped, stage="dpo")
+    assert settings(architecture=capped, stage="sft").packing  # SFT uses the model's own loss, which applies it
+    assert settings(stage="dpo").packing

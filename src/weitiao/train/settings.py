@@ -110,6 +110,7 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
     _check_machine(config, machine)
     precision = _precision(config, machine)
     packing = config.data.packing if config.data.packing is not None else machine.cuda and method.packable
+    _check_reply_scoring(config, model_config)
     row_holds = {"sft": 1, "dpo": 2}.get(config.stage)  # sequences of max_length in one example (a pair: two)
     if packing and row_holds and row_holds * config.data.max_length > config.data.packing_length:
         raise ConfigError(f"data.max_length ({config.data.max_length}) is longer than data.packing_length "
@@ -159,6 +160,19 @@ def _check_machine(config: Config, machine: Machine) -> None:
         # Its reentrant checkpointing is measured on one GPU in eager layers only.
         raise ConfigError("train.offload_checkpoints runs on one GPU without train.torch_compile; set it to false "
                           "(gradient_checkpointing alone works with both)")
+
+
+def _check_reply_scoring(config: Config, model_config: Any) -> None:
+    """Preference stages score replies through the output head alone (weitiao.eval.pairs): a model that transforms
+    its logits after the head (Gemma-2's soft-capping, Cohere's logit scale) would be scored wrongly."""
+    if config.stage not in ("dpo", "kto"):
+        return
+    for name in ("final_logit_softcapping", "logit_scale"):
+        value = getattr(model_config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ConfigError(f"stage {config.stage} cannot score replies of this model yet: its config applies "
+                              f"{name}={value} to the logits after the output head, which weitiao's chunked reply "
+                              "scoring leaves out; use a model without it, or stage sft / rm")
 
 
 def _precision(config: Config, machine: Machine) -> str:
