@@ -720,8 +720,8 @@ class Config(_Section):
             raise ValueError(f"stage {self.stage} cannot train method {self.method}: its virtual tokens bypass the "
                              "forward that scores replies; use lora, qlora, ia3, full or freeze")
         if self.train.distributed in ("zero3", "zero3_offload", "fsdp"):
-            raise ValueError(f"stage {self.stage} runs on distributed: ddp or zero2 (it reads the output head's "
-                             "weights, which zero3 and fsdp shard)")
+            raise ValueError(f"stage {self.stage} runs on distributed: ddp or zero2 (dpo and kto read the output "
+                             "head's weights, which zero3 and fsdp shard; rm has not been tested there)")
         if self.stage in ("rm", "kto"):
             if self.data.packing:
                 raise ValueError(f"stage {self.stage} trains on padded batches (rm scores each sequence at its last "
