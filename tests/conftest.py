@@ -168,3 +168,43 @@ def engine(tiny_model, tiny_adapter):
     engine = Engine.load(str(tiny_model), {"tuned": str(tiny_adapter)}, base_name="base")
     yield engine
     engine.close()
+
+
+# -- a tiny model that has learnt to call one tool (what the tools API and its evaluation are tested on) ---------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def weather_conversation(city: str = "Paris") -> dict:
+    """Ask, call get_weather, read its output, answer: OpenAI's layout."""
+    return {"messages": [
+        {"role": "user", "content": f"What's the weather like in {city}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_0", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": json.dumps({"temperature": 21})},
+        {"role": "assistant", "content": f"It is 21 degrees in {city}."}], "tools": [WEATHER_TOOL]}
+
+
+GREETING = {"messages": [{"role": "user", "content": "Hi there"},
+                         {"role": "assistant", "content": "Hello! How can I help?"}], "tools": [WEATHER_TOOL]}
+
+
+@pytest.fixture(scope="session")
+def weather_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """tiny_model fully fine-tuned until it calls get_weather for Paris, answers from the tool's output, and greets
+    without a call (greedy replies); eval.jsonl holds the same two conversations."""
+    from weitiao.config import load_config
+    from weitiao.train import run
+
+    folder = tmp_path_factory.mktemp("weather-run")
+    rows = [weather_conversation(), GREETING]
+    config = load_config(None, {
+        "model": {"name_or_path": tiny_model_dir}, "method": "full",
+        "data": {"train": str(write_jsonl(folder / "train.jsonl", rows * 4)),
+                 "eval": str(write_jsonl(folder / "eval.jsonl", rows)), "max_length": 512},
+        "train": {"output_dir": str(folder / "run"), "max_steps": 100, "per_device_train_batch_size": 4,
+                  "learning_rate": 5e-3, "logging_steps": 20, "lr_scheduler_type": "constant"},
+        "eval": {"compare": False, "max_new_tokens": 40}})
+    return Path(run(config).output_dir)

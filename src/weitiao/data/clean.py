@@ -28,6 +28,7 @@ from typing import Any
 from weitiao.config import CleanConfig, DataSource
 from weitiao.data.dataset import Example, load_source, source_records
 from weitiao.data.readers import SUPPORTED_SUFFIXES, Record, expand_paths, write_records
+from weitiao.data.tools import message_text
 from weitiao.errors import ConfigError, DataError
 
 RULES = ("invalid", "empty_response", "short_response", "short_prompt", "too_long", "language", "truncated",
@@ -126,7 +127,7 @@ def looks_truncated(reply: str) -> str | None:
 def _parts(messages: list[dict[str, str]]) -> tuple[list[str], list[str]]:
     """The prompts (user turns) and replies of a conversation."""
     return ([m["content"] for m in messages if m["role"] == "user"],
-            [m["content"] for m in messages if m["role"] == "assistant"])
+            [message_text(m) for m in messages if m["role"] == "assistant"])
 
 
 def _rule_violation(messages: list[dict[str, str]], config: CleanConfig) -> tuple[str, str] | None:
@@ -155,7 +156,7 @@ def dedup_text(messages: list[dict[str, str]], on: str) -> str:
     last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     chosen = {"conversation": messages, "prompt": messages[:last_reply],
               "response": messages[last_reply:last_reply + 1]}[on]
-    return "\n".join(f"{m['role']}: {normalise(m['content'])}" for m in chosen)
+    return "\n".join(f"{m['role']}: {normalise(message_text(m))}" for m in chosen)
 
 
 class NearDuplicateIndex:

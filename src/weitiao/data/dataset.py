@@ -66,18 +66,29 @@ class Example:
     """A preference pair's rejected reply (the chosen one ends `messages`)."""
     label: bool | None = None
     """Binary feedback: whether the last reply of `messages` is desirable."""
+    tools: list[dict[str, Any]] | None = None
+    """The function schemas the conversation's assistant may call (weitiao.data.tools)."""
 
     def content(self) -> dict[str, Any]:
-        """What the encoders read: {'messages': ...} or {'text': ...}."""
-        return {"messages": self.messages} if self.messages is not None else {"text": self.text}
+        """What the encoders read: {'messages': ..., 'tools': ...} or {'text': ...}."""
+        if self.messages is None:
+            return {"text": self.text}
+        return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
 
     def row(self) -> dict[str, Any]:
-        """A row of a datasets.Dataset (ROW_COLUMNS)."""
+        """A row of a datasets.Dataset (ROW_COLUMNS). Schemas differ from record to record, so `tools` is JSON text
+        there (`row_tools` reads it back)."""
         return {"messages": self.messages, "text": self.text, "source": self.source, "record": self.record,
-                "references": self.references, "rejected": self.rejected, "label": self.label}
+                "references": self.references, "rejected": self.rejected, "label": self.label,
+                "tools": json.dumps(self.tools, ensure_ascii=False) if self.tools else None}
 
 
-ROW_COLUMNS = ["messages", "text", "source", "record", "references", "rejected", "label"]
+ROW_COLUMNS = ["messages", "text", "source", "record", "references", "rejected", "label", "tools"]
+
+
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The function schemas of a datasets row (see Example.row)."""
+    return json.loads(row["tools"]) if row.get("tools") else None
 STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -148,7 +159,8 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
                     stats.skipped_examples.append(str(error))
                 continue
             yield Example(example.get("messages"), example.get("text"), str(path), record.number,
-                          example.get("references"), example.get("rejected"), example.get("label"))
+                          example.get("references"), example.get("rejected"), example.get("label"),
+                          example.get("tools"))
         if normalizer is not None:
             stats.notes.update(normalizer.notes)
 
@@ -195,9 +207,10 @@ def encode_examples(examples: list[Example], tokenizer, data: DataConfig, stage:
     kind = record_kind(stage)
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
-        example = {"text": row["text"]} if stage == "pt" and row["text"] is not None else row
+        example = {"text": row["text"]} if stage == "pt" and row["text"] is not None else \
+            {"messages": row["messages"], "text": row["text"], "tools": row_tools(row)}
         if stage == "pt" and row["messages"] is not None:  # chat data mixed into pre-training: all tokens
-            example = {"messages": row["messages"]}
+            example = {"messages": row["messages"], "tools": row_tools(row)}
         try:
             if kind == "pairs":
                 pair, event, length = encode_pair(tokenizer, row["messages"], row["rejected"], data.max_length,
@@ -237,7 +250,8 @@ def encode_documents(examples: list[Example], tokenizer, data: DataConfig):
     import datasets
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
-        document = encode_document(tokenizer, {"text": row["text"], "messages": row["messages"]})
+        document = encode_document(tokenizer, {"text": row["text"], "messages": row["messages"],
+                                               "tools": row_tools(row)})
         return {"input_ids": document.input_ids, "characters": document.characters}
 
     documents = datasets.Dataset.from_list([example.row() for example in examples]).map(

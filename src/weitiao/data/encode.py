@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from weitiao.data.tools import message_text, template_messages
+
 IGNORE_INDEX = -100
 
 
@@ -25,19 +27,32 @@ class Encoded:
     labels: list[int]
 
 
-def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """The one way a conversation becomes text: the tokenizer's chat template, with the function schemas `tools`
+    (training, evaluation, chat and serving all render through here)."""
+    return tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant replies."""
-    text = render(tokenizer, messages)
+def prompt_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Split a conversation into the prompt (everything before the last reply) and that reply's text (the
+    reference; a reply that calls tools is its calls as JSON text)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], message_text(messages[last])
+
+
+def assistant_spans(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant replies (and calls; tool outputs are
+    not replies)."""
+    text = render(tokenizer, messages, tools=tools)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
-        full = render(tokenizer, messages[: index + 1])
+        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
+        full = render(tokenizer, messages[: index + 1], tools=tools)
         if not (full.startswith(prompt) and text.startswith(full)):
             raise TemplateMismatch(
                 "the chat template renders earlier turns differently once later turns are added, so the reply "
@@ -50,11 +65,11 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     return text, spans
 
 
-def encode_conversation(tokenizer, messages: list[dict[str, str]], train_on: str = "responses",
-                        last_reply_only: bool = False) -> Encoded:
+def encode_conversation(tokenizer, messages: list[dict[str, Any]], train_on: str = "responses",
+                        last_reply_only: bool = False, tools: list[dict[str, Any]] | None = None) -> Encoded:
     """Token ids and labels; with last_reply_only only the final assistant reply is labelled (how evaluation
     scores a candidate answer)."""
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, tools)
     if last_reply_only:
         spans = spans[-1:]
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -94,7 +109,7 @@ def encode_document(tokenizer, example: dict[str, Any]) -> Document:
     of a block; a conversation's trailing layout (the newline after the last end-of-turn) is dropped first."""
     if example.get("text") is not None:
         return Document(encode_text(tokenizer, example["text"]).input_ids, len(example["text"]))
-    text = render(tokenizer, example["messages"]).rstrip()
+    text = render(tokenizer, example["messages"], tools=example.get("tools")).rstrip()
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
@@ -104,7 +119,7 @@ def encode_document(tokenizer, example: dict[str, Any]) -> Document:
 def encode_example(tokenizer, example: dict[str, Any], train_on: str) -> Encoded:
     if "text" in example and example.get("text") is not None:
         return encode_text(tokenizer, example["text"])
-    return encode_conversation(tokenizer, example["messages"], train_on)
+    return encode_conversation(tokenizer, example["messages"], train_on, tools=example.get("tools"))
 
 
 def truncate(encoded: Encoded, max_length: int, policy: str) -> tuple[Encoded | None, str | None]:

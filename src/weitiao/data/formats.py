@@ -8,19 +8,21 @@ out in any format, which is what `weitiao data convert` does.
 from __future__ import annotations
 
 import difflib
+import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from weitiao.data.readers import Record
+from weitiao.data.tools import ToolError, calls_from_text, check_calls, make_call, normalize_tools
 from weitiao.errors import DataError
 
 # Each format's fields and the column each reads by default; `columns` in the config renames them.
 FORMAT_FIELDS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
                "history": "history"},
-    "sharegpt": {"conversations": "conversations", "system": "system"},
-    "openai": {"messages": "messages"},
+    "sharegpt": {"conversations": "conversations", "system": "system", "tools": "tools"},
+    "openai": {"messages": "messages", "tools": "tools"},
     "qa": {"prompt": "question", "response": "answer", "system": "system"},
     "text": {"text": "text"},
 }
@@ -31,7 +33,10 @@ _REQUIRED_ANYWHERE = {field for fields in REQUIRED_FIELDS.values() for field in 
 QA_COLUMN_PAIRS = (("question", "answer"), ("prompt", "response"), ("prompt", "completion"), ("query", "response"))
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                "model": "assistant", "chatgpt": "assistant", "system": "system"}
+                "model": "assistant", "chatgpt": "assistant", "system": "system",
+                # Tool calling (weitiao.data.tools): a turn holding calls, and the tools' outputs.
+                "function_call": "call", "tool_call": "call", "observation": "tool", "tool": "tool",
+                "function": "tool", "ipython": "tool"}
 
 
 def check_columns(record: dict[str, Any], columns: Iterable[tuple[str, str]], path: str, line: int | None = None
@@ -102,7 +107,10 @@ class Normalizer:
         if self.fmt == "text":
             return {"text": self._string(record, "text", allow_empty=False)}
         messages = getattr(self, f"_{self.fmt}")(record)
-        example: dict[str, Any] = {"messages": self._validate(messages, record)}
+        tools = self._tools(record)
+        example: dict[str, Any] = {"messages": self._validate(messages, record, tools)}
+        if tools:
+            example["tools"] = tools
         if self.references:
             references = [str(value) for column in self.references
                           if (value := record.data.get(column)) is not None and str(value).strip()]
@@ -177,33 +185,65 @@ class Normalizer:
         turns = self._get(record, name)
         if not isinstance(turns, list):
             raise self._error(record, f"expected a list of turns, got {type(turns).__name__}", column)
-        messages = []
+        messages: list[dict[str, Any]] = []
         for index, turn in enumerate(turns):
             where = f"{column}[{index}]"
             if not isinstance(turn, dict):
                 raise self._error(record, f"expected an object, got {type(turn).__name__}", where)
             role_key = next((k for k in role_keys if k in turn), None)
             content_key = next((k for k in content_keys if k in turn), None)
-            if role_key is None or content_key is None:
+            calls = turn.get("tool_calls") or turn.get("function_call")  # openai: an assistant turn's calls
+            if role_key is None or (content_key is None and not calls):
                 raise self._error(record, f"a turn needs {'/'.join(role_keys)} and {'/'.join(content_keys)} keys",
                                   where)
             role = ROLE_ALIASES.get(str(turn[role_key]).lower())
             if role is None:
                 raise self._error(record, f"unknown role '{turn[role_key]}' (expected one of "
                                           f"{', '.join(sorted(ROLE_ALIASES))})", f"{where}.{role_key}")
-            content = turn[content_key]
+            content = turn.get(content_key) if content_key else None
             if isinstance(content, list):  # openai content parts
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                     raise self._error(record, "only text content parts are supported", f"{where}.{content_key}")
                 content = "".join(p.get("text", "") for p in content)
             if content is None:
                 content = ""
+            if role in ("tool", "call") and not isinstance(content, str):  # an output or a call as a JSON value
+                content = json.dumps(content, ensure_ascii=False)
             if not isinstance(content, str):
                 raise self._error(record, f"expected a string, got {type(content).__name__}", f"{where}.{content_key}")
-            messages.append({"role": role, "content": content, "_where": f"{where}.{content_key}"})
+            message: dict[str, Any] = {"role": role, "content": content, "_where": f"{where}.{content_key}"}
+            try:
+                if role == "call":  # sharegpt function_call: the turn's text is the call
+                    message = {"role": "assistant", "content": "", "_where": f"{where}.{content_key}",
+                               "tool_calls": calls_from_text(content, f"{where}.{content_key}")}
+                elif calls and role == "assistant":
+                    key = "tool_calls" if turn.get("tool_calls") else "function_call"
+                    listed = calls if isinstance(calls, list) else [calls]
+                    message["tool_calls"] = [
+                        make_call(call.get("function", call) if isinstance(call, dict) else call,
+                                  f"{where}.{key}[{number}]", call.get("id") if isinstance(call, dict) else None)
+                        for number, call in enumerate(listed)]
+            except ToolError as error:
+                raise self._error(record, str(error), error.field) from None
+            if role == "tool" and isinstance(turn.get("tool_call_id"), str):
+                message["tool_call_id"] = turn["tool_call_id"]
+            previous = messages[-1] if messages else None
+            if message.get("tool_calls") and previous is not None and previous["role"] == "assistant" \
+                    and not previous.get("tool_calls"):  # "Let me look that up." then the call: one turn
+                previous["tool_calls"] = message["tool_calls"]
+                continue
+            messages.append(message)
         if messages and messages[0]["role"] == "system":
             return messages
         return [dict(m, _where="") for m in self._system(record)] + messages
+
+    def _tools(self, record: Record) -> list[dict[str, Any]]:
+        if "tools" not in self.fields:
+            return []
+        try:
+            return normalize_tools(record.data.get(self.fields["tools"]), self.fields["tools"])
+        except ToolError as error:
+            raise self._error(record, str(error), error.field) from None
 
     def _sharegpt(self, record: Record):
         return self._turns(record, "conversations", ("from", "role"), ("value", "content"))
@@ -212,31 +252,53 @@ class Normalizer:
         return self._turns(record, "messages", ("role", "from"), ("content", "value"))
 
     # -- checks shared by every chat format ---------------------------------------------------
-    def _validate(self, messages: list[dict[str, str]], record: Record) -> list[dict[str, str]]:
+    def _validate(self, messages: list[dict[str, Any]], record: Record, tools: list[dict[str, Any]] | None = None
+                  ) -> list[dict[str, Any]]:
+        """Turns go user, assistant, user, ...; an assistant turn with calls is followed by the tools' outputs and
+        then the assistant again. Calls name the record's tools."""
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
         body = messages[len(head):]
         notes: Counter[str] = Counter()  # counted only if the record is kept
-        for index, message in enumerate(body):
+        previous = "assistant"  # what came before the first turn: the conversation starts with the user
+        for message in body:
             where = message.get("_where") or None
-            if message["role"] == "system":
+            role = message["role"]
+            if role == "system":
                 raise self._error(record, "a system turn may only come first", where)
-            expected = "user" if index % 2 == 0 else "assistant"
-            if message["role"] != expected:
-                article = "an" if expected == "assistant" else "a"
-                raise self._error(record, f"expected {article} {expected} turn here (turns alternate user/assistant,"
-                                          f" starting with user), got {message['role']}", where)
-            if message["role"] == "assistant" and not message["content"].strip():
+            calls = message.get("tool_calls")
+            expected = ("tool", "assistant") if previous == "tool" else ("tool",) if previous == "call" else \
+                ("assistant",) if previous == "user" else ("user",)
+            if role not in expected:
+                if role == "tool":
+                    problem = "a tool's output, but the turn before it is no assistant turn with a tool call"
+                elif previous == "call":
+                    problem = f"a {role} turn right after a tool call: the tool's output (an observation) comes first"
+                else:
+                    article = "an" if expected[0] == "assistant" else "a"
+                    problem = (f"expected {article} {expected[0]} turn here (turns alternate user/assistant, starting "
+                               f"with user), got {role}")
+                raise self._error(record, problem, where)
+            if calls:
+                try:
+                    check_calls(calls, tools or [], where or "tool_calls")
+                except ToolError as error:
+                    raise self._error(record, str(error), error.field) from None
+                notes["tool calls"] += len(calls)
+            elif role == "assistant" and not message["content"].strip():
                 raise self._error(record, "empty response", where or self.fields.get("output")
                                   or self.fields.get("response"))
-            if message["role"] == "user" and not message["content"].strip():
+            if role == "user" and not message["content"].strip():
                 notes["empty user turns kept"] += 1
-        while body and body[-1]["role"] == "user":
+            previous = "call" if calls else role
+        while body and body[-1]["role"] in ("user", "tool"):
+            notes[f"trailing {body[-1]['role']} turns removed"] += 1
             body = body[:-1]
-            notes["trailing user turns removed"] += 1
         if not body:
             raise self._error(record, "no assistant reply to train on")
+        if tools:
+            notes["records with tools"] += 1
         self.notes.update(notes)
-        return [{"role": m["role"], "content": m["content"]} for m in head + body]
+        return [{key: value for key, value in m.items() if key != "_where"} for m in head + body]
 
 
 def to_format(example: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -245,14 +307,26 @@ def to_format(example: dict[str, Any], fmt: str) -> dict[str, Any]:
         if fmt != "text":
             raise DataError(f"plain text cannot be converted to '{fmt}'")
         return {"text": example["text"]}
-    messages = example["messages"]
+    messages = [{key: value for key, value in m.items() if value is not None} for m in example["messages"]]
+    tools = example.get("tools")
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     body = messages[1:] if system is not None else messages
     if fmt == "openai":
-        return {"messages": messages}
+        return {"messages": messages, **({"tools": tools} if tools else {})}
     if fmt == "sharegpt":
-        roles = {"system": "system", "user": "human", "assistant": "gpt"}
-        return {"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in messages]}
+        roles = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+        turns = []
+        for message in messages:
+            if message.get("content") or not message.get("tool_calls"):
+                turns.append({"from": roles[message["role"]], "value": message["content"]})
+            if message.get("tool_calls"):  # LLaMA-Factory's layout: {name, arguments} as JSON text, a list if several
+                calls = [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+                         for c in message["tool_calls"]]
+                turns.append({"from": "function_call",
+                              "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
+        return {"conversations": turns, **({"tools": json.dumps(tools, ensure_ascii=False)} if tools else {})}
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        raise DataError(f"a conversation with tool calls cannot be written as '{fmt}'; use sharegpt or openai")
     if fmt == "alpaca":
         pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 2, 2)]
         result = {"instruction": body[-2]["content"], "input": "", "output": body[-1]["content"]}

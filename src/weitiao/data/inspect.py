@@ -81,7 +81,8 @@ def convert(source: DataSource, target_format: str, output: Path, on_error: str 
     for example in examples:
         try:
             records.append(to_format(example.content(), target_format) if example.messages is None else
-                           preference_to_format(example.messages, target_format, example.rejected, example.label))
+                           preference_to_format(example.messages, target_format, example.rejected, example.label,
+                                                example.tools))
         except DataError as error:
             if on_error == "raise":
                 raise DataError(error.reason, path=example.source, record=example.record) from None

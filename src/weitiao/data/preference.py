@@ -197,10 +197,11 @@ NORMALIZERS = {"pairs": PairNormalizer, "feedback": FeedbackNormalizer}
 
 
 def preference_to_format(messages: list[dict[str, str]], fmt: str, rejected: str | None = None,
-                         label: bool | None = None) -> dict[str, Any]:
+                         label: bool | None = None, tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A pair (the chosen reply ends `messages`) or a feedback example written in `fmt`, in the layout this module
-    reads back: the format's prompt fields with chosen/rejected replies in its own style, or its record plus label."""
-    record = to_format({"messages": messages}, fmt)
+    reads back: the format's prompt fields with chosen/rejected replies in its own style, or its record plus label.
+    A conversation that is neither is written as `to_format` writes it."""
+    record = to_format({"messages": messages, "tools": tools}, fmt)
     if label is not None:
         return {**record, "label": label}
     if rejected is None:

@@ -35,12 +35,12 @@ import numpy as np
 from weitiao.config import DataSource, ModelConfig, SelectConfig
 from weitiao.data.clean import original_records, side_file
 from weitiao.data.dataset import Example
-from weitiao.data.encode import IGNORE_INDEX, Encoded, TemplateMismatch, encode_conversation, truncate
+from weitiao.data.encode import (IGNORE_INDEX, Encoded, TemplateMismatch, encode_conversation, prompt_messages,
+                                 render, truncate)
 from weitiao.data.readers import write_records
 from weitiao.data.scoring import (ScoreCache, cached_scores, classifier_scores, encoder_embeddings, expected_ratings,
                                   model_fingerprint, response_losses, row_key)
 from weitiao.errors import ConfigError, DataError, ModelLoadError
-from weitiao.eval.generate import prompt_messages
 
 # Scores that are one number per example (written to OUT.scores.jsonl and plotted), in that order.
 SCORE_NAMES = ("ifd", "loss_with_prompt", "loss_alone", "perplexity", "quality")
@@ -106,7 +106,7 @@ def encode_for_scoring(tokenizer, examples: list[Example], max_length: int
             raise DataError("selection scores conversations, and this record is plain text", **_where(example))
         _, reply = prompt_messages(example.messages)
         try:
-            full = encode_conversation(tokenizer, example.messages)
+            full = encode_conversation(tokenizer, example.messages, tools=example.tools)
             bare = encode_conversation(tokenizer, [{"role": "user", "content": ""},
                                                    {"role": "assistant", "content": reply}])
         except TemplateMismatch as error:
@@ -151,7 +151,7 @@ def _classifier_rows(tokenizer, examples: list[Example], max_length: int) -> lis
     rows = []
     for example in examples:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(example.messages, tokenize=False)
+            text = render(tokenizer, example.messages, tools=example.tools)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             prompt, reply = prompt_messages(example.messages)

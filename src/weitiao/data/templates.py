@@ -9,6 +9,7 @@ import json
 import re
 
 from weitiao.config import NAMED_TEMPLATES, TEMPLATE_STOPS, CustomTemplate, DataConfig
+from weitiao.data.tools import add_tool_support
 from weitiao.errors import ConfigError
 
 
@@ -56,18 +57,22 @@ def template_stops(data: DataConfig) -> list[str]:
 
 
 def install_template(tokenizer, data: DataConfig) -> list[str]:
-    """Set the tokenizer's chat template from the config; return the stop strings that end a reply."""
+    """Set the tokenizer's chat template from the config, able to render tools (the model's own tool format, else
+    weitiao's default: weitiao.data.tools); return the stop strings that end a reply."""
     name = data.template
     if name == "auto":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("this model's tokenizer has no chat template (a base model?); set data.template to "
                               f"one of {', '.join(NAMED_TEMPLATES)} or custom")
-        return []
-    if name == "custom":
+        stops = []
+    elif name == "custom":
         assert data.custom_template is not None  # checked by the config
         tokenizer.chat_template = build_chat_template(data.custom_template)
-        return template_stops(data)
-    if name not in NAMED_TEMPLATES:
+        stops = template_stops(data)
+    elif name in NAMED_TEMPLATES:
+        tokenizer.chat_template = build_chat_template(NAMED_TEMPLATES[name])
+        stops = list(TEMPLATE_STOPS.get(name, []))
+    else:
         raise ConfigError(f"unknown data.template '{name}'; choose auto, {', '.join(NAMED_TEMPLATES)} or custom")
-    tokenizer.chat_template = build_chat_template(NAMED_TEMPLATES[name])
-    return list(TEMPLATE_STOPS.get(name, []))
+    add_tool_support(tokenizer)
+    return stops

@@ -13,18 +13,21 @@ from torch.utils.data import DataLoader
 
 from weitiao.config import PREFERENCE_STAGES, Config, EvalConfig, ModelConfig
 from weitiao.data.collate import PadCollator
-from weitiao.data.dataset import build_datasets
+from weitiao.data.dataset import build_datasets, row_tools
+from weitiao.data.encode import prompt_messages
 from weitiao.data.preference import PAIR_COLUMNS, PairCollator
 from weitiao.data.templates import template_stops
+from weitiao.data.tools import ToolFormat
 from weitiao.errors import ConfigError, DataError
 from weitiao.eval.benchmarks import BenchmarkSuite
 from weitiao.eval.choices import choice_loglikelihoods, choice_metrics, choose, confusion_matrix
-from weitiao.eval.generate import GenerationSettings, generate, prompt_messages
+from weitiao.eval.generate import GenerationSettings, generate
 from weitiao.eval.loss import evaluate_loss
 from weitiao.eval.metrics import generation_metrics
 from weitiao.eval.pairs import implicit_rewards, pair_logps, ranking_metrics, reward_model_metrics
 from weitiao.eval.report import write_report
 from weitiao.eval.sql import SqlDatabase, execution_scores
+from weitiao.eval.tool_calls import decision_points, reference_texts, tool_metrics
 from weitiao.models import load_model, load_tokenizer, pick_dtype
 from weitiao.runs import RunFolder
 
@@ -44,7 +47,12 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
     losses = evaluate_loss(model, loader)
     metrics = {key: losses[key] for key in LOSS_KEYS}
     result: dict[str, Any] = {"metrics": metrics, "seconds": {"loss": time.time() - started}}
-    if (settings.generation or settings.choices) and "messages" in eval_set.column_names \
+    if "tools" in eval_set.column_names and any(eval_set["tools"]) and settings.generation:
+        calling = _tool_calling(model, tokenizer, eval_set, config, desc)
+        metrics.update(calling.pop("metrics"))
+        result["seconds"]["generation"] = calling.pop("seconds")
+        result.update(calling)
+    elif (settings.generation or settings.choices) and "messages" in eval_set.column_names \
             and eval_set[0]["messages"] is not None:
         rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
         prompts, references = zip(*(prompt_messages(m) for m in rows["messages"]))
@@ -83,6 +91,28 @@ def evaluate_model(model, tokenizer, eval_set, config: Config, desc: str = "",
         metrics.update(scores["metrics"])
         result["benchmarks"] = scores["benchmarks"]
     return result
+
+
+def _tool_calling(model, tokenizer, eval_set, config: Config, desc: str) -> dict[str, Any]:
+    """Replies at every assistant turn of the first eval.max_examples tool conversations: the tool-call metrics
+    (weitiao.eval.tool_calls), and the generation metrics of the turns answered in text."""
+    settings = config.eval
+    rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
+    points = decision_points(rows["messages"], [row_tools(row) for row in rows])
+    started = time.time()
+    predictions = generate(model, tokenizer, [p.prompt for p in points], GenerationSettings(
+        settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature, settings.top_p),
+        stop_strings=template_stops(config.data), desc=f"generating ({desc})", tools=[p.tools for p in points])
+    metrics = tool_metrics(points, predictions, ToolFormat.of(tokenizer))
+    replies = [index for index, point in enumerate(points) if not point.calls]
+    if replies:
+        metrics.update(generation_metrics([predictions[i] for i in replies],
+                                          [points[i].reference["content"] for i in replies],
+                                          settings.extractor, settings.regex, settings.labels))
+    return {"metrics": metrics, "prompts": [p.prompt for p in points], "references": reference_texts(points),
+            "predictions": predictions, "tool_points": {"calls": sum(p.calls for p in points),
+                                                        "replies": len(replies)},
+            "seconds": time.time() - started}
 
 
 def pair_loader(eval_set, tokenizer, config: Config) -> DataLoader:
@@ -222,7 +252,7 @@ def build_report(config: Config, base_path: str, run: RunFolder, base: dict[str,
         "eval_data": eval_data_summary(config, data_stats or {}),
         "generation_examples": len(samples) if "predictions" in tuned else 0, "extractor": config.eval.extractor,
         "choice_examples": len(samples) if choices else 0, "choices": choices,
-        "loss_tokens": config.data.train_on,
+        "tool_points": tuned.get("tool_points"), "loss_tokens": config.data.train_on,
         "metrics": metrics, "seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
         "samples": samples, "num_samples_shown": config.eval.num_samples, "training_log": run.metrics(),
         "benchmarks": _benchmark_details(config.eval, base, tuned),

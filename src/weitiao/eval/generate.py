@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from weitiao.data.encode import render
 from weitiao.generation.engine import Engine, default_max_batch, eos_ids, is_prompt_learning
 from weitiao.generation.requests import SamplingParams
 
@@ -21,18 +23,15 @@ class GenerationSettings:
     top_p: float = 1.0
 
 
-def prompt_messages(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
-    """Split a conversation into the prompt (everything before the last reply) and that reply (the reference)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
-
-
-def generate(model, tokenizer, prompts: Sequence[list[dict[str, str]]], settings: GenerationSettings,
-             stop_strings: Sequence[str] = (), desc: str = "generating") -> list[str]:
-    """Reply to each prompt conversation; each reply ends at the model's end of turn or before the first of
-    `stop_strings`. The engine decodes settings.batch_size replies at once, or its default where that is more
-    (64 on a GPU: a decode step of 64 rows costs about what one of 16 does, and the KV cache is what it holds)."""
-    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+def generate(model, tokenizer, prompts: Sequence[list[dict[str, Any]]], settings: GenerationSettings,
+             stop_strings: Sequence[str] = (), desc: str = "generating",
+             tools: Sequence[list[dict[str, Any]] | None] | None = None) -> list[str]:
+    """Reply to each prompt conversation (with its function schemas `tools[i]`); each reply ends at the model's end
+    of turn or before the first of `stop_strings`. The engine decodes settings.batch_size replies at once, or its
+    default where that is more (64 on a GPU: a decode step of 64 rows costs about what one of 16 does, and the KV
+    cache is what it holds)."""
+    tools = tools or [None] * len(prompts)
+    texts = [render(tokenizer, list(p), add_generation_prompt=True, tools=t) for p, t in zip(prompts, tools)]
     if not texts:
         return []
     if is_prompt_learning(model):

@@ -30,6 +30,10 @@ METRIC_LABELS = {
     "pair_margin": ("margin chosen - rejected (log-prob; reward models: reward)", False, "{:.3f}"),
     "chosen_logps": ("log-prob of chosen replies", False, "{:.2f}"),
     "rejected_logps": ("log-prob of rejected replies", True, "{:.2f}"),
+    "tool_call_accuracy": ("tool calls: right function %", False, "{:.1f}"),
+    "tool_argument_match": ("tool calls: right function and arguments %", False, "{:.1f}"),
+    "tool_valid_json": ("tool calls that parse (valid JSON) %", False, "{:.1f}"),
+    "tool_no_call_accuracy": ("no call where none is needed %", False, "{:.1f}"),
 }
 # Sample fields shown in report.md and on the terminal, in this order, when a report has them.
 SAMPLE_FIELDS = {"prompt": "prompt", "base": "base", "tuned": "tuned", "base_choice": "base choice",
@@ -142,7 +146,12 @@ def render_summary(report: dict[str, Any], plots: bool = False) -> str:
     the markdown links to the run folder's images."""
     examples = (f"- held-out pairs: {report['eval_examples']} (ranked by the reward model)"
                 if report.get("stage") == "rm" else f"- eval examples: {report['eval_examples']} (loss)")
-    if report["generation_examples"]:
+    if report.get("tool_points"):
+        points = report["tool_points"]
+        examples += (f"; {report['generation_examples']} replies generated at the assistant turns of tool "
+                     f"conversations ({points['calls']} due to call tools, {points['replies']} due to answer in "
+                     "text: the generation metrics score those)")
+    elif report["generation_examples"]:
         examples += f"; {report['generation_examples']} generated (extractor for exact match: {report['extractor']})"
     if report.get("choice_examples"):
         examples += (f"; {report['choice_examples']} scored by constrained choice among "

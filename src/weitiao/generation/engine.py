@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import logging
 import re
 import threading
@@ -28,6 +29,8 @@ import torch
 
 from weitiao.config import ModelConfig
 from weitiao.cpu import pick_cpu_threads
+from weitiao.data.encode import render
+from weitiao.data.tools import ToolFormat, add_tool_support, message_text
 from weitiao.errors import WeitiaoError
 from weitiao.generation.adapters import AdapterRows, route_lora_rows
 from weitiao.generation.batch import BatchModel, SlotCache, pack_linears_for_cpu
@@ -117,6 +120,7 @@ class Engine:
         self.base_name = name
         self.base_path = path
         self.default_model = name  # what chat and the web UI talk to unless told otherwise
+        add_tool_support(tokenizer)  # a hub model's template that cannot render tools gets the default format
         eos = eos_token_ids if eos_token_ids is not None else eos_ids(model, tokenizer)
         self.models: dict[str, ServedModel] = {name: ServedModel(name, path, None, tokenizer, eos,
                                                                  list(stop_strings or []))}
@@ -257,6 +261,7 @@ class Engine:
             raise WeitiaoError(f"cannot attach adapter {path}: it is a {kind} adapter; the engine batches LoRA "
                                "adapters (lora, dora, qlora). Merge or serve other kinds with plain PEFT")
         tokenizer = load_tokenizer(str(folder)) if run.has_tokenizer else self.models[self.base_name].tokenizer
+        add_tool_support(tokenizer)
         with self._model_lock:
             try:
                 if isinstance(self.model, PeftModel):
@@ -279,10 +284,13 @@ class Engine:
 
     # -- prompts --------------------------------------------------------------------------------
 
-    def render_chat(self, name: str, messages: list[dict[str, str]]) -> str:
-        """The prompt text for a conversation, in the chat template of the model `name` selects."""
+    def render_chat(self, name: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    prefill: str = "") -> str:
+        """The prompt text for a conversation (OpenAI's message form, calls included) and the function schemas
+        `tools`, in the chat template of the model `name` selects, followed by `prefill` (the start of the reply)."""
         served = self.get(name)
-        self._check_prompt_size(served, sum(len(m.get("content") or "") for m in messages))
+        self._check_prompt_size(served, sum(len(message_text(m)) for m in messages)
+                                + (len(json.dumps(tools)) if tools else 0))
         if not getattr(served.tokenizer, "chat_template", None):
             raise RequestError(f"model '{name}' has no chat template (a base model?); use the completions endpoint, "
                                "or fine-tune it with a data.template")
@@ -290,9 +298,17 @@ class Engine:
 
         with self._tokenizer_lock:
             try:
-                return served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return render(served.tokenizer, messages, add_generation_prompt=True, tools=tools) + prefill
             except TemplateError as error:
                 raise RequestError(f"the chat template of '{name}' rejected these messages: {error}") from None
+
+    def tool_format(self, name: str) -> ToolFormat:
+        """How the model `name` writes tool calls (learnt from its chat template once)."""
+        served = self.get(name)
+        if served.tool_format is None:
+            with self._tokenizer_lock:
+                served.tool_format = ToolFormat.of(served.tokenizer)
+        return served.tool_format
 
     def count_tokens(self, name: str, text: str, chat: bool = True) -> int:
         return len(self._encode(self.get(name), text, chat))
@@ -312,10 +328,11 @@ class Engine:
         with self._tokenizer_lock:
             return served.tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
-    def fit_messages(self, name: str, messages: list[dict[str, str]], max_tokens: int | None
-                     ) -> list[dict[str, str]]:
+    def fit_messages(self, name: str, messages: list[dict[str, Any]], max_tokens: int | None
+                     ) -> list[dict[str, Any]]:
         """Drop the oldest turns (never the system message or the last message) until the prompt and
-        `max_tokens` of reply fit in the context window (None: DEFAULT_MAX_TOKENS, at most half the window)."""
+        `max_tokens` of reply fit in the context window (None: DEFAULT_MAX_TOKENS, at most half the window). What is
+        kept starts at a user turn where there is one, so no tool output is left without its call."""
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, self.context_length // 2)
         system = [m for m in messages[:1] if m["role"] == "system"]
@@ -327,13 +344,17 @@ class Engine:
             if len(turns) <= 1:
                 raise ContextLengthError(f"the last message alone does not leave room for {max_tokens} new tokens "
                                          f"in the {self.context_length}-token context window")
-            turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns = turns[1:]
 
     # -- generation -----------------------------------------------------------------------------
 
-    def chat(self, name: str, messages: list[dict[str, str]], params: SamplingParams) -> Generation:
-        """Queue a reply to a conversation ({'role', 'content'} dicts) and return its handle at once."""
-        return self.submit(name, [self.render_chat(name, messages)], params, chat=True)[0]
+    def chat(self, name: str, messages: list[dict[str, Any]], params: SamplingParams,
+             tools: list[dict[str, Any]] | None = None, prefill: str = "") -> Generation:
+        """Queue a reply to a conversation (OpenAI's message form) and return its handle at once. With `prefill`
+        the reply starts with that text (a forced tool call); the handle's text is what follows it."""
+        return self.submit(name, [self.render_chat(name, messages, tools, prefill)], params, chat=True)[0]
 
     def complete(self, name: str, prompt: str, params: SamplingParams) -> Generation:
         """Queue a plain continuation of `prompt` (no chat template)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from weitiao.data.tools import ToolFormat
 from weitiao.errors import WeitiaoError
 
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; OpenAI clients send signed 64-bit integers
@@ -61,6 +62,7 @@ class ServedModel:
     eos_token_ids: list[int]
     stop_strings: list[str]
     row_id: int = 0  # what the batch's adapter-per-row index holds for this model (0: the base)
+    tool_format: ToolFormat | None = None  # learnt from the chat template when first needed (Engine.tool_format)
 
 
 class Generation:

@@ -1,6 +1,7 @@
 """`weitiao serve`: an OpenAI-compatible HTTP API over the engine (FastAPI + uvicorn).
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Streaming uses
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (with tools: serve/tool_calls.py),
+POST /v1/completions. Streaming uses
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Errors use OpenAI's error body
 ({"error": {"message", "type", "param", "code"}}) so the official clients raise their usual exceptions.
 Requests join the engine's running batch; a client that leaves mid-stream cancels its generation.
@@ -38,6 +39,7 @@ from weitiao.errors import WeitiaoError
 from weitiao.generation.engine import Engine
 from weitiao.generation.requests import (MAX_SEED, ContextLengthError, EngineBusyError, Generation, SamplingParams,
                                          UnknownModelError)
+from weitiao.serve.tool_calls import CallStream, ToolRequestError, engine_messages, plan_tools, reply_message
 
 log = logging.getLogger("weitiao.serve")
 
@@ -75,9 +77,44 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionSchema(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionSchema
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(_Body):
@@ -99,6 +136,9 @@ class _SamplingBody(_Body):
 class ChatCompletionRequest(_SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # the model may always call several
 
 
 class CompletionRequest(_SamplingBody):
@@ -236,17 +276,32 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine.get(body.model)
         params = _sampling(body, body.max_completion_tokens or body.max_tokens)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-                    for m in body.messages]
-        generation = await run_in_threadpool(engine.chat, body.model, messages, params)  # tokenizing takes time
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+        try:
+            messages = engine_messages([{"role": "system" if m.role == "developer" else m.role,
+                                         "content": _message_text(m), "tool_call_id": m.tool_call_id,
+                                         "tool_calls": [c.model_dump() for c in m.tool_calls or []]}
+                                        for m in body.messages])
+            tool_format = engine.tool_format(body.model) if tools else None
+            plan = plan_tools(tools, choice, tool_format)
+        except ToolRequestError as error:
+            raise APIError(400, str(error), param=error.param) from None
+        generation = await run_in_threadpool(engine.chat, body.model, messages, params, plan.tools,
+                                             plan.prefill)  # tokenizing takes time
         request.state.generations = [generation]
         request.state.model = body.model
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def finish_reason(calls: bool) -> str | None:
+            return "tool_calls" if calls and generation.finish_reason == "stop" else generation.finish_reason
+
         if not body.stream:
             await _replies(request, [generation])
+            message, calls = reply_message(generation.text, plan, tool_format)
             return {"id": reply_id, "object": "chat.completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
-                                 "logprobs": None, "finish_reason": generation.finish_reason}],
+                    "choices": [{"index": 0, "message": message, "logprobs": None,
+                                 "finish_reason": finish_reason(calls)}],
                     "usage": _usage([generation])}
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
@@ -254,10 +309,14 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
         async def events() -> AsyncIterator[str]:
+            stream = CallStream(plan, tool_format)
             yield chunk({"role": "assistant", "content": ""})
             async for piece in generation.stream_async():
-                yield chunk({"content": piece})
-            yield chunk({}, generation.finish_reason)
+                for delta in stream.feed(piece):
+                    yield chunk(delta)
+            for delta in stream.finish():
+                yield chunk(delta)
+            yield chunk({}, finish_reason(stream.calls))
             if body.stream_options and body.stream_options.include_usage:
                 yield _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
                             "model": body.model, "choices": [], "usage": _usage([generation])})
