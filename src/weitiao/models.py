@@ -49,11 +49,13 @@ def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a plain transformers folder, once (cached by the file's content)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    # Keyed by content (size + first and last MiB), not path: every install of the same file shares one copy.
+    # Keyed by content, not path: every install of the same file shares one copy. The first 32 MiB hold the whole
+    # metadata of any common model (vocabulary, merges, chat template: a file re-exported with another template is
+    # another model; the template sits after the vocabulary, past the first MiB), the last MiB ends the weights.
     size = gguf.stat().st_size
     with gguf.open("rb") as handle:
-        head = handle.read(1 << 20)
-        handle.seek(max(0, size - (1 << 20)))
+        head = handle.read(32 << 20)
+        handle.seek(max(len(head), size - (1 << 20)))
         tail = handle.read()
     digest = hashlib.sha256(str(size).encode() + head + tail).hexdigest()[:12]
     target = cache_dir("models") / f"{gguf.stem}-{digest}"
