@@ -45,8 +45,11 @@ def main() -> None:
     for call in reply.message.tool_calls:
         arguments = json.loads(call.function.arguments)
         print(f"call: {call.function.name}({arguments})")
-        output = get_current_weather(**arguments) if call.function.name == "get_current_weather" else \
-            json.dumps({"error": f"no function {call.function.name}"})
+        try:  # a model may call a function that does not exist, or with arguments it does not take
+            output = get_current_weather(**arguments) if call.function.name == "get_current_weather" else \
+                json.dumps({"error": f"no function {call.function.name}"})
+        except TypeError as error:
+            output = json.dumps({"error": str(error)})
         print(f"tool output: {output}")
         messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
     answer = client.chat.completions.create(model=args.model, messages=messages, tools=TOOLS, temperature=0,
