@@ -24,7 +24,7 @@ EXPECTED = {"chat_zh/school_math": {"exact_match"}, "dialogue_summary/config": {
             "text_to_sql/config": {"exact_match", "sql_execution_match", "sql_executable"},
             "gsm8k_cot/config": {"exact_match"}, "chat_zh/multiturn": set(), "dpo/sft": {"rouge-l"},
             "dpo/dpo": {"rouge-l", "pair_accuracy", "chosen_logps"}, "dpo/rm": {"pair_accuracy", "pair_margin"},
-            "dpo/kto": {"rouge-l"}}
+            "dpo/kto": {"rouge-l"}, "tool_calling/train": {"tool_call_accuracy", "tool_no_call_accuracy"}}
 
 
 def recipe_config(path: Path, tmp_path: Path, tiny_model_dir: str, request, extra: list[str] = ()):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from weitiao.config import PREFERENCE_STAGES, Config, EvalConfig, ModelConfig
 from weitiao.data.collate import PadCollator
 from weitiao.data.dataset import build_datasets, row_tools
-from weitiao.data.encode import prompt_messages
+from weitiao.data.encode import prompt_messages, render
 from weitiao.data.preference import PAIR_COLUMNS, PairCollator
 from weitiao.data.templates import template_stops
 from weitiao.data.tools import ToolFormat
@@ -99,6 +99,12 @@ def _tool_calling(model, tokenizer, eval_set, config: Config, desc: str) -> dict
     settings = config.eval
     rows = eval_set.select(range(min(settings.max_examples, len(eval_set))))
     points = decision_points(rows["messages"], [row_tools(row) for row in rows])
+    # A late turn of a long conversation may not leave room for a reply in the model's window: skipped, counted.
+    window = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
+    fits = [len(tokenizer(render(tokenizer, p.prompt, add_generation_prompt=True, tools=p.tools),
+                          add_special_tokens=False)["input_ids"]) + settings.max_new_tokens <= window for p in points]
+    too_long = fits.count(False)
+    points = [point for point, fit in zip(points, fits) if fit]
     started = time.time()
     predictions = generate(model, tokenizer, [p.prompt for p in points], GenerationSettings(
         settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature, settings.top_p),
@@ -111,7 +117,7 @@ def _tool_calling(model, tokenizer, eval_set, config: Config, desc: str) -> dict
                                           settings.extractor, settings.regex, settings.labels))
     return {"metrics": metrics, "prompts": [p.prompt for p in points], "references": reference_texts(points),
             "predictions": predictions, "tool_points": {"calls": sum(p.calls for p in points),
-                                                        "replies": len(replies)},
+                                                        "replies": len(replies), "too_long": too_long},
             "seconds": time.time() - started}
 
 

@@ -151,6 +151,8 @@ def render_summary(report: dict[str, Any], plots: bool = False) -> str:
         examples += (f"; {report['generation_examples']} replies generated at the assistant turns of tool "
                      f"conversations ({points['calls']} due to call tools, {points['replies']} due to answer in "
                      "text: the generation metrics score those)")
+        if points.get("too_long"):
+            examples += f"; {points['too_long']} turns skipped: prompt + max_new_tokens longer than the model's window"
     elif report["generation_examples"]:
         examples += f"; {report['generation_examples']} generated (extractor for exact match: {report['extractor']})"
     if report.get("choice_examples"):
