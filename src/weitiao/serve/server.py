@@ -39,7 +39,9 @@ from weitiao.errors import WeitiaoError
 from weitiao.generation.engine import Engine
 from weitiao.generation.requests import (MAX_SEED, ContextLengthError, EngineBusyError, Generation, SamplingParams,
                                          UnknownModelError)
-from weitiao.serve.tool_calls import CallStream, ToolRequestError, engine_messages, plan_tools, reply_message
+from weitiao.data.tools import ToolFormat
+from weitiao.serve.tool_calls import (CallStream, ToolPlan, ToolRequestError, engine_messages, plan_tools,
+                                      reply_message)
 
 log = logging.getLogger("weitiao.serve")
 
@@ -200,6 +202,23 @@ def _message_text(message: ChatMessage) -> str:
     return message.content or ""
 
 
+def _chat_inputs(engine: Engine, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], ToolPlan,
+                                                                       ToolFormat | None]:
+    """The request's messages in the engine's form, what its tools and tool_choice ask for, and the model's tool
+    format (when it has tools); requests that break OpenAI's tool rules are a 400."""
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+    try:
+        messages = engine_messages([{"role": "system" if m.role == "developer" else m.role,
+                                     "content": _message_text(m), "tool_call_id": m.tool_call_id,
+                                     "tool_calls": [c.model_dump() for c in m.tool_calls or []]}
+                                    for m in body.messages])
+        tool_format = engine.tool_format(body.model) if tools else None
+        return messages, plan_tools(tools, choice, tool_format), tool_format
+    except ToolRequestError as error:
+        raise APIError(400, str(error), param=error.param) from None
+
+
 def _usage(generations: list[Generation]) -> dict[str, int]:
     prompt = sum(g.prompt_tokens for g in generations)
     completion = sum(g.completion_tokens for g in generations)
@@ -276,17 +295,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine.get(body.model)
         params = _sampling(body, body.max_completion_tokens or body.max_tokens)
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
-        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
-        try:
-            messages = engine_messages([{"role": "system" if m.role == "developer" else m.role,
-                                         "content": _message_text(m), "tool_call_id": m.tool_call_id,
-                                         "tool_calls": [c.model_dump() for c in m.tool_calls or []]}
-                                        for m in body.messages])
-            tool_format = engine.tool_format(body.model) if tools else None
-            plan = plan_tools(tools, choice, tool_format)
-        except ToolRequestError as error:
-            raise APIError(400, str(error), param=error.param) from None
+        messages, plan, tool_format = _chat_inputs(engine, body)
         generation = await run_in_threadpool(engine.chat, body.model, messages, params, plan.tools,
                                              plan.prefill)  # tokenizing takes time
         request.state.generations = [generation]
