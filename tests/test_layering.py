@@ -44,3 +44,11 @@ def test_no_training_function_is_longer_than_80_lines():
                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert max(lengths.values()) <= 80, sorted(lengths.items(), key=lambda item: -item[1])[:3]
+
+
+def test_eval_never_imports_train():
+    """Training imports eval (its loss, pair scoring); eval importing train would be a cycle. Code that needs both
+    (the selection report) is handed the training function by its caller."""
+    offenders = {str(path.relative_to(SRC)): sorted(m for m in weitiao_imports(path) if m.startswith("weitiao.train"))
+                 for path in (SRC / "eval").rglob("*.py")}
+    assert not {path: modules for path, modules in offenders.items() if modules}

@@ -168,7 +168,8 @@ def _section_from_args(section, args: argparse.Namespace):
 
 def cmd_data_clean(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.config import CleanConfig
-    from weitiao.data.clean import check_output, clean_examples, format_clean_summary, write_clean
+    from weitiao.data.clean import clean_examples, format_clean_summary, write_clean
+    from weitiao.data.readers import check_output
 
     config = _section_from_args(CleanConfig, args)
     output = check_output(Path(args.output), args.file)
@@ -178,7 +179,7 @@ def cmd_data_clean(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.config import SelectConfig
-    from weitiao.data.clean import check_output
+    from weitiao.data.readers import check_output
     from weitiao.data.dataset import load_source
     from weitiao.data.select import format_summary, select_examples, write_selection
 
@@ -186,6 +187,12 @@ def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
     output = check_output(Path(args.output), args.file)
     source = _source_from_args(args)
     examples, _ = load_source(source, args.on_error)
+    if config.report:
+        from weitiao.eval.selection import format_report, report_selection
+        from weitiao.train import run
+
+        print(format_report(report_selection(examples, source, config, output, train=run)))
+        return
     selection = select_examples(examples, config)
     print(format_summary(write_selection(examples, selection, output, config, source)))
 

@@ -10,10 +10,11 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from weitiao.errors import ConfigError
 from weitiao.methods import METHODS
@@ -139,6 +140,16 @@ NAMED_TEMPLATES: dict[str, CustomTemplate] = {
                              assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
                              generation_prompt="<|im_start|>assistant\n"),
 }
+
+
+def _known_template(value: str) -> str:
+    if value != "auto" and value not in NAMED_TEMPLATES:
+        raise ValueError(f"unknown template '{value}'; choose auto or {', '.join(NAMED_TEMPLATES)}")
+    return value
+
+
+# A template for scoring (data select, data clean's mismatch rule): auto or a named one.
+ScoringTemplate = Annotated[str, AfterValidator(_known_template)]
 # Text that ends an assistant turn besides the tokenizer's EOS; generation stops on it.
 TEMPLATE_STOPS = {"dolly": ["### End"], "chatml": ["<|im_end|>"]}
 
@@ -555,12 +566,40 @@ class CleanConfig(_Section):
     """Remove a record whose last prompt is shorter than this, in characters."""
     max_chars: int | None = Field(None, gt=0)
     """Remove a record whose conversation is longer than this, in characters (None: no limit)."""
-    language: Literal["any", "zh", "en"] = "any"
+    truncated_sentence: bool = False
+    """Also remove a record whose last reply ends inside a sentence: its last line is prose of 15 characters or
+    more that ends in a letter (no closing punctuation, digit, bracket or quote). Catches replies cut at a token
+    limit, and also legitimate replies that end without punctuation (a title, a list item), so it is off unless
+    asked for."""
+    refusal: bool = True
+    """Remove a record whose last reply is a short refusal instead of an answer: within its first 150 characters
+    an apology or an AI self-reference ("I'm sorry", "As an AI", "抱歉", "作为一个AI语言模型") together with a
+    refusal ("I can't", "unable to", "无法", "不能"), in a reply of at most 400 characters."""
+    boilerplate_records: int | None = Field(10, ge=2)
+    """Remove a record whose last reply has a line of 30 characters or more (normalised as for duplicates) that the
+    last replies of at least this many records share: a site footer, disclaimer or signature pasted into a dump
+    (None: off)."""
+    language: Literal["any", "zh", "en", "auto"] = "any"
     """Keep only replies in this language. The share of a language is counted in units (each CJK character is
     one unit, each run of other letters one word), in the replies with fenced code blocks removed; replies with no
-    letters are kept."""
+    letters are kept. `auto`, for mixed-language data: each reply in the language of the prompt before it (a
+    prompt at least 60% CJK answered by a reply at least 80% Latin-script words, or a prompt at least 90% Latin
+    words answered by a reply at least half CJK); prompts that ask for a translation or name a language, and
+    replies that look like code, are not checked."""
     language_share: float = Field(0.5, gt=0, le=1)
     """Share of units that must be in `language` (CJK characters for zh, Latin-script words for en)."""
+    mismatch_model: str | None = None
+    """Also score the records that pass every other rule with this model ('default', a folder, a .gguf file or a
+    hub id: the model you will fine-tune) and remove those whose prompt does not make the reply more likely: IFD
+    (loss of the reply after the prompt / loss of the reply alone, as `data select` computes it) at or above
+    `mismatch_ifd`. Catches replies that belong to another prompt and one-word or off-topic replies, which no
+    text rule sees; costs two forward passes per record (cached, and shared with `data select`). None: off."""
+    mismatch_ifd: float = Field(1.0, gt=0)
+    """IFD from which a record is removed as mismatched (with `mismatch_model`)."""
+    template: ScoringTemplate = "auto"
+    """Prompt template the mismatch model scores with, as data.template in training."""
+    max_length: int = Field(1024, gt=0)
+    """Longest sequence the mismatch model scores, in tokens, as data.max_length in training."""
 
 
 class SelectConfig(_Section):
@@ -575,7 +614,7 @@ class SelectConfig(_Section):
     """Number of examples to keep (set ratio or count)."""
     model: str = "default"
     """The model that scores (the base model you will fine-tune): 'default', a folder, a .gguf file or a hub id."""
-    template: str = "auto"
+    template: ScoringTemplate = "auto"
     """Prompt template, as data.template in training: the scores are only meaningful with the template you train
     with. auto (the tokenizer's chat template), alpaca, qa, dolly or chatml."""
     max_length: int = Field(1024, gt=0)
@@ -612,6 +651,13 @@ class SelectConfig(_Section):
     output (a reward model) is scored by that output."""
     seed: int = 42
     """Seed of random selection and of the first k-center point."""
+    report: bool = False
+    """Also measure the selection on this data: hold out `report_heldout` of the examples (never selected), select
+    from the rest, draw a random subset of the same size, mark the fault-like records with `data clean`'s rules,
+    train a small LoRA probe on each subset and compare their held-out response loss with the base model's
+    (OUT.report.md; see docs/data-selection.md)."""
+    report_heldout: float = Field(0.1, gt=0, lt=1)
+    """report: share of the examples held out for the comparison."""
     cache: bool = True
     """Cache scores per example, keyed by the model's files and the exact tokens scored (so by the template,
     max_length and the text too): a rerun, another method or an edited copy of the data rescore only what changed."""
@@ -629,13 +675,6 @@ class SelectConfig(_Section):
     def _known_scorer(cls, value: str) -> str:
         if value not in ("judge", "classifier"):
             raise ValueError(f"'{value}' is neither judge, classifier nor a folder (a reward model run)")
-        return value
-
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, value: str) -> str:
-        if value != "auto" and value not in NAMED_TEMPLATES:
-            raise ValueError(f"unknown template '{value}'; choose auto or {', '.join(NAMED_TEMPLATES)}")
         return value
 
     @model_validator(mode="after")

@@ -133,3 +133,81 @@ def test_real_chinese_data(shared_data, tmp_path):
     result = clean_examples(DataSource(path=str(source)), CleanConfig())
     assert result.counts["exact_duplicate"] >= 1
     assert len(result.kept) + len(result.removed) == result.records == 1000
+
+
+def _rules(tmp_path, rows, **options):
+    """(record number, rule) of every removed record."""
+    source = write_jsonl(tmp_path / "rules.jsonl", rows)
+    result = clean_examples(DataSource(path=str(source)), CleanConfig(**options))
+    return sorted((item.record, item.rule) for item in result.removed)
+
+
+def test_refusals_are_removed_but_apologetic_answers_are_not(tmp_path):
+    rows = [
+        {"instruction": "Write a poem about rain.", "output": "I'm sorry, but I can't help with that request."},
+        {"instruction": "写一首关于雨的诗。", "output": "作为一个AI语言模型，我无法提供这方面的帮助。"},
+        {"instruction": "我和女朋友分手了，怎么办？",
+         "output": "非常抱歉听到这个消息！以下是一些建议：多和朋友在一起，做让你开心的事。"},
+        {"instruction": "Was my last answer right?", "output": "Sorry, my earlier answer was wrong: 2 + 2 is 4."},
+        {"instruction": "Explain the refusal.", "output": "As an AI I cannot browse. " + STORY * 3},  # long: an answer
+    ]
+    assert _rules(tmp_path, rows) == [(1, "refusal"), (2, "refusal")]
+    assert _rules(tmp_path, rows, refusal=False) == []
+
+
+def test_language_auto_wants_each_reply_in_its_prompts_language(tmp_path):
+    rows = [
+        {"instruction": "列出四张披头士专辑。",
+         "output": "Here are four albums by The Beatles: Abbey Road, Revolver and Help."},
+        {"instruction": "Name four albums by the Beatles.",
+         "output": "披头士的四张专辑：艾比路、左轮手枪、救命和白色专辑。"},
+        {"instruction": "把这句话翻译成英文：我爱你。", "output": "I love you, and I will always love you."},  # asked
+        {"instruction": "编写JavaScript脚本以打印当前日期。", "output": "var d = new Date();\nconsole.log(d)"},  # code
+        {"instruction": "列出四种水果。", "output": "苹果、香蕉、橙子和葡萄都是常见的水果。"},
+        {"instruction": "Name a color.", "output": "Blue is a color of the sky."},
+    ]
+    assert _rules(tmp_path, rows, language="auto") == [(1, "language"), (2, "language")]
+    assert _rules(tmp_path, rows) == []  # language any: nothing checked
+
+
+def test_a_footer_shared_by_many_records_is_boilerplate(tmp_path):
+    footer = "Thank you for reading! Please like and subscribe to our newsletter for more."
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer number {i} is here.\n\n{footer}"} for i in range(4)]
+    rows += [{"instruction": f"Other {i}?", "output": f"A different answer, number {i}."} for i in range(4)]
+    no_dedup = {"exact_dedup": False, "near_dedup": False}  # the answers differ in one word only
+    assert _rules(tmp_path, rows, boilerplate_records=4, **no_dedup) == [
+        (1, "boilerplate"), (2, "boilerplate"), (3, "boilerplate"), (4, "boilerplate")]
+    assert _rules(tmp_path, rows, boilerplate_records=5, **no_dedup) == []  # in 4 records only
+    assert _rules(tmp_path, rows, boilerplate_records=None, **no_dedup) == []
+
+
+def test_truncated_sentence_catches_a_reply_cut_mid_sentence(tmp_path):
+    rows = [{"instruction": "Tell a story.", "output": STORY[:120]},  # cut inside a word
+            {"instruction": "Tell a story.", "output": STORY},
+            {"instruction": "Name an album.", "output": "Abbey Road"},  # short: a title, not prose
+            {"instruction": "What is 6 x 7?", "output": "Six times seven is 42"}]
+    assert looks_truncated(STORY[:120], in_sentence=True) == "ends inside a sentence"
+    assert _rules(tmp_path, rows, truncated_sentence=True, exact_dedup=False, near_dedup=False) == [(1, "truncated")]
+    assert _rules(tmp_path, rows, exact_dedup=False, near_dedup=False) == []  # off by default
+
+
+def test_mismatch_rule_removes_records_the_model_scores_at_or_above_ifd_1(tmp_path, monkeypatch):
+    """The plumbing: only records that pass the text rules are scored, IFD >= mismatch_ifd is removed as
+    mismatched, no IFD (NaN: no reply token within max_length) is kept."""
+    import numpy as np
+
+    import weitiao.data.clean as clean
+
+    scored = []
+
+    def fake_ifd_scores(examples, config):
+        scored.append([e.messages[0]["content"] for e in examples])
+        assert config.model == "my-model" and config.max_length == 256
+        return {"ifd": np.array([0.5, 1.0, np.nan, 1.3])}, {}
+
+    monkeypatch.setattr(clean, "ifd_scores", fake_ifd_scores)
+    rows = [{"instruction": f"Q{i}?", "output": f"Reply {i}."} for i in range(4)]
+    rows.insert(1, {"instruction": "Q0?", "output": "Reply 0."})  # an exact duplicate: removed before scoring
+    assert _rules(tmp_path, rows, mismatch_model="my-model", max_length=256) == [
+        (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched")]
+    assert scored == [["Q0?", "Q1?", "Q2?", "Q3?"]]

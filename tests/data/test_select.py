@@ -84,8 +84,21 @@ def test_long_examples_are_cut_like_training_and_scored_on_the_same_reply_tokens
     assert len(with_prompt[0].input_ids) == 64
     labelled = [sum(label != IGNORE_INDEX for label in row.labels) for row in (with_prompt[0], alone[0])]
     assert labelled[0] == labelled[1] > 10
-    # The second example keeps no reply token within 64 tokens: it cannot be scored.
+    # The second example keeps no reply token within 64 tokens: it cannot be scored, alone neither (a row the model
+    # can still run, without labels: an empty one stopped the whole scoring pass).
     assert all(label == IGNORE_INDEX for label in with_prompt[1].labels)
+    assert len(alone[1].input_ids) == 1 and alone[1].labels == [IGNORE_INDEX]
+
+
+def test_an_example_whose_prompt_fills_max_length_is_excluded_not_fatal(tmp_path, tiny_model_dir):
+    examples = examples_of(tmp_path, [
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend."}],
+        [{"role": "user", "content": "A prompt longer than max_length " * 20}, {"role": "assistant", "content": "x"}]])
+    selection = select_examples(examples, SelectConfig(method="ifd", count=2, model=tiny_model_dir, max_length=64,
+                                                       ifd_max=10, cache=False))
+    assert selection.selected == [0]
+    assert selection.excluded == {1: "no reply token within max_length"}
+    assert np.isnan(selection.scores["ifd"][1]) and not np.isnan(selection.scores["ifd"][0])
 
 
 def test_rerun_uses_the_cache_and_scores_only_new_examples(tmp_path, tiny_model_dir, monkeypatch):

@@ -5,11 +5,15 @@ The rules run in this order, and the first that applies names the reason a recor
   invalid, empty_response   the record cannot be read as a conversation (the reader's own checks)
   empty_response            a reply that is empty once zero-width characters and outer whitespace are removed
   short_response, short_prompt, too_long   length limits in characters
-  language                  replies not in the wanted language (share of CJK characters / Latin-script words)
+  refusal                   a last reply that refuses instead of answering
+  language                  replies not in the wanted language (share of CJK characters / Latin-script words), or
+                            with `auto` not in the language of their prompt
   truncated                 a last reply that looks cut off
+  boilerplate               a last reply with a line that the last replies of many records share (a footer)
   exact_duplicate           same normalised text as an earlier kept record
   near_duplicate            MinHash-estimated Jaccard similarity of character n-grams >= threshold with an
                             earlier kept record (datasketch's LSH finds the candidates)
+  mismatched                (with a mismatch_model) the prompt does not make the reply more likely: IFD >= 1
 
 Kept records are written as they are in the input (every column, the file's own field names); every removed one
 goes to OUT.removed.jsonl with its rule, a detail (e.g. which record it duplicates) and the original record.
@@ -20,19 +24,20 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weitiao.config import CleanConfig, DataSource
-from weitiao.data.dataset import Example, load_source, source_records
-from weitiao.data.readers import SUPPORTED_SUFFIXES, Record, expand_paths, write_records
+from weitiao.config import CleanConfig, DataSource, SelectConfig
+from weitiao.data.dataset import Example, load_source, original_records
+from weitiao.data.readers import Record, side_file, write_records
+from weitiao.data.select import ifd_scores
 from weitiao.data.tools import message_text
 from weitiao.errors import ConfigError, DataError
 
-RULES = ("invalid", "empty_response", "short_response", "short_prompt", "too_long", "language", "truncated",
-         "exact_duplicate", "near_duplicate")
+RULES = ("invalid", "empty_response", "short_response", "short_prompt", "too_long", "refusal", "language",
+         "truncated", "boilerplate", "exact_duplicate", "near_duplicate", "mismatched")
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # A CJK character is one unit; a run of other letters is one word (digits and underscores are not letters).
@@ -41,6 +46,16 @@ _LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 _CODE_BLOCK = re.compile(r"```.*?(```|$)", re.DOTALL)
 # Characters a finished text does not end with: a separator or an opening bracket / quote.
 _UNFINISHED_ENDINGS = set(",;:、，；：([{（【《「『“‘")
+# A refusal: an apology or an AI self-reference, and a refusal, near the start of a short reply.
+_REFUSAL_CUE = re.compile(r"\b(?:sorry|apologi[sz]e|as an ai\b|language model)"
+                          r"|抱歉|对不起|作为(?:一个|一名|一款)?(?:ai|人工智能)|语言模型", re.IGNORECASE)
+_REFUSAL = re.compile(r"\b(?:can't|cannot|can not|unable to|not able to|won't be able)\b"
+                      r"|无法|不能|不可以|没有办法|做不到", re.IGNORECASE)
+# Prompts after which a reply in another language is expected, and replies that are code rather than prose.
+_NAMES_LANGUAGE = re.compile(r"翻译|译成|译为|英文|英语|中文|汉语|translat|english|chinese", re.IGNORECASE)
+_CODE_LIKE = re.compile(r"[{};=<>]|\bdef |\bimport |\bvar\b|\breturn\b")
+_SENTENCE_END = set(".!?。！？…\"'”’)）]】}>*`|~-_=#»」』")
+BOILERPLATE_MIN_CHARS = 30
 
 
 @dataclass
@@ -60,35 +75,6 @@ class CleanResult:
     """The kept records exactly as their files hold them, in the order of `kept`."""
     removed: list[Removed]
     counts: Counter = field(default_factory=Counter)
-
-
-def side_file(output: Path, name: str) -> Path:
-    """OUT.jsonl -> OUT.<name> next to it."""
-    return output.with_name(output.name.removesuffix(output.suffix) + "." + name)
-
-
-def check_output(output: Path, source: str) -> Path:
-    """Refuse, before any work, an output file type that cannot be written or an output that is the input."""
-    if output.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise DataError(f"unsupported output file type '{output.suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})",
-                        path=str(output))
-    if output.exists() and any(output.resolve() == path.resolve() for path in expand_paths(source)):
-        raise DataError("the output would overwrite the input; choose another output file", path=str(output))
-    return output
-
-
-def original_records(examples: list[Example], source: DataSource) -> list[dict[str, Any]]:
-    """The records behind these examples (read from `source`) exactly as their files hold them (every column, the
-    file's own field names), in the examples' order: what `clean` and `select` write, so nothing is lost."""
-    wanted: dict[str, set[int]] = defaultdict(set)
-    for example in examples:
-        wanted[example.source].add(example.record)
-    found = {}
-    for path, numbers in wanted.items():
-        for record in source_records(source, Path(path)):
-            if record.number in numbers:
-                found[(path, record.number)] = record.data
-    return [found[(example.source, example.record)] for example in examples]
 
 
 def visible(text: str) -> str:
@@ -114,14 +100,51 @@ def language_share(text: str, language: str) -> float | None:
     return hits / len(units)
 
 
-def looks_truncated(reply: str) -> str | None:
-    """Why the reply looks cut off, or None."""
+def looks_truncated(reply: str, in_sentence: bool = False) -> str | None:
+    """Why the reply looks cut off, or None. With `in_sentence` also a last line of prose that stops mid-sentence."""
     text = reply.rstrip()
     if text.count("```") % 2:
         return "unclosed ``` code block"
     if text and text[-1] in _UNFINISHED_ENDINGS:
         return f"ends with '{text[-1]}'"
+    if in_sentence and text and len(text.splitlines()[-1].strip()) >= 15 and text[-1] not in _SENTENCE_END \
+            and not text[-1].isdigit():
+        return "ends inside a sentence"
     return None
+
+
+def looks_like_refusal(reply: str) -> bool:
+    text = visible(reply)
+    return len(text) <= 400 and bool(_REFUSAL_CUE.search(text[:150])) and bool(_REFUSAL.search(text[:150]))
+
+
+def _language_mismatch(messages: list[dict[str, str]]) -> str | None:
+    """The first reply that is not in the language of the prompt before it (language `auto`), described."""
+    for before, message in zip(messages, messages[1:]):
+        if message["role"] != "assistant" or before["role"] != "user" or _NAMES_LANGUAGE.search(before["content"]):
+            continue
+        reply = message_text(message)
+        if _CODE_LIKE.search(reply) or len(_UNITS.findall(_CODE_BLOCK.sub(" ", reply))) < 5:
+            continue
+        prompt_zh, reply_zh = language_share(before["content"], "zh"), language_share(reply, "zh")
+        if prompt_zh is None or reply_zh is None:
+            continue
+        if prompt_zh >= 0.6 and language_share(reply, "en") >= 0.8:
+            return f"a Chinese prompt (zh share {prompt_zh:.2f}) answered in English"
+        if language_share(before["content"], "en") >= 0.9 and reply_zh >= 0.5:
+            return f"an English prompt answered in Chinese (zh share {reply_zh:.2f})"
+    return None
+
+
+def _lines(text: str) -> set[str]:
+    """The normalised lines of a text long enough to be a footer or disclaimer rather than a common phrase."""
+    return {line for line in map(normalise, text.splitlines()) if len(line) >= BOILERPLATE_MIN_CHARS}
+
+
+def shared_lines(examples: list[Example], min_records: int) -> dict[str, int]:
+    """Lines found in the last replies of at least `min_records` records, with their record counts."""
+    counts = Counter(line for example in examples for line in _lines(_parts(example.messages)[1][-1]))
+    return {line: count for line, count in counts.items() if count >= min_records}
 
 
 def _parts(messages: list[dict[str, str]]) -> tuple[list[str], list[str]]:
@@ -130,8 +153,10 @@ def _parts(messages: list[dict[str, str]]) -> tuple[list[str], list[str]]:
             [message_text(m) for m in messages if m["role"] == "assistant"])
 
 
-def _rule_violation(messages: list[dict[str, str]], config: CleanConfig) -> tuple[str, str] | None:
-    """The first per-record rule the conversation breaks, as (rule, detail)."""
+def _rule_violation(messages: list[dict[str, str]], config: CleanConfig,
+                    boilerplate: dict[str, int]) -> tuple[str, str] | None:
+    """The first per-record rule the conversation breaks, as (rule, detail); `boilerplate` holds the lines shared
+    by many records' last replies."""
     prompts, replies = _parts(messages)
     shortest = min(len(visible(reply)) for reply in replies)
     if shortest == 0:
@@ -143,12 +168,19 @@ def _rule_violation(messages: list[dict[str, str]], config: CleanConfig) -> tupl
     total = sum(len(m["content"]) for m in messages)
     if config.max_chars is not None and total > config.max_chars:
         return "too_long", f"{total} characters (maximum {config.max_chars})"
-    if config.language != "any":
+    if config.refusal and looks_like_refusal(replies[-1]):
+        return "refusal", visible(replies[-1])[:80]
+    if config.language == "auto" and (why := _language_mismatch(messages)):
+        return "language", why
+    if config.language not in ("any", "auto"):
         share = language_share("\n".join(replies), config.language)
         if share is not None and share < config.language_share:
             return "language", f"{config.language} share {share:.2f} (minimum {config.language_share})"
-    if config.truncated and (why := looks_truncated(replies[-1])):
+    if config.truncated and (why := looks_truncated(replies[-1], config.truncated_sentence)):
         return "truncated", why
+    for line in _lines(replies[-1]):
+        if line in boilerplate:
+            return "boilerplate", f"'{line[:60]}' is in the last replies of {boilerplate[line]} records"
     return None
 
 
@@ -196,6 +228,48 @@ class NearDuplicateIndex:
         self.signatures[key] = signature
 
 
+def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple[str, str]]:
+    """The examples (by index) that break a rule, each with (rule, detail); the first that applies names it.
+    Duplicates are judged against the earlier examples that break no rule (the first occurrence is kept)."""
+    faults: dict[int, tuple[str, str]] = {}
+    kept: list[int] = []
+    seen_exact: dict[str, Example] = {}
+    near = (NearDuplicateIndex(config.near_dup_threshold, config.num_perm, config.shingle_size)
+            if config.near_dedup else None)
+    boilerplate = shared_lines(examples, config.boilerplate_records) if config.boilerplate_records else {}
+    for index, example in enumerate(examples):
+        verdict = _rule_violation(example.messages, config, boilerplate)
+        text = dedup_text(example.messages, config.dedup_on)
+        if verdict is None and config.exact_dedup and text in seen_exact:
+            first = seen_exact[text]
+            verdict = "exact_duplicate", f"same as record {first.record} of {first.source}"
+        signature = near.signature(text) if near is not None and verdict is None else None
+        if signature is not None and (match := near.find(signature)):
+            first, similarity = examples[kept[match[0]]], match[1]
+            verdict = "near_duplicate", (f"similarity {similarity:.2f} with record {first.record} of "
+                                         f"{first.source}")
+        if verdict is not None:
+            faults[index] = verdict
+            continue
+        seen_exact.setdefault(text, example)
+        if signature is not None:
+            near.add(len(kept), signature)
+        kept.append(index)
+    if config.mismatch_model and kept:
+        faults.update(_mismatched([examples[i] for i in kept], kept, config))
+    return faults
+
+
+def _mismatched(examples: list[Example], indices: list[int], config: CleanConfig) -> dict[int, tuple[str, str]]:
+    """Those of `examples` (at `indices`) whose IFD under config.mismatch_model is at or above config.mismatch_ifd.
+    An example with no reply token within max_length has no IFD and passes."""
+    scores, _ = ifd_scores(examples, SelectConfig(method="ifd", count=len(examples), model=config.mismatch_model,
+                                                  template=config.template, max_length=config.max_length))
+    return {index: ("mismatched", f"IFD {value:.3f}: the prompt does not make the reply more likely")
+            for index, value in zip(indices, scores["ifd"], strict=True)
+            if value >= config.mismatch_ifd}  # NaN compares False
+
+
 def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
     """Apply the rules to every record of `source`; keep or remove each, counting removals per rule."""
     rejected: list[tuple[Record, DataError]] = []
@@ -206,30 +280,12 @@ def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:
     removed = [Removed("empty_response" if error.reason == "empty response" else "invalid", str(error),
                        record.path, record.number, record.data) for record, error in rejected]
     originals = original_records(examples, source)
-    kept, kept_originals = [], []
-    seen_exact: dict[str, Example] = {}
-    near = (NearDuplicateIndex(config.near_dup_threshold, config.num_perm, config.shingle_size)
-            if config.near_dedup else None)
-    for example, original in zip(examples, originals, strict=True):
-        verdict = _rule_violation(example.messages, config)
-        text = dedup_text(example.messages, config.dedup_on)
-        if verdict is None and config.exact_dedup and text in seen_exact:
-            first = seen_exact[text]
-            verdict = "exact_duplicate", f"same as record {first.record} of {first.source}"
-        signature = near.signature(text) if near is not None and verdict is None else None
-        if signature is not None and (match := near.find(signature)):
-            first, similarity = kept[match[0]], match[1]
-            verdict = "near_duplicate", (f"similarity {similarity:.2f} with record {first.record} of "
-                                         f"{first.source}")
-        if verdict is not None:
-            removed.append(Removed(verdict[0], verdict[1], example.source, example.record, original))
-            continue
-        seen_exact.setdefault(text, example)
-        if signature is not None:
-            near.add(len(kept), signature)
-        kept.append(example)
-        kept_originals.append(original)
-    return CleanResult(stats.records, kept, kept_originals, removed, Counter(r.rule for r in removed))
+    faults = find_faults(examples, config)
+    removed += [Removed(*faults[i], example.source, example.record, originals[i])
+                for i, example in enumerate(examples) if i in faults]
+    kept = [i for i in range(len(examples)) if i not in faults]
+    return CleanResult(stats.records, [examples[i] for i in kept], [originals[i] for i in kept], removed,
+                       Counter(r.rule for r in removed))
 
 
 def write_clean(result: CleanResult, output: Path, source: str) -> dict[str, Any]:

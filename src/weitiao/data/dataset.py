@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,3 +444,17 @@ def format_stats(stats: dict[str, Any]) -> str:
                      f"dropped: {dropped}" + (f" ({', '.join(f'{n} {r}' for r, n in summary['dropped'].items())})"
                                               if dropped else ""))
     return "\n".join(lines)
+
+
+def original_records(examples: list[Example], source: DataSource) -> list[dict[str, Any]]:
+    """The records behind these examples (read from `source`) exactly as their files hold them (every column, the
+    file's own field names), in the examples' order: what `clean` and `select` write, so nothing is lost."""
+    wanted: dict[str, set[int]] = defaultdict(set)
+    for example in examples:
+        wanted[example.source].add(example.record)
+    found = {}
+    for path, numbers in wanted.items():
+        for record in source_records(source, Path(path)):
+            if record.number in numbers:
+                found[(path, record.number)] = record.data
+    return [found[(example.source, example.record)] for example in examples]

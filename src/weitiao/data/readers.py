@@ -328,3 +328,18 @@ def write_records(records: list[dict[str, Any]], path: Path) -> None:
     else:
         raise DataError(f"unsupported output file type '{suffix}' (use {', '.join(WRITABLE_SUFFIXES)})",
                         path=str(path))
+
+
+def side_file(output: Path, name: str) -> Path:
+    """OUT.jsonl -> OUT.<name> next to it."""
+    return output.with_name(output.name.removesuffix(output.suffix) + "." + name)
+
+
+def check_output(output: Path, source: str) -> Path:
+    """Refuse, before any work, an output file type that cannot be written or an output that is the input."""
+    if output.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise DataError(f"unsupported output file type '{output.suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})",
+                        path=str(output))
+    if output.exists() and any(output.resolve() == path.resolve() for path in expand_paths(source)):
+        raise DataError("the output would overwrite the input; choose another output file", path=str(output))
+    return output

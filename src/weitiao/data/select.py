@@ -33,11 +33,10 @@ from typing import Any
 import numpy as np
 
 from weitiao.config import DataSource, ModelConfig, SelectConfig
-from weitiao.data.clean import original_records, side_file
-from weitiao.data.dataset import Example
+from weitiao.data.dataset import Example, original_records
 from weitiao.data.encode import (IGNORE_INDEX, Encoded, TemplateMismatch, encode_conversation, prompt_messages,
                                  render, truncate)
-from weitiao.data.readers import write_records
+from weitiao.data.readers import side_file, write_records
 from weitiao.data.scoring import (ScoreCache, cached_scores, classifier_scores, encoder_embeddings, expected_ratings,
                                   model_fingerprint, response_losses, row_key)
 from weitiao.errors import ConfigError, DataError, ModelLoadError
@@ -83,7 +82,10 @@ def _only_last_reply(labels: list[int]) -> list[int]:
 
 
 def _first_label_tokens(encoded: Encoded, count: int) -> Encoded:
-    """`encoded` cut right after its first `count` label tokens."""
+    """`encoded` cut right after its first `count` label tokens; with none, its first token without a label (a row
+    the model can run that scores NaN)."""
+    if count == 0:
+        return Encoded(encoded.input_ids[:1], [IGNORE_INDEX])
     seen = 0
     for position, label in enumerate(encoded.labels):
         if seen == count:
@@ -253,6 +255,12 @@ def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str
         with np.errstate(divide="ignore", invalid="ignore"):
             scores["ifd"] = scores["loss_with_prompt"] / scores["loss_alone"]
     return scores
+
+
+def ifd_scores(examples: list[Example], config: SelectConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """loss_with_prompt, loss_alone, perplexity and IFD of every example, and how long the passes took."""
+    timing: dict[str, Any] = {"passes": {}}
+    return _loss_scores(examples, config, timing, embed=False, alone=True), timing
 
 
 def _encoder_embeddings(examples: list[Example], config: SelectConfig, timing: dict[str, Any]

@@ -1,0 +1,45 @@
+"""The noisy-pool benchmark's data (bench/noisy_pool_data.py): each injected fault is what its label says, at the
+rate it says, a duplicate comes after its original, and no held-out prompt overlaps the pool."""
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from weitiao.data.clean import normalise, visible  # noqa: E402
+
+
+def test_pool_faults_are_labelled_truthfully(tmp_path, shared_data):
+    import noisy_pool_data
+
+    built = noisy_pool_data.build(shared_data, tmp_path, scale=0.2, heldout=20)
+    pool = [json.loads(line) for line in (tmp_path / "pool.jsonl").read_text(encoding="utf-8").splitlines()]
+    labels = [json.loads(line) for line in (tmp_path / "pool.labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in pool] == [label["id"] for label in labels] and len(pool) == built["records"]
+    clean = built["clean"]
+    for fault, rate in noisy_pool_data.FAULTS.items():
+        assert built["faults"][fault] == round(rate * (clean + sum(  # rates are of the clean records before faults
+            n for f, n in built["faults"].items() if f not in ("exact_duplicate", "near_duplicate")))), fault
+    by_id = {r["id"]: r for r in pool}
+    position = {r["id"]: i for i, r in enumerate(pool)}
+    reply = lambda r: r["conversations"][-1]["value"]  # noqa: E731
+    for label in labels:
+        record = by_id[label["id"]]
+        if label["fault"] in ("exact_duplicate", "near_duplicate"):
+            original = by_id[label["detail"].removeprefix("copy of ")]
+            assert position[original["id"]] < position[label["id"]]  # clean keeps the first occurrence
+            assert original["conversations"][:-1] == record["conversations"][:-1]
+            same = normalise(reply(original)) == normalise(reply(record))
+            assert same == (label["fault"] == "exact_duplicate")
+        elif label["fault"] == "empty_or_one_word":
+            assert len(visible(reply(record)).split()) <= 1 and len(visible(reply(record))) <= 5
+        elif label["fault"] == "boilerplate":
+            assert any(line in reply(record) for line in noisy_pool_data.BOILERPLATE["en"]
+                       + noisy_pool_data.BOILERPLATE["zh"])
+    assert Counter(label["task"] for label in labels) == built["tasks"]
+    for task, check in built["overlap"]["tasks"].items():
+        assert check["largest_overlap_kept"] <= 0.5
+        heldout = (tmp_path / "heldout" / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(heldout) == check["kept"] > 0
