@@ -121,3 +121,17 @@ def reset_memory() -> None:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def stage(name: str, work: Path, compute) -> dict:
+    """A resumable benchmark stage: its result saved under work/results, or compute and save it (a rerun continues
+    where an interrupted one stopped)."""
+    path = work / "results" / f"{name.replace('+', '_')}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    print(f"\n=== {name} ({time.strftime('%H:%M:%S')}) ===", flush=True)
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, ensure_ascii=False), flush=True)
+    return result

@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+from common import device_name, stage  # noqa: E402
 from noisy_pool_data import FAULTS, build  # noqa: E402
 
 from tests.conftest import shared_data_dir  # noqa: E402
@@ -65,27 +66,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", help="the device the rows ran on (default: this machine's), for --stages rescore "
                         "of results brought back from another machine")
     return parser.parse_args()
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().split()[-1].split("-")[0].lower()  # e.g. h200
-    return "cpu"
-
-
-def stage(work: Path, name: str, compute) -> dict:
-    path = work / "results" / f"{name.replace('+', '_')}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    print(f"\n=== {name} ({time.strftime('%H:%M:%S')}) ===", flush=True)
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("predictions", "selected_ids")},
-                     ensure_ascii=False), flush=True)
-    return result
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -332,13 +312,13 @@ def main() -> None:
           f"{ {t: v['kept'] for t, v in built['overlap']['tasks'].items()} }; {platform.machine()}", flush=True)
     if "rows" in args.stages and not clean.is_file():  # an input of the rows to train: clean again when it is gone
         (work / "results" / "cleaning.json").unlink(missing_ok=True)
-    cleaning = stage(work, "cleaning", lambda: run_clean(pool, args, clean))
+    cleaning = stage("cleaning", work, lambda: run_clean(pool, args, clean))
     if args.reward_data:
-        trained = stage(work, "reward_model", lambda: train_reward_model(args.reward_data, work, args))
+        trained = stage("reward_model", work, lambda: train_reward_model(args.reward_data, work, args))
         args.reward_model = trained["folder"]
     rows = []
     if "rows" in args.stages or "rescore" in args.stages:
-        rows.append(stage(work, "base", lambda: base_row(heldout, args)))
+        rows.append(stage("base", work, lambda: base_row(heldout, args)))
         for entry in training_sets(work, pool, clean, args):
             name = row_id(entry)
             if args.only is not None and not any(name.startswith(prefix) for prefix in args.only):
@@ -350,11 +330,12 @@ def main() -> None:
                 train_file = entry["make"](work / "subsets" / f"{name}.jsonl")
                 return train_row(entry, train_file, heldout, labels, work, args)
 
-            rows.append(stage(work, name, compute))
+            rows.append(stage(name, work, compute))
     if "rescore" in args.stages:
         for row in rows:
             rescore(row)
-    device = args.device or device_name()
+    # 'NVIDIA H200' -> h200, for the results file name
+    device = args.device or device_name().split()[-1].split("-")[0].lower()
     results = Path(args.results or REPO / "bench" / "results" / f"noisy-pool-{device}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     table = summary_table(rows) if rows else ""

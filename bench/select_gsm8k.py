@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.conftest import shared_data_dir  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from common import stage  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,19 +128,6 @@ def train_and_evaluate(name: str, subset: Path, heldout: Path, work: Path, args:
                "tokens_per_s": round(result.tokens / result.seconds, 1)}
     evaluation = evaluate(result.model, load_tokenizer(result.output_dir), heldout, config, name)
     return {"name": name, **trained, **evaluation, "wall_seconds": round(time.time() - started, 1)}
-
-
-def stage(name: str, work: Path, compute) -> dict:
-    """A stage's saved result, or compute and save it."""
-    path = work / "results" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    print(f"\n=== {name} ===", flush=True)
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2), flush=True)
-    return result
 
 
 def base_row(heldout: Path, args: argparse.Namespace) -> dict:
