@@ -234,6 +234,7 @@ def train_row(entry: dict, train_file: Path, heldout: dict[str, Path], labels: d
 
 def train_reward_model(files: list[str], work: Path, args: argparse.Namespace) -> dict:
     from weitiao.config import config_from_dict
+    from weitiao.runs import RunFolder
     from weitiao.train import run
 
     output = work / "reward_model"
@@ -244,9 +245,10 @@ def train_reward_model(files: list[str], work: Path, args: argparse.Namespace) -
         "train": {"output_dir": str(output), "num_train_epochs": 2, "learning_rate": 2e-4,
                   "per_device_train_batch_size": 8, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05,
                   "overwrite_output_dir": True, "seed": 42}}))
-    report = json.loads((output / "report.json").read_text()) if (output / "report.json").is_file() else None
+    accuracy = [record["eval_reward_accuracy"] for record in RunFolder(output).metrics()
+                if "eval_reward_accuracy" in record]
     return {"folder": str(output), "files": files, "steps": result.steps, "seconds": round(result.seconds, 1),
-            "report": report and report.get("metrics", report)}
+            "heldout_pair_accuracy_before_after": [accuracy[0], accuracy[-1]] if accuracy else None}
 
 
 def base_row(heldout: dict[str, Path], args: argparse.Namespace) -> dict:
@@ -313,9 +315,10 @@ def main() -> None:
     if "rows" in args.stages and not clean.is_file():  # an input of the rows to train: clean again when it is gone
         (work / "results" / "cleaning.json").unlink(missing_ok=True)
     cleaning = stage("cleaning", work, lambda: run_clean(pool, args, clean))
+    reward_model = None
     if args.reward_data:
-        trained = stage("reward_model", work, lambda: train_reward_model(args.reward_data, work, args))
-        args.reward_model = trained["folder"]
+        reward_model = stage("reward_model", work, lambda: train_reward_model(args.reward_data, work, args))
+        args.reward_model = reward_model["folder"]
     rows = []
     if "rows" in args.stages or "rescore" in args.stages:
         rows.append(stage("base", work, lambda: base_row(heldout, args)))
@@ -340,7 +343,7 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     table = summary_table(rows) if rows else ""
     results.write_text(json.dumps({
-        "device": device, "pool": built, "fault_rates": FAULTS, "clean": cleaning,
+        "device": device, "pool": built, "fault_rates": FAULTS, "clean": cleaning, "reward_model": reward_model,
         "settings": {"model": args.model, "max_length": MAX_LENGTH, "lora_r": 16, "epochs": 1, "batch": 8,
                      "learning_rate": 1e-3, "ratios": args.ratios, "seeds": args.seeds, "methods": args.methods,
                      "reward_model": args.reward_model, "generation": args.generation, "gen_count": args.gen_count},

@@ -70,6 +70,19 @@ def test_varlen_flash_attention_packing_equals_padded_batches(tiny_model_dir):
     assert worst < 3e-2
 
 
+def test_varlen_model_keeps_the_rows_of_an_unpadded_batch_apart(tiny_model_dir):
+    """Evaluation batches of rows cut at max_length carry no mask: FlashAttention must see one sequence per row."""
+    from weitiao.data.collate import PadCollator
+    from weitiao.train.attention import VARLEN, register_varlen_attention
+
+    register_varlen_attention()
+    batch = PadCollator(0)([{"input_ids": e["input_ids"][:9], "labels": e["labels"][:9]} for e in _examples()])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = [_loss_and_grads(tiny_model_dir, batch, attention)[0] for attention in ("sdpa", VARLEN)]
+    print(f"bf16 summed loss of an unpadded batch: sdpa {losses[0].item():.4f} varlen {losses[1].item():.4f}")
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=1e-2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
 def test_liger_and_packing_train_to_the_same_loss(tmp_path, tiny_model_dir):
     from tests.train.test_sft import make_config

@@ -55,6 +55,18 @@ def test_varlen_packed_rows_equal_padded_batches(tiny_model_dir, boundaries):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_varlen_keeps_the_rows_of_an_unpadded_batch_apart(tiny_model_dir):
+    """A batch of rows of one length (examples cut at max_length) has no padding, so transformers gives no mask and
+    position ids of one row for all: each row is still its own sequence. (Before the fix the rows were read as one
+    sequence, each attending to those before it: after packed training on a GPU, evaluation of long examples
+    reported 2.18 where sdpa gave 1.68.)"""
+    examples = [{"input_ids": e["input_ids"][:5], "labels": e["labels"][:5]} for e in _examples()]
+    batch = PadCollator(0)(examples)
+    assert batch["attention_mask"].all()
+    torch.testing.assert_close(_loss_and_grads(tiny_model_dir, batch, VARLEN)[0],
+                               _loss_and_grads(tiny_model_dir, batch, "sdpa")[0])
+
+
 def test_varlen_model_runs_padded_batches_and_generation_on_sdpa(tiny_model_dir):
     """Evaluation and generation batches are padded: the varlen model uses transformers' mask there."""
     examples = _examples()

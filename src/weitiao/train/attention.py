@@ -100,7 +100,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise ValueError(f"{PACKED_VARLEN} attention serves packed rows with example boundaries (cu_seq_lens_q), "
                          "not padded batches; use varlen or sdpa for those")
     if boundaries is None and attention_mask is None and positions is not None and key.shape[2] == length:
-        starts = (positions.reshape(-1) == 0).nonzero().flatten()  # an example starts where its positions do
+        # An example starts where its positions restart at 0, and every row starts one: an unpadded batch (rows cut
+        # at max_length) comes with no mask and one row of position ids for all rows.
+        restarts = positions.expand(batch, length) == 0
+        restarts[:, 0] = True
+        starts = restarts.reshape(-1).nonzero().flatten()
         boundaries = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
     if boundaries is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
