@@ -575,6 +575,10 @@ class CleanConfig(_Section):
     """Remove a record whose last reply is a short refusal instead of an answer: within its first 150 characters
     an apology or an AI self-reference ("I'm sorry", "As an AI", "抱歉", "作为一个AI语言模型") together with a
     refusal ("I can't", "unable to", "无法", "不能"), in a reply of at most 400 characters."""
+    filler: bool = True
+    """Remove a record whose last reply is only an acknowledgement ("OK", "Sure.", "好的。", "是的") or a
+    placeholder ("Done.", "...", "略", "嗯"): kept where the prompt asks a yes/no question or contains the word
+    ("reply OK if you understand"). "None", "N/A" and "无" are never removed (answers to extraction tasks)."""
     boilerplate_records: int | None = Field(10, ge=2)
     """Remove a record whose last reply has a line of 30 characters or more (normalised as for duplicates) that the
     last replies of at least this many records share: a site footer, disclaimer or signature pasted into a dump

@@ -170,6 +170,58 @@ def test_language_auto_wants_each_reply_in_its_prompts_language(tmp_path):
     assert _rules(tmp_path, rows) == []  # language any: nothing checked
 
 
+def test_language_auto_reads_short_chinese_replies_and_leaves_formulas_alone(tmp_path):
+    rows = [
+        {"instruction": "Classify the sentiment of the review: the food was cold.", "output": "负面"},
+        {"instruction": "Solve: Tom has 5 balls and buys 6 more. How many now?",
+         "output": "汤姆原来有5个球，又买了6个，5+6=11。答案是11。"},  # Chinese prose with a formula in it
+        {"instruction": "Sort the list: 10, 2, 5.", "output": "2, 5, 10"},
+        {"instruction": "编写SQL查询，找出平均工资高于全体平均的院系。",
+         "output": "SELECT dept_name FROM instructor GROUP BY dept_name HAVING AVG(salary) > (SELECT AVG(salary) "
+                   "FROM instructor)"},  # a query, not English prose
+        {"instruction": "这条评论是正面还是负面？用英文回答。", "output": "Negative"},  # names the language
+        {"instruction": "判断这句话的情感倾向。", "output": "Positive sentiment overall"},  # too short to judge
+    ]
+    assert _rules(tmp_path, rows, language="auto") == [(1, "language"), (2, "language")]
+
+
+def test_fillers_are_removed_unless_the_prompt_asks_for_them(tmp_path):
+    rows = [
+        {"instruction": "Write a haiku about autumn.", "output": "Sure."},
+        {"instruction": "写一首关于秋天的诗。", "output": "好的。"},
+        {"instruction": "列举三种水果。", "output": "略"},
+        {"instruction": "Rewrite the sentence in the passive voice: the cat ate the fish.", "output": "Done."},
+        {"instruction": "Is the sky blue on a clear day?", "output": "Yes"},  # a yes/no question
+        {"instruction": "Tell me if the sentence contains toxic language: you are an idiot.", "output": "Yes"},
+        {"instruction": "这个句子是否通顺：我吃饭了。", "output": "是的"},
+        {"instruction": "I will send the text in parts. Reply OK after each part.", "output": "OK"},  # asked for
+        {"instruction": "Can you write me a poem about rain?", "output": "Sure!"},  # a request, not a question
+        {"instruction": "Extract the dates in: no date here.", "output": "None"},  # an answer
+        {"instruction": "Name a fruit.", "output": "Okay, apples."},
+    ]
+    assert _rules(tmp_path, rows, exact_dedup=False, near_dedup=False) == [
+        (1, "filler"), (2, "filler"), (3, "filler"), (4, "filler"), (9, "filler")]
+    assert _rules(tmp_path, rows, filler=False, exact_dedup=False, near_dedup=False) == []
+
+
+@pytest.mark.parametrize("reply, why", [
+    ("Al weighs 146 + 38 = 184 pounds.\nBen weighs 146 - 16 = ", "ends inside a calculation"),
+    ("The total is 3 * $4 = $<<3*4", "never closed"),
+    ("优势如下：\n1. 清洁：不排放温室气体。\n\n2. ", "empty list item"),
+    ("43. 锝（Technetium, Tc）\n44. 钌(Ru", "never closed"),
+    ("She earns 8 * ", "ends inside a calculation"),
+])
+def test_replies_cut_inside_a_calculation_a_bracket_or_a_list_are_truncated(reply, why):
+    assert why in looks_truncated(reply)
+
+
+@pytest.mark.parametrize("reply", ["The answer is **42**", "Use C++", "He got an A+", "x = 5\ny = x * 2",
+                                   "巴西利斯克（Basilisk)是一种生物。", "- apples\n- pears", "1) first\n2) second",
+                                   "#### 72", "Answer: 8 - 3 = 5"])
+def test_finished_replies_are_not_truncated(reply):
+    assert looks_truncated(reply) is None
+
+
 def test_a_footer_shared_by_many_records_is_boilerplate(tmp_path):
     footer = "Thank you for reading! Please like and subscribe to our newsletter for more."
     rows = [{"instruction": f"Question {i}?", "output": f"Answer number {i} is here.\n\n{footer}"} for i in range(4)]

@@ -6,6 +6,7 @@ The rules run in this order, and the first that applies names the reason a recor
   empty_response            a reply that is empty once zero-width characters and outer whitespace are removed
   short_response, short_prompt, too_long   length limits in characters
   refusal                   a last reply that refuses instead of answering
+  filler                    a last reply that is only an acknowledgement or a placeholder ("OK", "好的。", "略")
   language                  replies not in the wanted language (share of CJK characters / Latin-script words), or
                             with `auto` not in the language of their prompt
   truncated                 a last reply that looks cut off
@@ -36,7 +37,7 @@ from weitiao.data.select import ifd_scores
 from weitiao.data.tools import message_text
 from weitiao.errors import ConfigError, DataError
 
-RULES = ("invalid", "empty_response", "short_response", "short_prompt", "too_long", "refusal", "language",
+RULES = ("invalid", "empty_response", "short_response", "short_prompt", "too_long", "refusal", "filler", "language",
          "truncated", "boilerplate", "exact_duplicate", "near_duplicate", "mismatched")
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -53,8 +54,24 @@ _REFUSAL = re.compile(r"\b(?:can't|cannot|can not|unable to|not able to|won't be
                       r"|无法|不能|不可以|没有办法|做不到", re.IGNORECASE)
 # Prompts after which a reply in another language is expected, and replies that are code rather than prose.
 _NAMES_LANGUAGE = re.compile(r"翻译|译成|译为|英文|英语|中文|汉语|translat|english|chinese", re.IGNORECASE)
-_CODE_LIKE = re.compile(r"[{};=<>]|\bdef |\bimport |\bvar\b|\breturn\b")
+_CODE_LIKE = re.compile(r"[{};]|\bdef |\bimport |\bvar\b|\breturn\b|</?[a-z]+>")
+# Replies that may be code, a query or a formula, whose Latin letters say nothing about the language of the reply.
+_FORMULA_LIKE = re.compile(r"[=<>/\\]")
 _SENTENCE_END = set(".!?。！？…\"'”’)）]】}>*`|~-_=#»」』")
+# A last line that is a list marker with nothing after it, and a reply that stops inside a calculation: after an
+# operator, or with a bracket of its last line left open.
+_EMPTY_LIST_ITEM = re.compile(r"(?:^|\n)[ \t]*(?:\d+[.、)]|[-*•])[ \t]*$")
+_OPEN_OPERATOR = re.compile(r"(?:=|(?<=[\d\s)])[+*/×÷])$")
+_BRACKETS = (("<<", ">>"), ("(（", ")）"), ("[", "]"), ("《", "》"), ("“", "”"))  # full- and half-width agree
+# Replies that answer nothing: acknowledgements (unless the prompt asks a yes/no question or names the word) and
+# placeholders. "None", "N/A" and "无" are left alone: they answer extraction tasks whose input has nothing to find.
+_ACKNOWLEDGEMENT = re.compile(r"ok(?:ay)?|sure|yes|yeah|of course|no problem|好的?|可以|是的?|行|当然(?:可以)?|没问题",
+                              re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"done|got it|understood|tbd|todo|\.{3,}|…+|略|嗯+|收到|明白了?|同上|见上", re.IGNORECASE)
+_YES_NO_QUESTION = re.compile(r"^\s*(?:is|are|am|was|were|do|does|did|has|have|had|will|should)\b|\bwhether\b"
+                              r"|\b(?:tell(?: me)?|determine|decide|check|say) if\b|yes or no|yes/no|true or false"
+                              r"|是否|是不是|对吗|对不对|有没有|判断|吗[?？]?\s*$", re.IGNORECASE)
+_REQUEST = re.compile(r"请|帮|能|可以|可否|写|生成|给我")
 BOILERPLATE_MIN_CHARS = 30
 
 
@@ -107,10 +124,34 @@ def looks_truncated(reply: str, in_sentence: bool = False) -> str | None:
         return "unclosed ``` code block"
     if text and text[-1] in _UNFINISHED_ENDINGS:
         return f"ends with '{text[-1]}'"
-    if in_sentence and text and len(text.splitlines()[-1].strip()) >= 15 and text[-1] not in _SENTENCE_END \
+    if _EMPTY_LIST_ITEM.search(text):
+        return "ends with an empty list item"
+    if _OPEN_OPERATOR.search(text):
+        return f"ends inside a calculation ('{text[-12:].strip()}')"
+    last_line = text.splitlines()[-1] if text else ""
+    for opening, closing in _BRACKETS:
+        if _count(last_line, opening) > _count(last_line, closing):
+            return f"a '{opening[0]}' of the last line is never closed"
+    if in_sentence and text and len(last_line.strip()) >= 15 and text[-1] not in _SENTENCE_END \
             and not text[-1].isdigit():
         return "ends inside a sentence"
     return None
+
+
+def _count(text: str, marks: str) -> int:
+    """Occurrences of a two-character mark ("<<"), or of any of a set of one-character marks."""
+    return text.count(marks) if marks in ("<<", ">>") else sum(text.count(mark) for mark in marks)
+
+
+def looks_like_filler(prompt: str, reply: str) -> bool:
+    """The reply is only an acknowledgement or a placeholder, not an answer to `prompt`."""
+    text = visible(reply).rstrip(" .。!！~～")
+    if _PLACEHOLDER.fullmatch(text):
+        return text.casefold() not in prompt.casefold()
+    if _ACKNOWLEDGEMENT.fullmatch(text):
+        yes_no = bool(_YES_NO_QUESTION.search(prompt.strip())) and not _REQUEST.search(prompt)
+        return not yes_no and text.casefold() not in prompt.casefold()
+    return False
 
 
 def looks_like_refusal(reply: str) -> bool:
@@ -124,12 +165,14 @@ def _language_mismatch(messages: list[dict[str, str]]) -> str | None:
         if message["role"] != "assistant" or before["role"] != "user" or _NAMES_LANGUAGE.search(before["content"]):
             continue
         reply = message_text(message)
-        if _CODE_LIKE.search(reply) or len(_UNITS.findall(_CODE_BLOCK.sub(" ", reply))) < 5:
-            continue
+        units = _UNITS.findall(_CODE_BLOCK.sub(" ", reply))
         prompt_zh, reply_zh = language_share(before["content"], "zh"), language_share(reply, "zh")
-        if prompt_zh is None or reply_zh is None:
+        if _CODE_LIKE.search(reply) or prompt_zh is None or reply_zh is None:
             continue
-        if prompt_zh >= 0.6 and language_share(reply, "en") >= 0.8:
+        # A word or two of English can be the label a Chinese prompt asks for; Chinese characters in the reply to
+        # an English prompt are Chinese however few.
+        if prompt_zh >= 0.6 and len(units) >= 5 and not _FORMULA_LIKE.search(reply) \
+                and language_share(reply, "en") >= 0.8:
             return f"a Chinese prompt (zh share {prompt_zh:.2f}) answered in English"
         if language_share(before["content"], "en") >= 0.9 and reply_zh >= 0.5:
             return f"an English prompt answered in Chinese (zh share {reply_zh:.2f})"
@@ -170,6 +213,8 @@ def _rule_violation(messages: list[dict[str, str]], config: CleanConfig,
         return "too_long", f"{total} characters (maximum {config.max_chars})"
     if config.refusal and looks_like_refusal(replies[-1]):
         return "refusal", visible(replies[-1])[:80]
+    if config.filler and looks_like_filler(prompts[-1] if prompts else "", replies[-1]):
+        return "filler", f"the reply is only '{visible(replies[-1])}'"
     if config.language == "auto" and (why := _language_mismatch(messages)):
         return "language", why
     if config.language not in ("any", "auto"):
