@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from common import device_name, stage  # noqa: E402
-from noisy_pool_data import FAULTS, build  # noqa: E402
+from noisy_pool_data import BOILERPLATE, FAULTS, build  # noqa: E402
 
 from tests.conftest import shared_data_dir  # noqa: E402
 
@@ -189,7 +189,8 @@ def evaluate(model, tokenizer, heldout: dict[str, Path], args: argparse.Namespac
             prompts, references = zip(*pairs[:args.gen_count])
             predictions = generate(model, tokenizer, list(prompts), GenerationSettings(256, 64, False, 1.0, 1.0),
                                    desc=f"generating {task}")
-            result["predictions"][task] = {"predictions": predictions, "references": list(references)}
+            result["predictions"][task] = {"predictions": predictions, "references": list(references),
+                                           "prompts": list(prompts)}
             if task in TASK_EXTRACTOR:
                 result["exact_match"] = exact_match(predictions, list(references),
                                                     make_extractor(TASK_EXTRACTOR[task]))
@@ -200,8 +201,40 @@ def evaluate(model, tokenizer, heldout: dict[str, Path], args: argparse.Namespac
     return result
 
 
+def generation_faults(result: dict) -> dict | None:
+    """How many saved greedy answers show a fault the pool injected: a refusal, a filler, the wrong language (`data
+    clean`'s rules, on the prompt and the answer) or one of the pool's footers. Answers stop at 256 new tokens, so
+    truncation is not counted."""
+    from weitiao.config import CleanConfig
+    from weitiao.data.clean import find_faults
+    from weitiao.data.dataset import Example
+
+    config = CleanConfig(exact_dedup=False, near_dedup=False, truncated=False, boilerplate_records=None,
+                         language="auto")
+    footers = [line[:20] for lines in BOILERPLATE.values() for line in lines]
+    counts, answers = Counter(), 0
+    for saved in result.get("predictions", {}).values():
+        if "prompts" not in saved:
+            return None
+        examples = [Example(messages=prompt + [{"role": "assistant", "content": answer}], text=None,
+                            source="generations", record=i + 1)
+                    for i, (prompt, answer) in enumerate(zip(saved["prompts"], saved["predictions"], strict=True))]
+        faults = find_faults(examples, config)
+        for i, answer in enumerate(saved["predictions"]):
+            rule = faults.get(i, (None,))[0] or ("boilerplate" if any(f in answer for f in footers) else None)
+            counts[rule or "none"] += 1
+        answers += len(examples)
+    if not answers:
+        return None
+    faulty = answers - counts.pop("none", 0)
+    return {"answers": answers, "faulty": faulty, "share": round(faulty / answers, 4), "by_rule": dict(counts)}
+
+
 def rescore(result: dict) -> None:
-    """ROUGE-L of the saved predictions of the non-GSM8K tasks, where rouge-score and jieba are installed."""
+    """ROUGE-L of the saved predictions of the non-GSM8K tasks, where rouge-score and jieba are installed, and the
+    faults in them (generation_faults)."""
+    if (faults := generation_faults(result)) is not None:
+        result["generation_faults"] = faults
     try:
         from weitiao.eval.metrics import rouge
         import jieba  # noqa: F401
@@ -272,7 +305,8 @@ def summary_table(rows: list[dict]) -> str:
     for row in rows:
         groups.setdefault((row["name"], row["ratio"]), []).append(row)
     tasks = sorted({task for row in rows for task in row["response_loss_by_task"]})
-    head = ["training data", "share", "runs", "examples", "faults kept", "loss (mean)", *tasks, "EM gsm8k", "ROUGE-L"]
+    head = ["training data", "share", "runs", "examples", "faults kept", "loss (mean)", *tasks, "EM gsm8k", "ROUGE-L",
+            "faulty answers %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(values: list[float], digits: int) -> str:
@@ -295,7 +329,9 @@ def summary_table(rows: list[dict]) -> str:
             cell([g.get("examples") for g in group], 0), cell([g.get("faults_kept") for g in group], 0),
             cell([g["response_loss"] for g in group], 4),
             *[cell([g["response_loss_by_task"].get(t) for g in group], 4) for t in tasks],
-            cell([g.get("exact_match") for g in group], 1), cell([g.get("rouge_l") for g in group], 2)]) + " |")
+            cell([g.get("exact_match") for g in group], 1), cell([g.get("rouge_l") for g in group], 2),
+            cell([100 * g["generation_faults"]["share"] if "generation_faults" in g else None for g in group], 1)])
+            + " |")
     return "\n".join(lines)
 
 

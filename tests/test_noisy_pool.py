@@ -67,3 +67,24 @@ def test_clean_finds_the_injected_faults_it_is_built_for(tmp_path, shared_data):
              for fault, (caught, injected) in ((f, v.split("/")) for f, v in found["recall_by_fault"].items())}
     assert min(share[f] for f in ("exact_duplicate", "refusal", "boilerplate")) == 1.0
     assert share["near_duplicate"] >= 0.9 and share["empty_or_one_word"] >= 0.85 and share["wrong_language"] >= 0.75
+
+
+def test_generation_faults_counts_the_answers_that_show_an_injected_fault():
+    """The benchmark's behaviour measure: a refusal, an English answer to a Chinese prompt and a pool footer count,
+    each once, under its rule; a right answer, a short English label and a number do not."""
+    import noisy_pool
+    import noisy_pool_data
+
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    footer = noisy_pool_data.BOILERPLATE["zh"][1]
+    saved = {"prompts": [user("写一首关于春天的诗。"), user("把这句话翻译成英文：你好"),
+                         user("Classify the sentiment: I love it."), user("What is 6 times 7?"),
+                         user("列出三种水果。"), user("How do I boil an egg?"), user("介绍一下长城。")],
+             "predictions": ["春风吹过田野，花开满山坡，燕子归来。", "Hello", "Positive", "42",
+                             "Here are three fruits: apples, bananas and oranges.",
+                             "I'm sorry, but I can't help with that request.",
+                             "长城是中国古代的军事防御工程，全长两万多公里。\n\n" + footer]}
+    faults = noisy_pool.generation_faults({"predictions": {"mixed": saved}})
+    assert faults == {"answers": 7, "faulty": 3, "share": round(3 / 7, 4),
+                      "by_rule": {"language": 1, "refusal": 1, "boilerplate": 1}}
+    assert noisy_pool.generation_faults({"predictions": {"old": {"predictions": ["x"], "references": ["y"]}}}) is None
