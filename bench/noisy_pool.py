@@ -5,9 +5,10 @@
 
 The pool is bench/noisy_pool_data.py's (mixed zh/en tasks, faults injected and labelled). Stages, each saved
 under --work/results so that a rerun continues where it stopped:
-  clean       `weitiao data clean` with every rule (language auto, truncated_sentence, and the mismatch rule: IFD >= 1
-              under the model to be trained); precision and recall of the injected fault labels, overall and per
-              fault, for the text rules alone and with the mismatch rule
+  clean       `weitiao data clean` with language auto and the model rules under the model to be trained
+              (mismatched, IFD >= 1, and the end-of-reply check of truncated), the rest at defaults; precision and
+              recall of the injected fault labels, overall and per fault, for the text rules alone and with the
+              model rules
   rows        per training set: LoRA-train the model on it, then held-out response loss per task type (teacher-
               forced), and with --generation greedy answers (exact match on GSM8K, ROUGE-L on the others,
               computed where rouge-score and jieba are installed, else saved for `--stages rescore`)
@@ -105,16 +106,18 @@ def run_clean(pool: Path, args: argparse.Namespace, out: Path) -> dict:
     from weitiao.data.clean import clean_examples, write_clean
 
     labels = {r["id"]: r for r in read_jsonl(pool.with_name("pool.labels.jsonl"))}
-    config = CleanConfig(language="auto", truncated_sentence=True, mismatch_model=args.model, max_length=MAX_LENGTH)
+    config = CleanConfig(language="auto", model=args.model, max_length=MAX_LENGTH)
     started = time.time()
     result = clean_examples(DataSource(path=str(pool)), config)
     seconds = time.time() - started
     summary = write_clean(result, out, str(pool))
     removed = {item.original["id"]: item.rule for item in result.removed}
-    text_rules = {i: rule for i, rule in removed.items() if rule != "mismatched"}
+    by_model = {item.original["id"] for item in result.removed
+                if item.rule == "mismatched" or item.detail.startswith("the model")}
+    text_rules = {i: rule for i, rule in removed.items() if i not in by_model}
     return {"config": config.model_dump(), "seconds": round(seconds, 1), "kept": summary["kept"],
             "removed_by_rule": summary["removed_by_rule"], "text_rules": detection(text_rules, labels),
-            "with_mismatch": detection(removed, labels),
+            "with_model": detection(removed, labels),
             "unlabelled_examples": [{"rule": item.rule, "detail": item.detail, "id": item.original["id"],
                                      "reply": item.original["conversations"][-1]["value"][:160]}
                                     for item in result.removed if not labels[item.original["id"]]["fault"]]}
@@ -387,8 +390,8 @@ def main() -> None:
         "rows": [{k: v for k, v in row.items() if k != "predictions"} for row in rows],
     }, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"\nclean: text rules {cleaning['text_rules']['precision']:.1%} precision, "
-          f"{cleaning['text_rules']['recall']:.1%} recall; with the mismatch rule "
-          f"{cleaning['with_mismatch']['precision']:.1%} / {cleaning['with_mismatch']['recall']:.1%}\n{table}\n"
+          f"{cleaning['text_rules']['recall']:.1%} recall; with the model rules "
+          f"{cleaning['with_model']['precision']:.1%} / {cleaning['with_model']['recall']:.1%}\n{table}\n"
           f"-> {results}")
 
 

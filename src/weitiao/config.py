@@ -592,18 +592,25 @@ class CleanConfig(_Section):
     replies that look like code, are not checked."""
     language_share: float = Field(0.5, gt=0, le=1)
     """Share of units that must be in `language` (CJK characters for zh, Latin-script words for en)."""
-    mismatch_model: str | None = None
+    model: str | None = None
     """Also score the records that pass every other rule with this model ('default', a folder, a .gguf file or a
-    hub id: the model you will fine-tune) and remove those whose prompt does not make the reply more likely: IFD
-    (loss of the reply after the prompt / loss of the reply alone, as `data select` computes it) at or above
-    `mismatch_ifd`. Catches replies that belong to another prompt and one-word or off-topic replies, which no
-    text rule sees; costs two forward passes per record (cached, and shared with `data select`). None: off."""
+    hub id: the model you will fine-tune), as `data select` scores them (two forward passes per record, cached and
+    shared with `data select`), for two rules no text rule can apply: `mismatched`, a prompt that does not make the
+    reply more likely (IFD, the loss of the reply after the prompt / the loss of the reply alone, at or above
+    `mismatch_ifd`: a reply that belongs to another prompt, a one-word or off-topic reply), and `truncated`, a reply
+    that stops where the model does not expect it to (`end_probability`). None: off."""
     mismatch_ifd: float = Field(1.0, gt=0)
-    """IFD from which a record is removed as mismatched (with `mismatch_model`)."""
+    """IFD from which a record is removed as mismatched (with `model`)."""
+    end_probability: float = Field(0.005, ge=0, lt=1)
+    """With `model`: remove as truncated a record whose last reply ends in a letter (not in punctuation, a digit, a
+    bracket or a symbol), is 20 characters or longer, and stops where the model, having read the prompt and the
+    reply, gives less than this probability to its ending there or starting a new line (the end-of-turn token or a
+    token that begins with a newline: a list item or a line of a poem may end without punctuation, a word cut in
+    two may not): a reply cut off mid-word or mid-sentence, however short its last line. 0: off."""
     template: ScoringTemplate = "auto"
-    """Prompt template the mismatch model scores with, as data.template in training."""
+    """Prompt template `model` scores with, as data.template in training."""
     max_length: int = Field(1024, gt=0)
-    """Longest sequence the mismatch model scores, in tokens, as data.max_length in training."""
+    """Longest sequence `model` scores, in tokens, as data.max_length in training."""
 
 
 class SelectConfig(_Section):

@@ -243,23 +243,35 @@ def test_truncated_sentence_catches_a_reply_cut_mid_sentence(tmp_path):
     assert _rules(tmp_path, rows, exact_dedup=False, near_dedup=False) == []  # off by default
 
 
-def test_mismatch_rule_removes_records_the_model_scores_at_or_above_ifd_1(tmp_path, monkeypatch):
-    """The plumbing: only records that pass the text rules are scored, IFD >= mismatch_ifd is removed as
-    mismatched, no IFD (NaN: no reply token within max_length) is kept."""
+def test_model_rules_remove_mismatched_and_cut_off_replies_by_their_scores(tmp_path, monkeypatch):
+    """The plumbing: only records that pass the text rules are scored; IFD >= mismatch_ifd is mismatched; a reply
+    of 20 characters or more that ends in a letter, where ending or breaking the line has a probability below
+    end_probability, is truncated (not one that ends in a digit or punctuation, nor a short one, nor one whose end
+    max_length cut off: NaN); no scores at all (NaN) pass."""
     import numpy as np
 
     import weitiao.data.clean as clean
 
     scored = []
+    unlikely_end = -np.log(0.0005)  # below the default end_probability of 0.005
+    outputs = ["Reply 0 is complete.", "Reply 1 is complete.", "Reply 2.", "Reply 3 is complete.",
+               "The answer is that we first compute th", "The total is 4 + 5 = 9, so 9", "This reply stops at a",
+               "短答案被截断了", "日本流行音乐艺术家有很多，例如宇多田光、椎名林檎，还有很多其他的"]
+    ifd = [0.5, 1.0, np.nan, 1.3, 0.6, 0.6, 0.6, 0.6, 0.6]
+    end_loss = [0.1, 0.1, np.nan, 0.1, unlikely_end, unlikely_end, np.nan, unlikely_end, unlikely_end]
 
     def fake_ifd_scores(examples, config):
         scored.append([e.messages[0]["content"] for e in examples])
         assert config.model == "my-model" and config.max_length == 256
-        return {"ifd": np.array([0.5, 1.0, np.nan, 1.3])}, {}
+        return {"ifd": np.array(ifd), "end_loss": np.array(end_loss)}, {}
 
     monkeypatch.setattr(clean, "ifd_scores", fake_ifd_scores)
-    rows = [{"instruction": f"Q{i}?", "output": f"Reply {i}."} for i in range(4)]
-    rows.insert(1, {"instruction": "Q0?", "output": "Reply 0."})  # an exact duplicate: removed before scoring
-    assert _rules(tmp_path, rows, mismatch_model="my-model", max_length=256) == [
+    rows = [{"instruction": f"Q{i}?", "output": output} for i, output in enumerate(outputs)]
+    rows.insert(1, {"instruction": "Q0?", "output": "Reply 0 is complete."})  # an exact duplicate: not scored
+    assert _rules(tmp_path, rows, model="my-model", max_length=256) == [
+        (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched"), (6, "truncated"), (10, "truncated")]
+    assert scored == [[f"Q{i}?" for i in range(9)]]
+    assert _rules(tmp_path, rows, model="my-model", max_length=256, end_probability=0) == [
         (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched")]
-    assert scored == [["Q0?", "Q1?", "Q2?", "Q3?"]]
+    assert _rules(tmp_path, rows, model="my-model", max_length=256, end_probability=0.0001) == [
+        (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched")]

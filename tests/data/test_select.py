@@ -56,6 +56,18 @@ def hand_reply_loss(model, tokenizer, messages) -> float:
     return float(np.mean([F.cross_entropy(logits[t - 1], torch.tensor(ids[t])).item() for t in reply]))
 
 
+def hand_end_loss(model, tokenizer, messages) -> float:
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    end = len(ids) - 2  # <|im_end|>, before the template's final newline
+    assert tokenizer.convert_ids_to_tokens(ids[end]) == "<|im_end|>"
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.tensor([ids])).logits[0, end - 1].float(), dim=-1)
+    newline = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).startswith(("\n", "\r"))]
+    assert newline and ids[end] not in newline
+    return -float(np.log(probabilities[newline].sum().item() + probabilities[ids[end]].item()))
+
+
 def test_ifd_is_the_ratio_of_hand_computed_reply_losses(tmp_path, tiny_model_dir):
     from weitiao.models import load_model
 
@@ -72,6 +84,10 @@ def test_ifd_is_the_ratio_of_hand_computed_reply_losses(tmp_path, tiny_model_dir
         assert selection.scores["loss_alone"][index] == pytest.approx(alone, rel=1e-4)
         assert selection.scores["ifd"][index] == pytest.approx(with_prompt / alone, rel=1e-4)
         assert selection.scores["perplexity"][index] == pytest.approx(np.exp(with_prompt), rel=1e-4)
+        # From the same pass, data clean's end-of-reply check: -log P(<|im_end|> or a token that starts with a
+        # newline) where <|im_end|> is predicted.
+        assert selection.scores["end_loss"][index] == pytest.approx(hand_end_loss(model, tokenizer, messages),
+                                                                    rel=1e-4)
     assert selection.selected == [int(np.argmax(selection.scores["ifd"]))]
 
 
@@ -80,8 +96,9 @@ def test_long_examples_are_cut_like_training_and_scored_on_the_same_reply_tokens
     examples = examples_of(tmp_path, [
         [{"role": "user", "content": "Write many words."}, {"role": "assistant", "content": long_reply}],
         [{"role": "user", "content": "A prompt longer than max_length " * 20}, {"role": "assistant", "content": "x"}]])
-    with_prompt, alone = encode_for_scoring(tokenizer, examples, max_length=64)
-    assert len(with_prompt[0].input_ids) == 64
+    with_prompt, alone, whole = encode_for_scoring(tokenizer, examples, max_length=64)
+    assert len(with_prompt[0].input_ids) == 64 and whole == [False, False]
+    assert encode_for_scoring(tokenizer, examples, max_length=512)[2] == [True, True]
     labelled = [sum(label != IGNORE_INDEX for label in row.labels) for row in (with_prompt[0], alone[0])]
     assert labelled[0] == labelled[1] > 10
     # The second example keeps no reply token within 64 tokens: it cannot be scored, alone neither (a row the model

@@ -14,7 +14,9 @@ The rules run in this order, and the first that applies names the reason a recor
   exact_duplicate           same normalised text as an earlier kept record
   near_duplicate            MinHash-estimated Jaccard similarity of character n-grams >= threshold with an
                             earlier kept record (datasketch's LSH finds the candidates)
-  mismatched                (with a mismatch_model) the prompt does not make the reply more likely: IFD >= 1
+  mismatched                (with a model) the prompt does not make the reply more likely: IFD >= 1
+  truncated                 (with a model) a reply that ends in a letter where the model expects neither its end
+                            nor a new line
 
 Kept records are written as they are in the input (every column, the file's own field names); every removed one
 goes to OUT.removed.jsonl with its rule, a detail (e.g. which record it duplicates) and the original record.
@@ -23,6 +25,7 @@ goes to OUT.removed.jsonl with its rule, a detail (e.g. which record it duplicat
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -32,6 +35,7 @@ from typing import Any
 
 from weitiao.config import CleanConfig, DataSource, SelectConfig
 from weitiao.data.dataset import Example, load_source, original_records
+from weitiao.data.encode import prompt_messages
 from weitiao.data.readers import Record, side_file, write_records
 from weitiao.data.select import ifd_scores
 from weitiao.data.tools import message_text
@@ -300,19 +304,35 @@ def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple
         if signature is not None:
             near.add(len(kept), signature)
         kept.append(index)
-    if config.mismatch_model and kept:
-        faults.update(_mismatched([examples[i] for i in kept], kept, config))
+    if config.model and kept:
+        faults.update(_model_faults([examples[i] for i in kept], kept, config))
     return faults
 
 
-def _mismatched(examples: list[Example], indices: list[int], config: CleanConfig) -> dict[int, tuple[str, str]]:
-    """Those of `examples` (at `indices`) whose IFD under config.mismatch_model is at or above config.mismatch_ifd.
-    An example with no reply token within max_length has no IFD and passes."""
-    scores, _ = ifd_scores(examples, SelectConfig(method="ifd", count=len(examples), model=config.mismatch_model,
+def ends_in_a_letter(reply: str) -> bool:
+    """The reply's last visible character is a letter (a CJK character counts): no closing punctuation, digit,
+    bracket or symbol, where a finished text usually has one."""
+    text = visible(reply)
+    return bool(text) and unicodedata.category(text[-1]).startswith("L")
+
+
+def _model_faults(examples: list[Example], indices: list[int], config: CleanConfig) -> dict[int, tuple[str, str]]:
+    """Those of `examples` (at `indices`) that config.model scores as truncated (a reply of 20 characters or more
+    ending in a letter, where the probability of ending or starting a new line is below end_probability) or
+    mismatched (IFD at or above mismatch_ifd). An example with no reply token within max_length has no scores and
+    passes; one whose end max_length cut off is not checked for truncation."""
+    scores, _ = ifd_scores(examples, SelectConfig(method="ifd", count=len(examples), model=config.model,
                                                   template=config.template, max_length=config.max_length))
-    return {index: ("mismatched", f"IFD {value:.3f}: the prompt does not make the reply more likely")
-            for index, value in zip(indices, scores["ifd"], strict=True)
-            if value >= config.mismatch_ifd}  # NaN compares False
+    end_limit = -math.log(config.end_probability) if config.end_probability else math.inf
+    faults = {}
+    for index, example, ifd, end_loss in zip(indices, examples, scores["ifd"], scores["end_loss"], strict=True):
+        reply = prompt_messages(example.messages)[1]
+        if end_loss > end_limit and len(visible(reply)) >= 20 and ends_in_a_letter(reply):  # NaN compares False
+            faults[index] = ("truncated", f"the model gives ending here a probability of {math.exp(-end_loss):.1e}: "
+                                          f"cut off mid-sentence ('...{visible(reply)[-12:]}')")
+        elif ifd >= config.mismatch_ifd:
+            faults[index] = ("mismatched", f"IFD {ifd:.3f}: the prompt does not make the reply more likely")
+    return faults
 
 
 def clean_examples(source: DataSource, config: CleanConfig) -> CleanResult:

@@ -23,7 +23,7 @@ from weitiao.data.encode import IGNORE_INDEX, Encoded
 from weitiao.paths import cache_dir
 
 # Part of every cache key: bump it when a change to the scoring code changes the numbers.
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 
 Reduce = Callable[[Any, torch.Tensor, torch.Tensor, list[int]], Sequence[np.ndarray]]
 
@@ -68,10 +68,15 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_losses(model, encoded: Sequence[Encoded], batch_size: int, pad_token_id: int, embed: bool = False,
-                    desc: str = "scoring") -> list[np.ndarray]:
-    """Per row: [mean cross-entropy over its label tokens] (NaN without any), followed, with `embed`, by the mean
-    last hidden state over the tokens before its first label (the prompt: with causal attention these states do
-    not see the response, so one pass gives both the conditioned loss and an embedding of the instruction)."""
+                    desc: str = "scoring", line_break_ids: Sequence[int] = ()) -> list[np.ndarray]:
+    """Per row: [mean cross-entropy over its label tokens, end loss] (NaN without any), followed, with `embed`, by
+    the mean last hidden state over the tokens before its first label (the prompt: with causal attention these
+    states do not see the response, so one pass gives both the conditioned loss and an embedding of the
+    instruction). The end loss is -log of the probability, where the last label token is predicted, of that token
+    (the end-of-turn token of an uncut reply) or of any of `line_break_ids` (tokens that start a new line): how
+    unlikely the model finds it that the reply ends, or at least its line, right there."""
+    breaks = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    breaks[list(line_break_ids)] = True
 
     def reduce(output, input_ids, attention_mask, batch):
         labels = _padded_labels(encoded, batch, input_ids.shape[1], input_ids.device)
@@ -82,7 +87,16 @@ def response_losses(model, encoded: Sequence[Encoded], batch_size: int, pad_toke
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
         nll[counted] = F.cross_entropy(output.logits[:, :-1][counted].float(), targets[counted], reduction="none")
         losses = nll.sum(1) / counted.sum(1)  # NaN for a row without label tokens
-        values = [losses.unsqueeze(1)]
+        positions = torch.arange(targets.shape[1], device=targets.device)
+        last = torch.where(counted, positions, -1).max(1).values.clamp(min=0)
+        rows = torch.arange(len(batch), device=targets.device)
+        probabilities = torch.softmax(output.logits[rows, last].float(), dim=-1)
+        line_breaks = breaks[:probabilities.shape[-1]].to(probabilities.device)
+        last_token = targets[rows, last].clamp(min=0)
+        ending = (probabilities * line_breaks).sum(1) + torch.where(
+            line_breaks[last_token], 0.0, probabilities.gather(1, last_token.unsqueeze(1)).squeeze(1))
+        end_loss = torch.where(counted.any(1), -torch.log(ending), torch.nan)
+        values = [losses.unsqueeze(1), end_loss.unsqueeze(1)]
         if embed:
             before_labels = (torch.cumsum(labels != IGNORE_INDEX, dim=1) == 0) & attention_mask.bool()
             values.append(_masked_mean(output.hidden_states[-1].float(), before_labels))

@@ -99,10 +99,11 @@ def _where(example: Example) -> dict[str, Any]:
 
 
 def encode_for_scoring(tokenizer, examples: list[Example], max_length: int
-                       ) -> tuple[list[Encoded], list[Encoded]]:
-    """Per example: (prompt + last reply, labels on that reply), cut at max_length as training cuts it; and the
-    reply alone after an empty user turn, labels on the same number of reply tokens."""
-    with_prompt, alone = [], []
+                       ) -> tuple[list[Encoded], list[Encoded], list[bool]]:
+    """Per example: (prompt + last reply, labels on that reply), cut at max_length as training cuts it; the reply
+    alone after an empty user turn, labels on the same number of reply tokens; and whether the whole reply, its
+    end-of-turn token included, is within max_length."""
+    with_prompt, alone, whole = [], [], []
     for example in examples:
         if example.messages is None:
             raise DataError("selection scores conversations, and this record is plain text", **_where(example))
@@ -118,8 +119,16 @@ def encode_for_scoring(tokenizer, examples: list[Example], max_length: int
         # No reply token within max_length: scored without labels, i.e. NaN, and excluded.
         kept = kept or Encoded(full.input_ids[:max_length], [IGNORE_INDEX] * min(max_length, len(full.labels)))
         with_prompt.append(kept)
-        alone.append(_first_label_tokens(bare, sum(label != IGNORE_INDEX for label in kept.labels)))
-    return with_prompt, alone
+        reply_tokens = sum(label != IGNORE_INDEX for label in kept.labels)
+        alone.append(_first_label_tokens(bare, reply_tokens))
+        whole.append(reply_tokens == sum(label != IGNORE_INDEX for label in full.labels))
+    return with_prompt, alone, whole
+
+
+def line_break_ids(tokenizer) -> list[int]:
+    """The ids of the tokens whose text starts a new line."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, text in enumerate(texts) if text.startswith(("\n", "\r"))]
 
 
 def _prompt_text(messages: list[dict[str, str]]) -> str:
@@ -226,28 +235,32 @@ def _load_scoring_model(resolved: str, name: str, kind: str, dtype: str):
 
 def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str, Any], embed: bool,
                  alone: bool) -> dict[str, np.ndarray]:
-    """loss_with_prompt and perplexity; with `embed` the prompt embeddings of the same pass; with `alone` the
-    reply-alone losses and IFD."""
+    """loss_with_prompt, perplexity and end_loss (-log of the probability that the reply ends, or breaks its line,
+    where it ends; NaN where max_length cut its end off); with `embed` the prompt embeddings of the same pass; with
+    `alone` the reply-alone losses and IFD."""
     from weitiao.config import DataConfig
     from weitiao.data.templates import install_template
 
     scorer = _Scorer(config, config.model, "causal", timing)
     tokenizer = scorer.tokenizer
     install_template(tokenizer, DataConfig(template=config.template))
-    with_prompt_rows, alone_rows = encode_for_scoring(tokenizer, examples, config.max_length)
+    with_prompt_rows, alone_rows, whole = encode_for_scoring(tokenizer, examples, config.max_length)
 
     def losses(rows: list[Encoded], with_embedding: bool, desc: str):
         return lambda model, missing: response_losses(model, [rows[i] for i in missing], config.batch_size,
-                                                      tokenizer.pad_token_id, with_embedding, desc)
+                                                      tokenizer.pad_token_id, with_embedding, desc,
+                                                      line_break_ids(tokenizer))
 
     keys = [row_key(row.input_ids, row.labels) for row in with_prompt_rows]
-    # A cached [loss] lacks the embedding k-center needs; a cached [loss, embedding...] serves every method.
+    # A cached [loss, end loss] lacks the embedding k-center needs; a cached [loss, end loss, embedding...] serves
+    # every method.
     values = scorer.run("with_prompt", keys, losses(with_prompt_rows, embed, "scoring with prompt"),
-                        usable=(lambda value: len(value) > 1) if embed else None)
+                        usable=(lambda value: len(value) > 2) if embed else None)
     scores = {"loss_with_prompt": np.array([value[0] for value in values])}
     scores["perplexity"] = np.exp(np.minimum(scores["loss_with_prompt"], 50.0))
+    scores["end_loss"] = np.where(whole, [value[1] for value in values], np.nan)
     if embed:
-        scores["embedding"] = np.stack([value[1:] for value in values])
+        scores["embedding"] = np.stack([value[2:] for value in values])
     if alone:
         keys = [row_key(row.input_ids, row.labels) for row in alone_rows]
         values = scorer.run("alone", keys, losses(alone_rows, False, "scoring response alone"))
