@@ -1,7 +1,8 @@
 """Batched forward passes that score examples one by one, and the on-disk cache of those scores.
 
 Every model-based selection score is one reduction over the same loop, `forward_batches`: the mean loss of a
-row's label tokens (IFD, perplexity) with the mean last hidden state of its prompt tokens (k-center embeddings),
+row's label tokens (IFD, perplexity) and how unlikely its reply is to end where it does (data clean's end check),
+with the mean last hidden state of its prompt tokens (k-center embeddings),
 the mean hidden state of an encoder (an embedding model), a judge's next-token probabilities over ratings, or a
 classifier's output.
 """
