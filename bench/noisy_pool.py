@@ -103,7 +103,7 @@ def detection(removed: dict[str, str], labels: dict[str, dict]) -> dict:
 
 def run_clean(pool: Path, args: argparse.Namespace, out: Path) -> dict:
     from weitiao.config import CleanConfig, DataSource
-    from weitiao.data.clean import clean_examples, write_clean
+    from weitiao.data.clean import END_CHECK, clean_examples, write_clean
 
     labels = {r["id"]: r for r in read_jsonl(pool.with_name("pool.labels.jsonl"))}
     config = CleanConfig(language="auto", model=args.model, max_length=MAX_LENGTH)
@@ -113,7 +113,7 @@ def run_clean(pool: Path, args: argparse.Namespace, out: Path) -> dict:
     summary = write_clean(result, out, str(pool))
     removed = {item.original["id"]: item.rule for item in result.removed}
     by_model = {item.original["id"] for item in result.removed
-                if item.rule == "mismatched" or item.detail.startswith("the model")}
+                if item.rule == "mismatched" or item.detail.startswith(END_CHECK)}
     text_rules = {i: rule for i, rule in removed.items() if i not in by_model}
     return {"config": config.model_dump(), "seconds": round(seconds, 1), "kept": summary["kept"],
             "removed_by_rule": summary["removed_by_rule"], "text_rules": detection(text_rules, labels),

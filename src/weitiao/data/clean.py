@@ -309,6 +309,10 @@ def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple
     return faults
 
 
+# How the model's end-of-reply check starts its detail line (it shares the rule name `truncated` with the text check).
+END_CHECK = "the model gives ending here"
+
+
 def ends_in_a_letter(reply: str) -> bool:
     """The reply's last visible character is a letter (a CJK character counts): no closing punctuation, digit,
     bracket or symbol, where a finished text usually has one."""
@@ -328,8 +332,8 @@ def _model_faults(examples: list[Example], indices: list[int], config: CleanConf
     for index, example, ifd, end_loss in zip(indices, examples, scores["ifd"], scores["end_loss"], strict=True):
         reply = prompt_messages(example.messages)[1]
         if end_loss > end_limit and len(visible(reply)) >= 20 and ends_in_a_letter(reply):  # NaN compares False
-            faults[index] = ("truncated", f"the model gives ending here a probability of {math.exp(-end_loss):.1e}: "
-                                          f"cut off mid-sentence ('...{visible(reply)[-12:]}')")
+            faults[index] = ("truncated", f"{END_CHECK} a probability of {math.exp(-end_loss):.1e}: cut off "
+                                          f"mid-sentence ('...{visible(reply)[-12:]}')")
         elif ifd >= config.mismatch_ifd:
             faults[index] = ("mismatched", f"IFD {ifd:.3f}: the prompt does not make the reply more likely")
     return faults
