@@ -342,9 +342,10 @@ class TrainConfig(_Section):
     None: on with a CUDA GPU when liger-kernel is installed and supports the model."""
     fused_lora: bool = True
     """LoRA: add each layer's low-rank update inside the base layer's matrix product (one epilogue instead of PEFT's
-    separate product, scale and add over the layer's output). Same parameters and adapter files. Applies to plain
-    LoRA (not DoRA, not quantized bases) in eager layers (with torch_compile, inductor fuses PEFT's own forward as
-    well) under ddp and zero2 (zero3 and fsdp gather weights per module and keep PEFT's forward)."""
+    separate product, scale and add over the layer's output), and in the backward pass the adapter's share of the
+    input gradient inside the base product's (no second gradient and add). Same parameters and adapter files.
+    Applies to plain LoRA (not DoRA, not quantized bases) in eager layers (with torch_compile, inductor fuses PEFT's
+    own forward as well) under ddp and zero2 (zero3 and fsdp gather weights per module and keep PEFT's forward)."""
     distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp"] = "ddp"
     """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
     full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3

@@ -80,3 +80,36 @@ def test_fused_lora_training_follows_peft_step_by_step(tmp_path, tiny_model_dir)
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
     assert runs[1].eval_loss < runs[1].eval_loss_before
     assert fused_layers(runs[1].model) == 0  # PEFT's code after training
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_lora_backward_gives_peft_gradients_with_a_base_bias(autocast):
+    """The input's gradient of both paths in one buffer (backward epilogue), a frozen base bias, the input's own
+    gradient checked, and under bf16 autocast the same dtypes and values as PEFT's path."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(48, 40, bias=True)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(3, 5, 48)
+    grad_out = torch.randn(3, 5, 40)
+
+    def forward_backward():
+        source = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(source)
+        out.backward(grad_out.to(out.dtype))
+        grads = {"x": source.grad, **{n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}}
+        layer.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = forward_backward()
+    assert fuse_lora_updates(layer, enabled=True) == 1
+    fused_out, fused_grads = forward_backward()
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    assert fused_out.dtype == out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(fused_out, out, **tolerance)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 3  # x, lora_A, lora_B (base frozen)
+    for name in grads:
+        assert fused_grads[name].dtype == grads[name].dtype, name
+        torch.testing.assert_close(fused_grads[name], grads[name], **tolerance, msg=name)
