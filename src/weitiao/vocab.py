@@ -275,27 +275,11 @@ def extend_vocabulary(model_name: str, corpus: list[str], out: str | Path, count
     source = resolve_model(model_name)
     tokenizer = load_tokenizer(source, ModelConfig(name_or_path=model_name))
     check_byte_level_bpe(tokenizer)
-    if eval_corpus:
-        train_texts, held_out_texts = list(text_documents(corpus, sample_by)), list(text_documents(eval_corpus,
-                                                                                                   sample_by))
-    else:
-        train_texts, held_out_texts = split_held_out(text_documents(corpus, sample_by), held_out)
-    if not train_texts:
-        raise WeitiaoError("the corpus has no text to learn pieces from")
+    train_texts, held_out_texts = _documents(corpus, eval_corpus, held_out, sample_by)
     log(f"corpus: {len(train_texts)} documents ({sum(map(len, train_texts)):,} characters) to learn from, "
         f"{len(held_out_texts)} held out")
-
     processor = train_sentencepiece(train_texts, sentencepiece_vocab, character_coverage)
-    candidates = candidate_pieces(processor, train_texts, tokenizer, min_frequency)
-    sentencepiece_ranks = {processor.id_to_piece(rank).replace("\u2581", " "): rank
-                           for rank in range(processor.get_piece_size())}
-    extension = plan_extension(tokenizer, candidates, count, sentencepiece_ranks)
-    if not extension.tokens:
-        raise WeitiaoError(f"no piece of the corpus is worth adding: every SentencePiece piece seen {min_frequency}+ "
-                           "times is already one token of this tokenizer (lower --min-frequency?)")
-    log(f"SentencePiece BPE: {processor.get_piece_size()} pieces, {len(candidates)} of them spelled with 2+ tokens "
-        f"by the base and seen {min_frequency}+ times; added {len(extension.pieces)} pieces as "
-        f"{len(extension.tokens)} tokens ({len(extension.tokens) - len(extension.pieces)} of them parts of pieces)")
+    extension = _extension(processor, train_texts, tokenizer, count, min_frequency, log)
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     # New ids follow the embedding rows, which some models pad beyond the tokenizer's last id.
@@ -320,9 +304,43 @@ def extend_vocabulary(model_name: str, corpus: list[str], out: str | Path, count
         "pieces": extension.pieces[:50],
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    before, after = report["tokens_per_char_before"], report["tokens_per_char_after"]
-    check = report["check"]
-    log(f"{'held-out' if held_out_texts else 'training'} text ({report['held_out_characters']:,} characters): "
+    _log_and_check(report, out, "held-out" if held_out_texts else "training", log)
+    return report
+
+
+def _documents(corpus: list[str], eval_corpus: list[str] | None, held_out: float,
+               sample_by: str) -> tuple[list[str], list[str]]:
+    """(documents to learn from, documents to measure on): eval_corpus's, or else a held-out share of corpus's."""
+    if eval_corpus:
+        train_texts, held_out_texts = list(text_documents(corpus, sample_by)), list(text_documents(eval_corpus,
+                                                                                                   sample_by))
+    else:
+        train_texts, held_out_texts = split_held_out(text_documents(corpus, sample_by), held_out)
+    if not train_texts:
+        raise WeitiaoError("the corpus has no text to learn pieces from")
+    return train_texts, held_out_texts
+
+
+def _extension(processor, train_texts: list[str], tokenizer, count: int, min_frequency: int,
+               log: Callable[[str], None]) -> Extension:
+    """The pieces to add: SentencePiece's, spelled with 2+ tokens by the base and frequent enough, best first."""
+    candidates = candidate_pieces(processor, train_texts, tokenizer, min_frequency)
+    sentencepiece_ranks = {processor.id_to_piece(rank).replace("\u2581", " "): rank
+                           for rank in range(processor.get_piece_size())}
+    extension = plan_extension(tokenizer, candidates, count, sentencepiece_ranks)
+    if not extension.tokens:
+        raise WeitiaoError(f"no piece of the corpus is worth adding: every SentencePiece piece seen {min_frequency}+ "
+                           "times is already one token of this tokenizer (lower --min-frequency?)")
+    log(f"SentencePiece BPE: {processor.get_piece_size()} pieces, {len(candidates)} of them spelled with 2+ tokens "
+        f"by the base and seen {min_frequency}+ times; added {len(extension.pieces)} pieces as "
+        f"{len(extension.tokens)} tokens ({len(extension.tokens) - len(extension.pieces)} of them parts of pieces)")
+    return extension
+
+
+def _log_and_check(report: dict[str, Any], out: Path, measured_on: str, log: Callable[[str], None]) -> None:
+    """Say what the extension did to tokens per character, and refuse a tokenizer that changes old text."""
+    before, after, check = report["tokens_per_char_before"], report["tokens_per_char_after"], report["check"]
+    log(f"{measured_on} text ({report['held_out_characters']:,} characters): "
         f"tokens/char {before:.3f} -> {after:.3f} ({100 * (after - before) / before:+.1f}%)")
     log(f"check: decode(encode(line)) == line for {check['round_trips']}/{check['lines']} lines; "
         f"{check['unchanged_without_new_tokens']}/{check['lines_without_new_tokens']} lines without a new token "
@@ -330,4 +348,3 @@ def extend_vocabulary(model_name: str, corpus: list[str], out: str | Path, count
     if check["round_trips"] != check["lines"] or (
             check["unchanged_without_new_tokens"] != check["lines_without_new_tokens"]):
         raise WeitiaoError(f"the extended tokenizer in {out} fails its checks (see above); please report this")
-    return report

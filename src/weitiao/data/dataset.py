@@ -328,8 +328,7 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
         raise DataError("no training data: set data.train to a file, a directory or a list of sources")
     if data.streaming:
         return _build_streaming(data, tokenizer, seed)
-    key = _cache_key(data, tokenizer, stage, seed)
-    folder = cache_dir("data") / key
+    folder = cache_dir("data") / _cache_key(data, tokenizer, stage, seed)
     if data.cache and (folder / "stats.json").is_file():
         stats = json.loads((folder / "stats.json").read_text())
         train = datasets.load_from_disk(str(folder / "train"))
@@ -338,6 +337,34 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
         return train, evaluation, stats
 
     rng = random.Random(seed)
+    train_examples, eval_examples, source_stats, held_out = _read_sources(data, stage, seed, rng)
+    if stage == "pt":
+        rng.shuffle(train_examples)  # sources (and the copies a weight makes) mix across blocks
+        train, train_summary = encode_documents(train_examples, tokenizer, data)
+        evaluation, eval_summary = (encode_documents(eval_examples, tokenizer, data) if eval_examples
+                                    else (None, None))
+    else:
+        train, train_summary = encode_examples(train_examples, tokenizer, data, stage)
+        evaluation, eval_summary = (encode_examples(eval_examples, tokenizer, data, stage, keep_source=True)
+                                    if eval_examples else (None, None))
+    if len(train) == 0:  # pre-training documents are never dropped
+        raise DataError(f"every training example was dropped ({train_summary['dropped']}); "
+                        f"raise data.max_length (now {data.max_length}) or use truncation: right/left")
+    stats = {"sources": [s.to_dict() for s in source_stats], "held_out_for_eval": held_out,
+             "train": train_summary, "eval": eval_summary}
+    if data.cache:
+        folder.mkdir(parents=True, exist_ok=True)
+        train.save_to_disk(str(folder / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(folder / "eval"))
+        (folder / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    return train, evaluation, stats
+
+
+def _read_sources(data: DataConfig, stage: str, seed: int, rng: random.Random
+                  ) -> tuple[list[Example], list[Example], list[SourceStats], int]:
+    """(training examples with source weights applied, eval examples, per-source stats, how many training examples
+    were held out for evaluation)."""
     train_parts, eval_examples, source_stats = [], [], []
     for source in data.train:
         examples, stats = load_source(source, data.on_error, kind=record_kind(stage))
@@ -362,28 +389,7 @@ def build_datasets(data: DataConfig, tokenizer, stage: str = "sft", seed: int = 
         train_examples += weighted
     if not train_examples:
         raise DataError("no training examples left after reading and skipping bad records")
-
-    if stage == "pt":
-        rng.shuffle(train_examples)  # sources (and the copies a weight makes) mix across blocks
-        train, train_summary = encode_documents(train_examples, tokenizer, data)
-        evaluation, eval_summary = (encode_documents(eval_examples, tokenizer, data) if eval_examples
-                                    else (None, None))
-    else:
-        train, train_summary = encode_examples(train_examples, tokenizer, data, stage)
-        evaluation, eval_summary = (encode_examples(eval_examples, tokenizer, data, stage, keep_source=True)
-                                    if eval_examples else (None, None))
-    if len(train) == 0:  # pre-training documents are never dropped
-        raise DataError(f"every training example was dropped ({train_summary['dropped']}); "
-                        f"raise data.max_length (now {data.max_length}) or use truncation: right/left")
-    stats = {"sources": [s.to_dict() for s in source_stats], "held_out_for_eval": held_out,
-             "train": train_summary, "eval": eval_summary}
-    if data.cache:
-        folder.mkdir(parents=True, exist_ok=True)
-        train.save_to_disk(str(folder / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(folder / "eval"))
-        (folder / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
-    return train, evaluation, stats
+    return train_examples, eval_examples, source_stats, held_out
 
 
 def _hold_out(parts: list[tuple[list[Example], SourceStats]], val_size: float, rng: random.Random

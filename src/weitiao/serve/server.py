@@ -293,87 +293,97 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
 
     @api.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        engine.get(body.model)
-        params = _sampling(body, body.max_completion_tokens or body.max_tokens)
-        messages, plan, tool_format = _chat_inputs(engine, body)
-        generation = await run_in_threadpool(engine.chat, body.model, messages, params, plan.tools,
-                                             plan.prefill)  # tokenizing takes time
-        request.state.generations = [generation]
-        request.state.model = body.model
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def finish_reason(calls: bool) -> str | None:
-            return "tool_calls" if calls and generation.finish_reason == "stop" else generation.finish_reason
-
-        if not body.stream:
-            await _replies(request, [generation])
-            message, calls = reply_message(generation.text, plan, tool_format)
-            return {"id": reply_id, "object": "chat.completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "message": message, "logprobs": None,
-                                 "finish_reason": finish_reason(calls)}],
-                    "usage": _usage([generation])}
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-            return _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
-
-        async def events() -> AsyncIterator[str]:
-            stream = CallStream(plan, tool_format)
-            yield chunk({"role": "assistant", "content": ""})
-            async for piece in generation.stream_async():
-                for delta in stream.feed(piece):
-                    yield chunk(delta)
-            for delta in stream.finish():
-                yield chunk(delta)
-            yield chunk({}, finish_reason(stream.calls))
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                            "model": body.model, "choices": [], "usage": _usage([generation])})
-            yield _sse("[DONE]")
-
-        return _event_stream(events(), [generation])
+        return await _chat_completion(engine, body, request)
 
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        engine.get(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        if len(prompts) > limits.max_prompts:
-            raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}",
-                           param="prompt")
-        # All queued or none (a full queue refuses the whole request); each prompt takes one place in the queue.
-        generations = await run_in_threadpool(engine.submit, body.model, prompts, _sampling(body, body.max_tokens),
-                                              False)
-        request.state.generations = generations
-        request.state.model = body.model
-        reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if not body.stream:
-            await _replies(request, generations)
-            return {"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": index, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
-                                for index, g in enumerate(generations)],
-                    "usage": _usage(generations)}
-
-        def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
-            return _sse({"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
-                         "choices": [{"index": index, "text": text, "logprobs": None,
-                                      "finish_reason": finish_reason}]})
-
-        async def events() -> AsyncIterator[str]:
-            for index, generation in enumerate(generations):
-                async for piece in generation.stream_async():
-                    yield chunk(index, piece)
-                yield chunk(index, "", generation.finish_reason)
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
-                            "choices": [], "usage": _usage(generations)})
-            yield _sse("[DONE]")
-
-        return _event_stream(events(), generations)
+        return await _completion(engine, limits, body, request)
 
     app.include_router(api)
     return app
+
+
+async def _chat_completion(engine: Engine, body: ChatCompletionRequest, request: Request):
+    """POST /v1/chat/completions: one reply, whole or streamed as chunks (tool calls parsed from its text)."""
+    engine.get(body.model)
+    params = _sampling(body, body.max_completion_tokens or body.max_tokens)
+    messages, plan, tool_format = _chat_inputs(engine, body)
+    generation = await run_in_threadpool(engine.chat, body.model, messages, params, plan.tools,
+                                         plan.prefill)  # tokenizing takes time
+    request.state.generations = [generation]
+    request.state.model = body.model
+    reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def finish_reason(calls: bool) -> str | None:
+        return "tool_calls" if calls and generation.finish_reason == "stop" else generation.finish_reason
+
+    if not body.stream:
+        await _replies(request, [generation])
+        message, calls = reply_message(generation.text, plan, tool_format)
+        return {"id": reply_id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": finish_reason(calls)}],
+                "usage": _usage([generation])}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        return _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    async def events() -> AsyncIterator[str]:
+        stream = CallStream(plan, tool_format)
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in generation.stream_async():
+            for delta in stream.feed(piece):
+                yield chunk(delta)
+        for delta in stream.finish():
+            yield chunk(delta)
+        yield chunk({}, finish_reason(stream.calls))
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                        "model": body.model, "choices": [], "usage": _usage([generation])})
+        yield _sse("[DONE]")
+
+    return _event_stream(events(), [generation])
+
+
+async def _completion(engine: Engine, limits: ServerLimits, body: CompletionRequest, request: Request):
+    """POST /v1/completions: one reply per prompt, all queued or none, whole or streamed one prompt after another."""
+    engine.get(body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) > limits.max_prompts:
+        raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}",
+                       param="prompt")
+    # All queued or none (a full queue refuses the whole request); each prompt takes one place in the queue.
+    generations = await run_in_threadpool(engine.submit, body.model, prompts, _sampling(body, body.max_tokens),
+                                          False)
+    request.state.generations = generations
+    request.state.model = body.model
+    reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.stream:
+        await _replies(request, generations)
+        return {"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": index, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
+                            for index, g in enumerate(generations)],
+                "usage": _usage(generations)}
+
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+        return _sse({"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
+                     "choices": [{"index": index, "text": text, "logprobs": None,
+                                  "finish_reason": finish_reason}]})
+
+    async def events() -> AsyncIterator[str]:
+        for index, generation in enumerate(generations):
+            async for piece in generation.stream_async():
+                yield chunk(index, piece)
+            yield chunk(index, "", generation.finish_reason)
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [], "usage": _usage(generations)})
+        yield _sse("[DONE]")
+
+    return _event_stream(events(), generations)
 
 
 async def _replies(request: Request, generations: list[Generation]) -> None:
