@@ -607,7 +607,8 @@ class CleanConfig(_Section):
     bracket or a symbol), is 20 characters or longer, and stops where the model, having read the prompt and the
     reply, gives less than this probability to its ending there or starting a new line (the end-of-turn token or a
     token that begins with a newline: a list item or a line of a poem may end without punctuation, a word cut in
-    two may not): a reply cut off mid-word or mid-sentence, however short its last line. 0: off."""
+    two may not): a reply cut off mid-word or mid-sentence, however short its last line. A conversation longer than
+    `max_length` is read from its last `max_length` tokens for this (one more pass over those records). 0: off."""
     template: ScoringTemplate = "auto"
     """Prompt template `model` scores with, as data.template in training."""
     max_length: int = Field(1024, gt=0)

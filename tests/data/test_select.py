@@ -56,9 +56,11 @@ def hand_reply_loss(model, tokenizer, messages) -> float:
     return float(np.mean([F.cross_entropy(logits[t - 1], torch.tensor(ids[t])).item() for t in reply]))
 
 
-def hand_end_loss(model, tokenizer, messages) -> float:
+def hand_end_loss(model, tokenizer, messages, last_tokens: int | None = None) -> float:
+    """-log P(<|im_end|> or a token that starts a new line) where <|im_end|> is predicted; with `last_tokens`, the
+    model reads only the conversation's last that many tokens."""
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"][-(last_tokens or 0):]
     end = len(ids) - 2  # <|im_end|>, before the template's final newline
     assert tokenizer.convert_ids_to_tokens(ids[end]) == "<|im_end|>"
     with torch.no_grad():
@@ -96,9 +98,14 @@ def test_long_examples_are_cut_like_training_and_scored_on_the_same_reply_tokens
     examples = examples_of(tmp_path, [
         [{"role": "user", "content": "Write many words."}, {"role": "assistant", "content": long_reply}],
         [{"role": "user", "content": "A prompt longer than max_length " * 20}, {"role": "assistant", "content": "x"}]])
-    with_prompt, alone, whole = encode_for_scoring(tokenizer, examples, max_length=64)
-    assert len(with_prompt[0].input_ids) == 64 and whole == [False, False]
-    assert encode_for_scoring(tokenizer, examples, max_length=512)[2] == [True, True]
+    with_prompt, alone, tails = encode_for_scoring(tokenizer, examples, max_length=64)
+    assert len(with_prompt[0].input_ids) == 64
+    # Where the reply's end is cut off: the conversation's last 64 tokens, where the reply ends (data clean's end
+    # check reads it).
+    whole = encode_for_scoring(tokenizer, examples, max_length=4096)[0][0]
+    assert [len(tail.input_ids) for tail in tails] == [64, 64]
+    assert tails[0].input_ids == whole.input_ids[-64:] and tails[0].labels == whole.labels[-64:]
+    assert encode_for_scoring(tokenizer, examples, max_length=512)[2] == [None, None]
     labelled = [sum(label != IGNORE_INDEX for label in row.labels) for row in (with_prompt[0], alone[0])]
     assert labelled[0] == labelled[1] > 10
     # The second example keeps no reply token within 64 tokens: it cannot be scored, alone neither (a row the model
@@ -281,3 +288,21 @@ def test_config_checks():
 
     with pytest.raises(ConfigError, match=r"invalid config \(options\): method: Input should be 'ifd'"):
         section_from_dict(SelectConfig, {"method": "best", "count": 1}, "(options)")
+
+
+def test_clean_reads_the_end_of_a_reply_longer_than_max_length(tmp_path, tiny_model_dir):
+    """ifd_scores (data clean's model rules) scores where a long reply ends on the conversation's last max_length
+    tokens; selection alone leaves it NaN (no extra pass)."""
+    from weitiao.data.select import ifd_scores
+    from weitiao.models import load_model
+
+    conversations = [CONVERSATIONS[0], [{"role": "user", "content": "Write many words."},
+                                        {"role": "assistant", "content": " ".join(f"w{i}" for i in range(80))}]]
+    examples = examples_of(tmp_path, conversations)
+    config = SelectConfig(method="ifd", count=1, model=tiny_model_dir, max_length=48, ifd_max=10)
+    scores, timing = ifd_scores(examples, config)
+    model, tokenizer, _ = load_model(ModelConfig(name_or_path=tiny_model_dir))
+    assert scores["end_loss"][0] == pytest.approx(hand_end_loss(model, tokenizer, conversations[0]), rel=1e-4)
+    assert scores["end_loss"][1] == pytest.approx(hand_end_loss(model, tokenizer, conversations[1], 48), rel=1e-4)
+    assert timing["passes"]["reply end"]["computed"] == 1
+    assert np.isnan(select_examples(examples, config).scores["end_loss"][1])

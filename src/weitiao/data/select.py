@@ -99,11 +99,12 @@ def _where(example: Example) -> dict[str, Any]:
 
 
 def encode_for_scoring(tokenizer, examples: list[Example], max_length: int
-                       ) -> tuple[list[Encoded], list[Encoded], list[bool]]:
+                       ) -> tuple[list[Encoded], list[Encoded], list[Encoded | None]]:
     """Per example: (prompt + last reply, labels on that reply), cut at max_length as training cuts it; the reply
-    alone after an empty user turn, labels on the same number of reply tokens; and whether the whole reply, its
-    end-of-turn token included, is within max_length."""
-    with_prompt, alone, whole = [], [], []
+    alone after an empty user turn, labels on the same number of reply tokens; and None where the whole reply, its
+    end-of-turn token included, is within max_length, else the conversation's last max_length tokens (where the
+    reply ends: what data clean's end check reads)."""
+    with_prompt, alone, tails = [], [], []
     for example in examples:
         if example.messages is None:
             raise DataError("selection scores conversations, and this record is plain text", **_where(example))
@@ -121,8 +122,9 @@ def encode_for_scoring(tokenizer, examples: list[Example], max_length: int
         with_prompt.append(kept)
         reply_tokens = sum(label != IGNORE_INDEX for label in kept.labels)
         alone.append(_first_label_tokens(bare, reply_tokens))
-        whole.append(reply_tokens == sum(label != IGNORE_INDEX for label in full.labels))
-    return with_prompt, alone, whole
+        whole = reply_tokens == sum(label != IGNORE_INDEX for label in full.labels)
+        tails.append(None if whole else Encoded(full.input_ids[-max_length:], full.labels[-max_length:]))
+    return with_prompt, alone, tails
 
 
 def line_break_ids(tokenizer) -> list[int]:
@@ -234,17 +236,18 @@ def _load_scoring_model(resolved: str, name: str, kind: str, dtype: str):
 
 
 def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str, Any], embed: bool,
-                 alone: bool) -> dict[str, np.ndarray]:
+                 alone: bool, cut_ends: bool = False) -> dict[str, np.ndarray]:
     """loss_with_prompt, perplexity and end_loss (-log of the probability that the reply ends, or breaks its line,
-    where it ends; NaN where max_length cut its end off); with `embed` the prompt embeddings of the same pass; with
-    `alone` the reply-alone losses and IFD."""
+    where it ends; where max_length cut its end off NaN, or with `cut_ends` read from one more pass over the
+    conversation's last max_length tokens); with `embed` the prompt embeddings of the same pass; with `alone` the
+    reply-alone losses and IFD."""
     from weitiao.config import DataConfig
     from weitiao.data.templates import install_template
 
     scorer = _Scorer(config, config.model, "causal", timing)
     tokenizer = scorer.tokenizer
     install_template(tokenizer, DataConfig(template=config.template))
-    with_prompt_rows, alone_rows, whole = encode_for_scoring(tokenizer, examples, config.max_length)
+    with_prompt_rows, alone_rows, tails = encode_for_scoring(tokenizer, examples, config.max_length)
 
     def losses(rows: list[Encoded], with_embedding: bool, desc: str):
         return lambda model, missing: response_losses(model, [rows[i] for i in missing], config.batch_size,
@@ -258,7 +261,13 @@ def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str
                         usable=(lambda value: len(value) > 2) if embed else None)
     scores = {"loss_with_prompt": np.array([value[0] for value in values])}
     scores["perplexity"] = np.exp(np.minimum(scores["loss_with_prompt"], 50.0))
-    scores["end_loss"] = np.where(whole, [value[1] for value in values], np.nan)
+    scores["end_loss"] = np.array([value[1] if tail is None else np.nan for value, tail in zip(values, tails)])
+    cut = [index for index, tail in enumerate(tails) if tail is not None]
+    if cut_ends and cut:
+        rows = [tails[index] for index in cut]
+        ends = scorer.run("reply end", [row_key(row.input_ids, row.labels) for row in rows],
+                          losses(rows, False, "scoring the ends of long replies"))
+        scores["end_loss"][cut] = [value[1] for value in ends]
     if embed:
         scores["embedding"] = np.stack([value[2:] for value in values])
     if alone:
@@ -271,9 +280,10 @@ def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str
 
 
 def ifd_scores(examples: list[Example], config: SelectConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """loss_with_prompt, loss_alone, perplexity and IFD of every example, and how long the passes took."""
+    """loss_with_prompt, loss_alone, perplexity, IFD and end_loss (every reply's end read) of every example, and
+    how long the passes took."""
     timing: dict[str, Any] = {"passes": {}}
-    return _loss_scores(examples, config, timing, embed=False, alone=True), timing
+    return _loss_scores(examples, config, timing, embed=False, alone=True, cut_ends=True), timing
 
 
 def _encoder_embeddings(examples: list[Example], config: SelectConfig, timing: dict[str, Any]
