@@ -251,7 +251,8 @@ class Trainer:
         self.steps_total, self.batches_per_epoch = self._schedule()
         self.model, self.optimizer, self.scheduler, self.eval_loader = self._prepare(model)
         # Listed once: walking a PEFT model's modules for them took ~1 ms of host time per step, time a GPU waits.
-        self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        # All of them, not only the trained ones: accelerate recognises an FSDP model's clipping by the full list.
+        self.model_parameters = list(self.model.parameters())
         self.block_masks = settings.packing and settings.attention == "flex_attention"  # see packed_rows_block_mask
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
@@ -354,7 +355,7 @@ class Trainer:
                 accelerator.backward(loss * scale)
                 self.interval.add(loss, stats)
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:
-                    self.grad_norm = accelerator.clip_grad_norm_(self.trained_parameters, self.args.max_grad_norm)
+                    self.grad_norm = accelerator.clip_grad_norm_(self.model_parameters, self.args.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
