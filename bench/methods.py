@@ -6,6 +6,7 @@ synthetic examples of exactly --length tokens; then LoRA vs QLoRA on the default
 
   python bench/methods.py --shape 1b --methods full freeze lora dora qlora ia3 prefix ptuning prompt
   python bench/methods.py --shape 8b --methods lora qlora --length 2048
+  python bench/methods.py --shape 8b --methods lora+offload --length 32704 --checkpointing   # 32k-token rows
   python bench/methods.py --quality          # lora vs qlora held-out loss, default model, GSM8K
 """
 
@@ -27,9 +28,10 @@ from train_speed import run_weitiao  # noqa: E402
 
 from tests.conftest import shared_data_dir  # noqa: E402
 
-# What each row sets besides `method` (dora is LoRA with DoRA).
-METHOD_SETTINGS = {"dora": {"method": "lora", "lora.use_dora": True}, "qlora8": {"method": "qlora",
-                                                                                 "quantization.bits": 8}}
+# What each row sets besides `method` (dora is LoRA with DoRA; +offload needs --checkpointing).
+METHOD_SETTINGS = {"dora": {"method": "lora", "lora.use_dora": True},
+                   "qlora8": {"method": "qlora", "quantization.bits": 8},
+                   "lora+offload": {"method": "lora", "train.offload_checkpoints": True}}
 
 
 def speed_table(args) -> list[dict]:

@@ -1,8 +1,8 @@
 """Training speed against the strongest peers, in one run on one machine: TRL, unsloth, LLaMA-Factory, axolotl and
 weitiao, each in a process of its own, on the same synthetic data, tokenizer and model shape as bench/train_speed.py
 (random weights: speed and memory do not depend on the values), LoRA r=16 alpha=32 on all linear layers, dropout 0,
-8,192-token packed rows, bf16. Each peer runs with its own best documented settings for speed (`settings` in each
-row names them and their source).
+8,192-token packed rows (--row-tokens), bf16. Each peer runs with its own best documented settings for speed
+(`settings` in each row names them and their source).
 
 Measured the same way for every peer: real (non-pad) tokens that entered the model, counted by a hook on the model
 (HF-Trainer peers) or by weitiao's own log; wall time between the step-`warmup` and the last observation, every 5
@@ -43,7 +43,6 @@ from common import (PEAK_BF16_FLOPS, StepTimer, build_model_folder, device_name,
 from train_speed import LOG_EVERY, run_weitiao  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROW_TOKENS = 8192
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all linear layers"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Runner = Callable[[str, Path, str, list, argparse.Namespace], dict]
@@ -144,7 +143,7 @@ def run_trl(model_dir: str, data: Path, method: str, options: list, args: argpar
         attention = VARLEN
     checkpointing = "ckpt" in options
     on_gpu = torch.cuda.is_available()
-    settings = {"packing": True, "packing_strategy": "bfd", "padding_free": True, "max_length": ROW_TOKENS,
+    settings = {"packing": True, "packing_strategy": "bfd", "padding_free": True, "max_length": args.row_tokens,
                 "per_device_train_batch_size": 1, "use_liger_kernel": on_gpu, "completion_only_loss": True,
                 "gradient_checkpointing": checkpointing, "attn_implementation": attention,
                 "weights": "bf16" if method == "lora" else "fp32 master weights, bf16 autocast",
@@ -155,8 +154,8 @@ def run_trl(model_dir: str, data: Path, method: str, options: list, args: argpar
     dtype = torch.bfloat16 if method == "lora" else torch.float32
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-4, logging_steps=10,
-        save_strategy="no", report_to=[], bf16=on_gpu, max_length=ROW_TOKENS, packing=True, packing_strategy="bfd",
-        padding_free=True, per_device_train_batch_size=1, use_liger_kernel=on_gpu,
+        save_strategy="no", report_to=[], bf16=on_gpu, max_length=args.row_tokens, packing=True,
+        packing_strategy="bfd", padding_free=True, per_device_train_batch_size=1, use_liger_kernel=on_gpu,
         gradient_checkpointing=checkpointing, optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         model_init_kwargs={"dtype": dtype, "attn_implementation": attention}, dataset_num_proc=4,
         dataloader_num_workers=0, disable_tqdm=True)
@@ -220,19 +219,19 @@ def run_unsloth(model_dir: str, data: Path, method: str, options: list, args: ar
 
     checkpointing = "unsloth" if "ckpt" in options else False
     settings = {"load_in_4bit": method == "qlora", "use_gradient_checkpointing": checkpointing, "packing": True,
-                "max_seq_length": ROW_TOKENS, "per_device_train_batch_size": 1, "optimizer": "adamw_torch_fused",
+                "max_seq_length": args.row_tokens, "per_device_train_batch_size": 1, "optimizer": "adamw_torch_fused",
                 "versions": versions("unsloth", "unsloth_zoo", "trl", "bitsandbytes", "xformers"),
                 "source": "docs.unsloth.ai fine-tuning guide (use_gradient_checkpointing='unsloth', lora_dropout=0, "
                           "packing=True)"}
     timer = clock_hf_trainers(args.warmup)
-    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=ROW_TOKENS, dtype=torch.bfloat16,
-                                                         load_in_4bit=method == "qlora")
+    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=args.row_tokens,
+                                                         dtype=torch.bfloat16, load_in_4bit=method == "qlora")
     model = FastLanguageModel.get_peft_model(model, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0,
                                              target_modules=LORA_TARGETS, bias="none",
                                              use_gradient_checkpointing=checkpointing)
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, learning_rate=1e-4, logging_steps=10,
-        save_strategy="no", report_to=[], bf16=True, max_length=ROW_TOKENS, packing=True,
+        save_strategy="no", report_to=[], bf16=True, max_length=args.row_tokens, packing=True,
         per_device_train_batch_size=1, optim="adamw_torch_fused", dataloader_num_workers=0, disable_tqdm=True,
         gradient_checkpointing=False)  # unsloth's own checkpointing (get_peft_model) replaces the Trainer's
     trainer = SFTTrainer(model=model, processing_class=tokenizer, args=config,
@@ -258,7 +257,7 @@ def run_llamafactory(model_dir: str, data: Path, method: str, options: list, arg
     (folder / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "sft.json"}}))
     options_used = {
         "stage": "sft", "do_train": True, "model_name_or_path": model_dir, "dataset": "synthetic",
-        "dataset_dir": str(folder), "template": "chatml", "cutoff_len": ROW_TOKENS, "packing": True,
+        "dataset_dir": str(folder), "template": "chatml", "cutoff_len": args.row_tokens, "packing": True,
         "finetuning_type": "lora" if method == "lora" else "full", "lora_rank": LORA["r"], "lora_alpha": LORA["alpha"],
         "lora_dropout": 0.0, "lora_target": "all", "enable_liger_kernel": on_gpu, "flash_attn": "sdpa",
         "per_device_train_batch_size": 1, "gradient_checkpointing": "ckpt" in options, "bf16": on_gpu,
@@ -297,12 +296,12 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
     if method == "dpo":  # whole pairs packed into the rows; the same LoRA, loss and reference as TRL's row
         extra.update(stage="dpo", method="lora", **{"pref.loss": "sigmoid", "pref.beta": 0.1})
         data = write_pairs(data)
-    settings = {"packing_length": ROW_TOKENS, "torch_compile": "compile" in options,
+    settings = {"packing_length": args.row_tokens, "torch_compile": "compile" in options,
                 "gradient_checkpointing": "ckpt" in options, "offload_checkpoints": "offload" in options,
-                "versions": versions("liger-kernel"),
+                "versions": versions("liger-kernel", *(["bitsandbytes"] if method == "qlora" else [])),
                 "source": "weitiao defaults (docs/config.md)"}
-    measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, "ckpt" in options, 2048, ROW_TOKENS,
-                           extra)
+    measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, "ckpt" in options,
+                           min(2048, args.row_tokens), args.row_tokens, extra)
     return {"settings": settings, **measured}
 
 
@@ -331,6 +330,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--row-tokens", type=int, default=8192, help="tokens per packed row, for every peer")
     parser.add_argument("--tag", default="", help="results file peers-<shape>-<tag>-<device>.json (e.g. dpo)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the default model's)")
     parser.add_argument("--site", action="append", default=[], metavar="PEER=DIR",
@@ -386,7 +386,7 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     tag = f"-{args.tag}" if args.tag else ""
     (results / f"peers-{args.shape}{tag}-{device.split()[-1].lower()}.json").write_text(
         json.dumps({"device": device, "shape": args.shape, "steps": args.steps, "warmup": args.warmup,
-                    "row_tokens": ROW_TOKENS, "rows": rows}, indent=2) + "\n")
+                    "row_tokens": args.row_tokens, "rows": rows}, indent=2) + "\n")
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
