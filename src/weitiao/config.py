@@ -590,7 +590,8 @@ class CleanConfig(_Section):
     letters are kept. `auto`, for mixed-language data: each reply in the language of the prompt before it (a
     prompt at least 60% CJK answered by a reply at least 80% Latin-script words, or a prompt at least 90% Latin
     words answered by a reply at least half CJK); prompts that ask for a translation or name a language, and
-    replies that look like code, are not checked."""
+    replies that look like code, are not checked, nor English replies to a Chinese prompt that quotes English text
+    or ends with it after a colon (its input: 用“shimmer”造句)."""
     language_share: float = Field(0.5, gt=0, le=1)
     """Share of units that must be in `language` (CJK characters for zh, Latin-script words for en)."""
     model: str | None = None

@@ -165,8 +165,13 @@ def test_language_auto_wants_each_reply_in_its_prompts_language(tmp_path):
         {"instruction": "编写JavaScript脚本以打印当前日期。", "output": "var d = new Date();\nconsole.log(d)"},  # code
         {"instruction": "列出四种水果。", "output": "苹果、香蕉、橙子和葡萄都是常见的水果。"},
         {"instruction": "Name a color.", "output": "Blue is a color of the sky."},
+        # English text the prompt quotes or ends with is its input: an English reply may be about it
+        {"instruction": "用“shimmer”和“keepsake”这两个词造一个句子。",
+         "output": "The shimmer of the old keepsake brought back memories."},
+        {"instruction": "改变以下名词为复数形式：watch", "output": "The plural form of the word is watches."},
+        {"instruction": "用“光芒”造一个句子。", "output": "The light of the morning sun filled the room."},  # zh quote
     ]
-    assert _rules(tmp_path, rows, language="auto") == [(1, "language"), (2, "language")]
+    assert _rules(tmp_path, rows, language="auto") == [(1, "language"), (2, "language"), (9, "language")]
     assert _rules(tmp_path, rows) == []  # language any: nothing checked
 
 

@@ -61,6 +61,9 @@ _NAMES_LANGUAGE = re.compile(r"翻译|译成|译为|英文|英语|中文|汉语|
 _CODE_LIKE = re.compile(r"[{};]|\bdef |\bimport |\bvar\b|\breturn\b|</?[a-z]+>")
 # Replies that may be code, a query or a formula, whose Latin letters say nothing about the language of the reply.
 _FORMULA_LIKE = re.compile(r"[=<>/\\]")
+# English text a Chinese prompt quotes or ends with (after a colon): the task's input, which the reply may be about
+# ("用“shimmer”造句", "改变以下名词为复数形式：watch").
+_QUOTED_LATIN = re.compile(r"[“\"‘'「『]\s*[A-Za-z][^“”\"‘’'「」『』\n]*[”\"’'」』]|[：:]\s*[A-Za-z][^\u3000-\u9fff]*$")
 _SENTENCE_END = set(".!?。！？…\"'”’)）]】}>*`|~-_=#»」』")
 # A last line that is a list marker with nothing after it, and a reply that stops inside a calculation: after an
 # operator, or with a bracket of its last line left open.
@@ -176,7 +179,7 @@ def _language_mismatch(messages: list[dict[str, str]]) -> str | None:
         # A word or two of English can be the label a Chinese prompt asks for; Chinese characters in the reply to
         # an English prompt are Chinese however few.
         if prompt_zh >= 0.6 and len(units) >= 5 and not _FORMULA_LIKE.search(reply) \
-                and language_share(reply, "en") >= 0.8:
+                and language_share(reply, "en") >= 0.8 and not _QUOTED_LATIN.search(before["content"].strip()):
             return f"a Chinese prompt (zh share {prompt_zh:.2f}) answered in English"
         if language_share(before["content"], "en") >= 0.9 and reply_zh >= 0.5:
             return f"an English prompt answered in Chinese (zh share {reply_zh:.2f})"
