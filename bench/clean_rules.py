@@ -3,8 +3,9 @@
   python bench/clean_rules.py --work outputs/noisy-pool        # the pool of bench/noisy_pool.py (built if missing)
 
 Settings, all with language auto (the pool mixes Chinese and English): the text rules at their defaults; with the
-model rules (--model: `mismatched`, IFD >= mismatch_ifd, and the end-of-reply check of `truncated`); the same with
-mismatch_ifd 0.98; and the text rules and the model rules with truncated_sentence. The model scores the records
+model rules (--model: `mismatched` and the model's checks of `truncated`, by the record's own scores and against its
+neighbours'); the same without the neighbourhood checks (neighbours 0); with mismatch_ifd 0.98; and the text rules
+and the model rules with truncated_sentence. The model scores the records
 the text rules keep, once: the settings share the passes through weitiao's score cache. Precision counts every
 removal of a record without an injected label as wrong, though the sources have faults of their own (their
 refusals, for one); `unlabelled_removed_by_rule` says which rules removed those.
@@ -33,6 +34,7 @@ def settings(model: str) -> dict[str, dict]:
     with_model = {"model": model, "max_length": MAX_LENGTH}
     return {"text rules": {},
             "text + model rules": with_model,
+            "text + model rules, neighbours 0": {**with_model, "neighbours": 0},
             "text + model rules, mismatch_ifd 0.98": {**with_model, "mismatch_ifd": 0.98},
             "text rules + truncated_sentence": {"truncated_sentence": True},
             "text + model rules + truncated_sentence": {**with_model, "truncated_sentence": True}}
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(shared_data_dir()))
     parser.add_argument("--work", default="outputs/noisy-pool")
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="the pool's seed (another seed: other faults, records)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--results", help="default bench/results/noisy-pool-clean-<device>.json")
     args = parser.parse_args()
@@ -52,7 +55,7 @@ def main() -> None:
 
     data = Path(args.work) / "data"
     if not (data / "build.json").is_file():
-        build(Path(args.data), data, args.scale, heldout=100)
+        build(Path(args.data), data, args.scale, heldout=100, seed=args.seed)
     labels = {r["id"]: r for r in read_jsonl(data / "pool.labels.jsonl")}
     rows = []
     for name, options in settings(args.model).items():

@@ -20,7 +20,9 @@ Faults, as a share of the clean records (each a record added or a clean record r
   truncated 4%        the last reply cut off at 30-80% of its length (a generation that hit its token limit)
   shuffled 4%         the last reply of another record of the same task (misaligned rows)
   wrong_language 3%   a BELLE zh instruction answered with the Self-Instruct English output of the same seed task,
-                      or the other way round (correct content, wrong language)
+                      or the other way round (correct content, wrong language); where both outputs have Chinese
+                      characters (a translation task) or neither has (code, a number, "D") the reply is put in
+                      all the same, labelled as no fault (16 of 116 at --scale 1)
   empty_or_one_word 3%  the reply empty, invisible (U+200B) or one word ("OK", "好的。") where the original was long
   refusal 3%          a refusal ("I'm sorry, but I can't...", "作为一个AI语言模型，我无法...") instead of the answer
   boilerplate 2%      the answer followed by a long repeated disclaimer / site footer
@@ -228,11 +230,17 @@ def inject(pool: list[dict], parallel: dict, rng: random.Random) -> list[dict]:
         zh_task, en_task = parallel[key]
         zh_prompt = records[index]["task"] == "instruct_zh"
         prompt = seed_task(zh_task if zh_prompt else en_task)[0]
-        answer = seed_task(en_task if zh_prompt else zh_task)[1]
-        records[index] = {**records[index], "conversations": conversation(prompt, answer), "fault": "wrong_language",
-                          "detail": f"{'zh' if zh_prompt else 'en'} prompt, {'en' if zh_prompt else 'zh'} reply"}
-    # Duplicates last, of records that are still clean (a copy of a replaced record would duplicate nothing).
-    clean = [i for i, r in enumerate(records) if r["fault"] is None]
+        answer, own = seed_task(en_task if zh_prompt else zh_task)[1], seed_task(zh_task if zh_prompt else en_task)[1]
+        if bool(_CJK.search(answer)) != bool(_CJK.search(own)):
+            fault, detail = "wrong_language", f"{'zh' if zh_prompt else 'en'} prompt, " \
+                                              f"{'en' if zh_prompt else 'zh'} reply"
+        else:  # both answers Chinese (a translation) or neither (code, a number, a letter): the answer is right
+            fault, detail = None, "the other language's answer, in the same language as this one's: no fault"
+        records[index] = {**records[index], "conversations": conversation(prompt, answer), "fault": fault,
+                          "detail": detail}
+    # Duplicates last, of records that are still clean (a copy of a replaced record would duplicate nothing) and
+    # not replaced at all (so the pool is the one built before the no-fault label above existed).
+    clean = [i for i, r in enumerate(records) if r["fault"] is None and r["detail"] is None]
     added = []
     for fault, edit in (("exact_duplicate", exact_copy), ("near_duplicate", near_edit)):
         for _ in range(round(FAULTS[fault] * size)):
@@ -306,8 +314,9 @@ def build(data: Path, out: Path, scale: float, heldout: int, seed: int = 0) -> d
             encoding="utf-8")
     summary = {"records": len(records), "clean": sum(r["fault"] is None for r in records),
                "tasks": dict(Counter(r["task"] for r in records)),
-               "faults": dict(Counter(r["fault"] for r in records if r["fault"])), "seed": seed, "scale": scale,
-               "overlap": overlap}
+               "faults": dict(Counter(r["fault"] for r in records if r["fault"])),
+               "replaced_without_fault": sum(r["fault"] is None and r["detail"] is not None for r in records),
+               "seed": seed, "scale": scale, "overlap": overlap}
     (out / "build.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
 

@@ -18,10 +18,13 @@ def test_pool_faults_are_labelled_truthfully(tmp_path, shared_data):
     pool = [json.loads(line) for line in (tmp_path / "pool.jsonl").read_text(encoding="utf-8").splitlines()]
     labels = [json.loads(line) for line in (tmp_path / "pool.labels.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in pool] == [label["id"] for label in labels] and len(pool) == built["records"]
-    clean = built["clean"]
+    # Rates are of the clean records before faults; the wrong-language replacements whose answers carry the same
+    # language as the right one (code, "D") are right answers, labelled clean.
+    before = built["clean"] + sum(
+        n for f, n in built["faults"].items() if f not in ("exact_duplicate", "near_duplicate"))
     for fault, rate in noisy_pool_data.FAULTS.items():
-        assert built["faults"][fault] == round(rate * (clean + sum(  # rates are of the clean records before faults
-            n for f, n in built["faults"].items() if f not in ("exact_duplicate", "near_duplicate")))), fault
+        extra = built["replaced_without_fault"] if fault == "wrong_language" else 0
+        assert built["faults"][fault] + extra == round(rate * before), fault
     by_id = {r["id"]: r for r in pool}
     position = {r["id"]: i for i, r in enumerate(pool)}
     reply = lambda r: r["conversations"][-1]["value"]  # noqa: E731
@@ -35,6 +38,10 @@ def test_pool_faults_are_labelled_truthfully(tmp_path, shared_data):
             assert same == (label["fault"] == "exact_duplicate")
         elif label["fault"] == "empty_or_one_word":
             assert len(visible(reply(record)).split()) <= 1 and len(visible(reply(record))) <= 5
+        elif label["fault"] == "wrong_language":  # Chinese characters in the reply exactly when the prompt is English
+            chinese_reply = bool(noisy_pool_data._CJK.search(reply(record)))
+            assert chinese_reply == label["detail"].startswith("en prompt") != \
+                bool(noisy_pool_data._CJK.search(record["conversations"][0]["value"]))
         elif label["fault"] == "boilerplate":
             assert any(line in reply(record) for line in noisy_pool_data.BOILERPLATE["en"]
                        + noisy_pool_data.BOILERPLATE["zh"])
@@ -47,8 +54,8 @@ def test_pool_faults_are_labelled_truthfully(tmp_path, shared_data):
 
 def test_clean_finds_the_injected_faults_it_is_built_for(tmp_path, shared_data):
     """`data clean`'s text rules (no model) against the labels of a small pool: recall and precision have floors a
-    little under what they measure (full pool: 80.5% / 85.1%, docs/data-selection.md), and each fault a rule exists
-    for is found nearly completely."""
+    little under what they measure (here 81.6% / 86.2%; full pool 82.5% / 85.7%, docs/data-selection.md), and
+    each fault a rule exists for is found nearly completely."""
     import noisy_pool
     import noisy_pool_data
 
@@ -62,11 +69,11 @@ def test_clean_finds_the_injected_faults_it_is_built_for(tmp_path, shared_data):
                             CleanConfig(language="auto", truncated_sentence=True))
     found = noisy_pool.detection({item.original["id"]: item.rule for item in result.removed}, labels)
     print(found)
-    assert found["recall"] >= 0.77 and found["precision"] >= 0.82
+    assert found["recall"] >= 0.79 and found["precision"] >= 0.84
     share = {fault: int(caught) / int(injected)
              for fault, (caught, injected) in ((f, v.split("/")) for f, v in found["recall_by_fault"].items())}
     assert min(share[f] for f in ("exact_duplicate", "refusal", "boilerplate")) == 1.0
-    assert share["near_duplicate"] >= 0.9 and share["empty_or_one_word"] >= 0.85 and share["wrong_language"] >= 0.75
+    assert share["near_duplicate"] >= 0.97 and share["empty_or_one_word"] >= 0.85 and share["wrong_language"] >= 0.85
 
 
 def test_generation_faults_counts_the_answers_that_show_an_injected_fault():

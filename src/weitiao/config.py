@@ -599,17 +599,33 @@ class CleanConfig(_Section):
     hub id: the model you will fine-tune), as `data select` scores them (two forward passes per record, cached and
     shared with `data select`), for two rules no text rule can apply: `mismatched`, a prompt that does not make the
     reply more likely (IFD, the loss of the reply after the prompt / the loss of the reply alone, at or above
-    `mismatch_ifd`: a reply that belongs to another prompt, a one-word or off-topic reply), and `truncated`, a reply
-    that stops where the model does not expect it to (`end_probability`). None: off."""
+    `mismatch_ifd`, or far above the IFD of similar prompts' records: `mismatch_outlier`; a reply that belongs to
+    another prompt, a one-word or off-topic reply), and `truncated`, a reply that stops where the model does not
+    expect it to (`end_probability`) or before the final line the replies to similar prompts share
+    (`ending_share`). None: off."""
     mismatch_ifd: float = Field(1.0, gt=0)
     """IFD from which a record is removed as mismatched (with `model`)."""
     end_probability: float = Field(0.005, ge=0, lt=1)
-    """With `model`: remove as truncated a record whose last reply ends in a letter (not in punctuation, a digit, a
-    bracket or a symbol), is 20 characters or longer, and stops where the model, having read the prompt and the
+    """With `model`: remove as truncated a record whose last reply ends in a letter or a digit (not in punctuation,
+    a bracket or a symbol), is 20 characters or longer, and stops where the model, having read the prompt and the
     reply, gives less than this probability to its ending there or starting a new line (the end-of-turn token or a
     token that begins with a newline: a list item or a line of a poem may end without punctuation, a word cut in
     two may not): a reply cut off mid-word or mid-sentence, however short its last line. A conversation longer than
     `max_length` is read from its last `max_length` tokens for this (one more pass over those records). 0: off."""
+    neighbours: int = Field(40, ge=0)
+    """With `model`: how many records with the nearest prompts each record is compared with by the two rules
+    below (cosine similarity of the model's mean hidden state over the prompt, from the scoring pass itself: no
+    extra pass); they apply when more than this many records are scored. 0: both off."""
+    mismatch_outlier: float = Field(4.0, gt=0)
+    """With `model` and `neighbours`: also remove as mismatched a record whose IFD lies this many median absolute
+    deviations (at least 0.02) above the median IFD of its neighbours: a reply the prompt helps far less than
+    similar prompts help theirs (a shuffled pair, a plausible reply to a similar question), where IFD stays
+    under `mismatch_ifd`."""
+    ending_share: float = Field(0.9, gt=0, le=1)
+    """With `model` and `neighbours`: remove as truncated a last reply that ends in a letter or a digit, where at
+    least this share of its neighbours' last replies end with a last line that starts with the same word and
+    this one does not (GSM8K's '#### 42', 'The answer is: 42'): a reply cut off before the final line its kind
+    always has."""
     template: ScoringTemplate = "auto"
     """Prompt template `model` scores with, as data.template in training."""
     max_length: int = Field(1024, gt=0)

@@ -47,6 +47,25 @@ def test_duplicates_exact_and_near_are_removed_and_distinct_records_kept(tmp_pat
         clean_examples(DataSource(path=str(source)), CleanConfig(near_dup_threshold=0.999))
 
 
+def test_a_short_reply_edited_under_the_same_prompt_is_a_near_duplicate(tmp_path):
+    """One edit changes most of a short reply's n-grams, so MinHash misses it; the same prompt with a reply alike
+    character by character (difflib's ratio >= near_dup_threshold) is a near duplicate."""
+    rows = [
+        {"instruction": "你好", "output": "你好！今天我能为你提供什么帮助？"},
+        {"instruction": "20和45的最大公因数是多少？", "output": "20 和 45 的最大公因数是 5。"},
+        {"instruction": "你好", "output": "那么，你好！今天我能为你提供什么帮助？"},  # a word added
+        {"instruction": "20和45的最大公因数是多少？", "output": "20 和 45 的最大因公数是 5。"},  # two swapped
+        {"instruction": "你好", "output": "你好呀，有什么想聊的吗？"},  # another reply to the same prompt
+        {"instruction": "您好", "output": "那么，你好！今天我能为你提供什么帮助？"},  # another prompt
+    ]
+    result = clean_examples(DataSource(path=str(write_jsonl(tmp_path / "in.jsonl", rows))), CleanConfig())
+    assert [(item.record, item.rule) for item in result.removed] == [(3, "near_duplicate"), (4, "near_duplicate")]
+    assert "the same prompt as record 1" in result.removed[0].detail and "0.91 alike" in result.removed[0].detail
+    assert "the same prompt as record 2" in result.removed[1].detail and "0.94 alike" in result.removed[1].detail
+    assert _rules(tmp_path, rows, near_dup_threshold=0.92) == [(4, "near_duplicate")]
+    assert _rules(tmp_path, rows, near_dedup=False) == []
+
+
 def test_dedup_on_prompt_keeps_one_reply_per_prompt(tmp_path):
     rows = [{"question": "2+2?", "answer": "4"}, {"question": "2+2?", "answer": "Four."},
             {"question": "3+3?", "answer": "6"}]
@@ -170,8 +189,17 @@ def test_language_auto_wants_each_reply_in_its_prompts_language(tmp_path):
          "output": "The shimmer of the old keepsake brought back memories."},
         {"instruction": "改变以下名词为复数形式：watch", "output": "The plural form of the word is watches."},
         {"instruction": "用“光芒”造一个句子。", "output": "The light of the morning sun filled the room."},  # zh quote
+        # Code for an English request, with Chinese comments and prose: Chinese; code for a Chinese one: code
+        {"instruction": "Write a python function that counts x in a list.",
+         "output": "下面是代码：\ndef count(x, y):\n    # 统计x在列表y中出现的次数\n    return y.count(x)"},
+        {"instruction": "写一个Python函数，统计x在列表中出现的次数。",
+         "output": "def count(x, y):\n    # count how often x is in the list y\n    return y.count(x)"},
+        # A language named in the text to work on, not in the instruction (its first or last line)
+        {"instruction": "Predict the news' impact on the stock.\nTesla's Chinese rival cut its prices again.\n"
+                        "Output positive, negative or neutral.", "output": "负面"},
     ]
-    assert _rules(tmp_path, rows, language="auto") == [(1, "language"), (2, "language"), (9, "language")]
+    assert _rules(tmp_path, rows, language="auto") == [(1, "language"), (2, "language"), (9, "language"),
+                                                       (10, "language"), (12, "language")]
     assert _rules(tmp_path, rows) == []  # language any: nothing checked
 
 
@@ -203,9 +231,12 @@ def test_fillers_are_removed_unless_the_prompt_asks_for_them(tmp_path):
         {"instruction": "Can you write me a poem about rain?", "output": "Sure!"},  # a request, not a question
         {"instruction": "Extract the dates in: no date here.", "output": "None"},  # an answer
         {"instruction": "Name a fruit.", "output": "Okay, apples."},
+        {"instruction": "Does the series of 1/n^2 converge?", "output": "Sure."},  # no answer to a yes/no question
+        {"instruction": "提出五种增加动力的策略。", "output": "略"},  # 略 is in 策略, but not named as a word
+        {"instruction": "Mark skipped items with 略 and the others with 好.", "output": "略"},  # named
     ]
     assert _rules(tmp_path, rows, exact_dedup=False, near_dedup=False) == [
-        (1, "filler"), (2, "filler"), (3, "filler"), (4, "filler"), (9, "filler")]
+        (1, "filler"), (2, "filler"), (3, "filler"), (4, "filler"), (9, "filler"), (12, "filler"), (13, "filler")]
     assert _rules(tmp_path, rows, filler=False, exact_dedup=False, near_dedup=False) == []
 
 
@@ -215,6 +246,9 @@ def test_fillers_are_removed_unless_the_prompt_asks_for_them(tmp_path):
     ("优势如下：\n1. 清洁：不排放温室气体。\n\n2. ", "empty list item"),
     ("43. 锝（Technetium, Tc）\n44. 钌(Ru", "never closed"),
     ("She earns 8 * ", "ends inside a calculation"),
+    ("For the four bottles she paid 4 * 1.5 = $<<4*1.5=6>>", "ends inside a calculation"),  # no result after it
+    ("He is left with 20 - 5 = <", "ends inside a calculation"),
+    ("The steps are as follows;", "ends with ';'"),
 ])
 def test_replies_cut_inside_a_calculation_a_bracket_or_a_list_are_truncated(reply, why):
     assert why in looks_truncated(reply)
@@ -222,7 +256,8 @@ def test_replies_cut_inside_a_calculation_a_bracket_or_a_list_are_truncated(repl
 
 @pytest.mark.parametrize("reply", ["The answer is **42**", "Use C++", "He got an A+", "x = 5\ny = x * 2",
                                    "巴西利斯克（Basilisk)是一种生物。", "- apples\n- pears", "1) first\n2) second",
-                                   "#### 72", "Answer: 8 - 3 = 5"])
+                                   "#### 72", "Answer: 8 - 3 = 5", "var d = new Date();\nconsole.log(d);",
+                                   "He has <<2+3=5>>5 apples."])
 def test_finished_replies_are_not_truncated(reply):
     assert looks_truncated(reply) is None
 
@@ -250,8 +285,8 @@ def test_truncated_sentence_catches_a_reply_cut_mid_sentence(tmp_path):
 
 def test_model_rules_remove_mismatched_and_cut_off_replies_by_their_scores(tmp_path, monkeypatch):
     """The plumbing: only records that pass the text rules are scored; IFD >= mismatch_ifd is mismatched; a reply
-    of 20 characters or more that ends in a letter, where ending or breaking the line has a probability below
-    end_probability, is truncated (not one that ends in a digit or punctuation, nor a short one, nor one whose end
+    of 20 characters or more that ends in a letter or a digit, where ending or breaking the line has a probability
+    below end_probability, is truncated (not one that ends in punctuation, nor a short one, nor one whose end
     max_length cut off: NaN); no scores at all (NaN) pass."""
     import numpy as np
 
@@ -261,22 +296,67 @@ def test_model_rules_remove_mismatched_and_cut_off_replies_by_their_scores(tmp_p
     unlikely_end = -np.log(0.0005)  # below the default end_probability of 0.005
     outputs = ["Reply 0 is complete.", "Reply 1 is complete.", "Reply 2.", "Reply 3 is complete.",
                "The answer is that we first compute th", "The total is 4 + 5 = 9, so 9", "This reply stops at a",
-               "短答案被截断了", "日本流行音乐艺术家有很多，例如宇多田光、椎名林檎，还有很多其他的"]
-    ifd = [0.5, 1.0, np.nan, 1.3, 0.6, 0.6, 0.6, 0.6, 0.6]
-    end_loss = [0.1, 0.1, np.nan, 0.1, unlikely_end, unlikely_end, np.nan, unlikely_end, unlikely_end]
+               "短答案被截断了", "日本流行音乐艺术家有很多，例如宇多田光、椎名林檎，还有很多其他的",
+               "The total is 4 + 5 = 9, so 9 + 3 = 12."]
+    ifd = [0.5, 1.0, np.nan, 1.3, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    end_loss = [0.1, 0.1, np.nan, 0.1, unlikely_end, unlikely_end, np.nan, unlikely_end, unlikely_end, unlikely_end]
 
-    def fake_ifd_scores(examples, config):
+    def fake_ifd_scores(examples, config, embed):
         scored.append([e.messages[0]["content"] for e in examples])
         assert config.model == "my-model" and config.max_length == 256
+        assert not embed  # 10 records scored, not more than the 40 neighbours: no neighbourhood rules
         return {"ifd": np.array(ifd), "end_loss": np.array(end_loss)}, {}
 
     monkeypatch.setattr(clean, "ifd_scores", fake_ifd_scores)
     rows = [{"instruction": f"Q{i}?", "output": output} for i, output in enumerate(outputs)]
     rows.insert(1, {"instruction": "Q0?", "output": "Reply 0 is complete."})  # an exact duplicate: not scored
     assert _rules(tmp_path, rows, model="my-model", max_length=256) == [
-        (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched"), (6, "truncated"), (10, "truncated")]
-    assert scored == [[f"Q{i}?" for i in range(9)]]
+        (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched"), (6, "truncated"), (7, "truncated"),
+        (10, "truncated")]
+    assert scored == [[f"Q{i}?" for i in range(10)]]
     assert _rules(tmp_path, rows, model="my-model", max_length=256, end_probability=0) == [
         (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched")]
     assert _rules(tmp_path, rows, model="my-model", max_length=256, end_probability=0.0001) == [
         (2, "exact_duplicate"), (3, "mismatched"), (5, "mismatched")]
+
+
+def test_neighbourhood_rules_compare_a_record_with_those_of_the_nearest_prompts(tmp_path, monkeypatch):
+    """With more scored records than `neighbours`: a reply that ends in a word, where ending_share of the nearest
+    prompts' replies end with a '####' line, is truncated (not one that ends a sentence); an IFD mismatch_outlier
+    median absolute deviations above the neighbours' median is mismatched (not a smaller one, nor with the
+    rules off)."""
+    import numpy as np
+
+    import weitiao.data.clean as clean
+
+    math_answer = "Each box holds 4 apples, so 3 boxes hold 3 * 4 = 12 apples.\n#### 12"
+    replies = [math_answer] * 5 + [
+        "Each box holds 4 apples, so 3 boxes hold 3 * 4 = 12 apples, and the",  # cut before its '####' line
+        math_answer,  # a reply the prompt helps far less than its neighbours' prompts help theirs
+        "Each box holds 4 apples, so the answer is 12.",  # no '####' line, but a finished sentence
+    ] + ["这个问题的答案取决于具体情况，需要综合考虑。"] * 6
+    ifd = [0.60, 0.61, 0.59, 0.62, 0.60, 0.61, 0.85, 0.60] + [0.90, 0.91, 0.89, 0.92, 0.88, 0.95]
+    # Two clusters of prompts; the sentence-ending record a little apart from its cluster.
+    offsets = np.linspace(0, 0.05, 14)[:, None] * np.array([[0, 0, 1, 0]])
+    embedding = np.array([[1.0, 0, 0, 0]] * 7 + [[1.0, 0, 0, 0.3]] + [[0, 1.0, 0, 0]] * 6) + offsets
+
+    embedded = []
+
+    def fake_ifd_scores(examples, config, embed):
+        embedded.append(embed)
+        scores = {"ifd": np.array(ifd), "end_loss": np.full(len(ifd), 0.1)}
+        return {**scores, "embedding": embedding} if embed else scores, {}
+
+    monkeypatch.setattr(clean, "ifd_scores", fake_ifd_scores)
+    rows = [{"instruction": f"Question {i}: how many apples?" if i < 8 else f"问题{i}：怎么办？", "output": reply}
+            for i, reply in enumerate(replies)]
+    options = {"model": "my-model", "neighbours": 5, "exact_dedup": False, "near_dedup": False}
+    source = write_jsonl(tmp_path / "rules.jsonl", rows)
+    removed = clean_examples(DataSource(path=str(source)), CleanConfig(**options)).removed
+    assert [(item.record, item.rule) for item in removed] == [(6, "truncated"), (7, "mismatched")]
+    assert "5 of the 5 records with the nearest prompts end their reply with a line starting '####'" in \
+        removed[0].detail
+    assert removed[1].detail.startswith("IFD 0.850, 12.0 median absolute deviations above the 0.610 of the 5")
+    assert _rules(tmp_path, rows, **{**options, "mismatch_outlier": 13}) == [(6, "truncated")]
+    assert _rules(tmp_path, rows, **{**options, "neighbours": 0}) == []
+    assert embedded == [True, True, False]  # no embeddings asked for without the rules that use them

@@ -306,3 +306,16 @@ def test_clean_reads_the_end_of_a_reply_longer_than_max_length(tmp_path, tiny_mo
     assert scores["end_loss"][1] == pytest.approx(hand_end_loss(model, tokenizer, conversations[1], 48), rel=1e-4)
     assert timing["passes"]["reply end"]["computed"] == 1
     assert np.isnan(select_examples(examples, config).scores["end_loss"][1])
+
+
+def test_nearest_neighbours_are_the_most_similar_other_rows_by_cosine_in_any_block_size():
+    from weitiao.data.select import nearest_neighbours
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(50, 8)) * rng.uniform(0.5, 5, size=(50, 1))  # norms vary: cosine, not distance
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = np.argsort(-similarity, axis=1, kind="stable")[:, :5]
+    for block in (7, 1024):
+        assert np.array_equal(nearest_neighbours(points, 5, block=block), expected)

@@ -14,9 +14,11 @@ The rules run in this order, and the first that applies names the reason a recor
   exact_duplicate           same normalised text as an earlier kept record
   near_duplicate            MinHash-estimated Jaccard similarity of character n-grams >= threshold with an
                             earlier kept record (datasketch's LSH finds the candidates)
-  mismatched                (with a model) the prompt does not make the reply more likely: IFD >= 1
-  truncated                 (with a model) a reply that ends in a letter where the model expects neither its end
-                            nor a new line
+  mismatched                (with a model) the prompt does not make the reply more likely: IFD >= 1, or IFD far above
+                            that of the records with the nearest prompts
+  truncated                 (with a model) a reply that ends in a letter or a digit where the model expects neither
+                            its end nor a new line, or without the final line that the replies to the nearest
+                            prompts share ("#### 42")
 
 Kept records are written as they are in the input (every column, the file's own field names); every removed one
 goes to OUT.removed.jsonl with its rule, a detail (e.g. which record it duplicates) and the original record.
@@ -24,20 +26,24 @@ goes to OUT.removed.jsonl with its rule, a detail (e.g. which record it duplicat
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from weitiao.config import CleanConfig, DataSource, SelectConfig
 from weitiao.data.dataset import Example, load_source, original_records
 from weitiao.data.encode import prompt_messages
 from weitiao.data.readers import Record, side_file, write_records
-from weitiao.data.select import ifd_scores
+from weitiao.data.select import ifd_scores, nearest_neighbours
 from weitiao.data.tools import message_text
 from weitiao.errors import ConfigError, DataError
 
@@ -68,12 +74,13 @@ _SENTENCE_END = set(".!?。！？…\"'”’)）]】}>*`|~-_=#»」』")
 # A last line that is a list marker with nothing after it, and a reply that stops inside a calculation: after an
 # operator, or with a bracket of its last line left open.
 _EMPTY_LIST_ITEM = re.compile(r"(?:^|\n)[ \t]*(?:\d+[.、)]|[-*•])[ \t]*$")
-_OPEN_OPERATOR = re.compile(r"(?:=|(?<=[\d\s)])[+*/×÷])$")
+_OPEN_OPERATOR = re.compile(r"(?:=|<<[^<>\n]*>>|(?<=[\d\s)])[+*/×÷<-])$")
 _BRACKETS = (("<<", ">>"), ("(（", ")）"), ("[", "]"), ("《", "》"), ("“", "”"))  # full- and half-width agree
 # Replies that answer nothing: acknowledgements (unless the prompt asks a yes/no question or names the word) and
 # placeholders. "None", "N/A" and "无" are left alone: they answer extraction tasks whose input has nothing to find.
 _ACKNOWLEDGEMENT = re.compile(r"ok(?:ay)?|sure|yes|yeah|of course|no problem|好的?|可以|是的?|行|当然(?:可以)?|没问题",
                               re.IGNORECASE)
+_YES = re.compile(r"yes|yeah|of course|可以|是的?|行|当然(?:可以)?", re.IGNORECASE)  # answers; "OK", "sure" are not
 _PLACEHOLDER = re.compile(r"done|got it|understood|tbd|todo|\.{3,}|…+|略|嗯+|收到|明白了?|同上|见上", re.IGNORECASE)
 _YES_NO_QUESTION = re.compile(r"^\s*(?:is|are|am|was|were|do|does|did|has|have|had|will|should)\b|\bwhether\b"
                               r"|\b(?:tell(?: me)?|determine|decide|check|say) if\b|yes or no|yes/no|true or false"
@@ -129,8 +136,8 @@ def looks_truncated(reply: str, in_sentence: bool = False) -> str | None:
     text = reply.rstrip()
     if text.count("```") % 2:
         return "unclosed ``` code block"
-    if text and text[-1] in _UNFINISHED_ENDINGS:
-        return f"ends with '{text[-1]}'"
+    if text and text[-1] in _UNFINISHED_ENDINGS and not (text[-1] == ";" and _CODE_LIKE.search(text[:-1])):
+        return f"ends with '{text[-1]}'"  # a statement of code may end with ';'; a sentence not
     if _EMPTY_LIST_ITEM.search(text):
         return "ends with an empty list item"
     if _OPEN_OPERATOR.search(text):
@@ -153,11 +160,13 @@ def _count(text: str, marks: str) -> int:
 def looks_like_filler(prompt: str, reply: str) -> bool:
     """The reply is only an acknowledgement or a placeholder, not an answer to `prompt`."""
     text = visible(reply).rstrip(" .。!！~～")
+    # The prompt names the word (Reply "OK" when ready; 回答“好的”): as a word of its own, not a part of one (策略).
+    named = bool(text) and re.search(rf"(?<!\w){re.escape(text)}(?!\w)", prompt, re.IGNORECASE) is not None
     if _PLACEHOLDER.fullmatch(text):
-        return text.casefold() not in prompt.casefold()
+        return not named
     if _ACKNOWLEDGEMENT.fullmatch(text):
         yes_no = bool(_YES_NO_QUESTION.search(prompt.strip())) and not _REQUEST.search(prompt)
-        return not yes_no and text.casefold() not in prompt.casefold()
+        return not (yes_no and _YES.fullmatch(text)) and not named
     return False
 
 
@@ -166,19 +175,27 @@ def looks_like_refusal(reply: str) -> bool:
     return len(text) <= 400 and bool(_REFUSAL_CUE.search(text[:150])) and bool(_REFUSAL.search(text[:150]))
 
 
+def _names_language(prompt: str) -> bool:
+    """The prompt's instruction, its first or last line, names a language or a translation; a language named in
+    the text it gives to work on ("a crash in southern China") asks for nothing."""
+    lines = prompt.strip().splitlines() or [""]
+    return bool(_NAMES_LANGUAGE.search(lines[0]) or _NAMES_LANGUAGE.search(lines[-1]))
+
+
 def _language_mismatch(messages: list[dict[str, str]]) -> str | None:
     """The first reply that is not in the language of the prompt before it (language `auto`), described."""
     for before, message in zip(messages, messages[1:]):
-        if message["role"] != "assistant" or before["role"] != "user" or _NAMES_LANGUAGE.search(before["content"]):
+        if message["role"] != "assistant" or before["role"] != "user" or _names_language(before["content"]):
             continue
         reply = message_text(message)
         units = _UNITS.findall(_CODE_BLOCK.sub(" ", reply))
         prompt_zh, reply_zh = language_share(before["content"], "zh"), language_share(reply, "zh")
-        if _CODE_LIKE.search(reply) or prompt_zh is None or reply_zh is None:
+        if prompt_zh is None or reply_zh is None:
             continue
-        # A word or two of English can be the label a Chinese prompt asks for; Chinese characters in the reply to
-        # an English prompt are Chinese however few.
-        if prompt_zh >= 0.6 and len(units) >= 5 and not _FORMULA_LIKE.search(reply) \
+        # A word or two of English can be the label a Chinese prompt asks for, and code is English-like whatever
+        # the language of its request; Chinese characters in the reply to an English prompt are Chinese however
+        # few, in code (comments, strings, prose around it) too.
+        if prompt_zh >= 0.6 and len(units) >= 5 and not (_CODE_LIKE.search(reply) or _FORMULA_LIKE.search(reply)) \
                 and language_share(reply, "en") >= 0.8 and not _QUOTED_LATIN.search(before["content"].strip()):
             return f"a Chinese prompt (zh share {prompt_zh:.2f}) answered in English"
         if language_share(before["content"], "en") >= 0.9 and reply_zh >= 0.5:
@@ -280,6 +297,24 @@ class NearDuplicateIndex:
         self.signatures[key] = signature
 
 
+def _prompt_and_reply(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """Everything before the last reply, and the last reply, normalised."""
+    last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return (dedup_text(messages, "prompt"), normalise(message_text(messages[last_reply])))
+
+
+def _edited_reply(reply: str, earlier: list[tuple[int, str]] | None, threshold: float) -> tuple[int, float] | None:
+    """The earlier (index, reply) of the same prompt most like `reply` by difflib's ratio of matching characters,
+    with that ratio, if it reaches `threshold`."""
+    best = None
+    for index, other in earlier or ():
+        matcher = difflib.SequenceMatcher(None, reply, other, autojunk=False)
+        if matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold \
+                and (ratio := matcher.ratio()) >= threshold and (best is None or ratio > best[1]):
+            best = index, ratio
+    return best
+
+
 def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple[str, str]]:
     """The examples (by index) that break a rule, each with (rule, detail); the first that applies names it.
     Duplicates are judged against the earlier examples that break no rule (the first occurrence is kept)."""
@@ -289,6 +324,10 @@ def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple
     near = (NearDuplicateIndex(config.near_dup_threshold, config.num_perm, config.shingle_size)
             if config.near_dedup else None)
     boilerplate = shared_lines(examples, config.boilerplate_records) if config.boilerplate_records else {}
+    # Kept replies by their normalised prompt: a short reply edited by a word or two is a near duplicate that
+    # n-gram sets miss (one edit changes most of its few n-grams).
+    same_prompt: dict[str, list[tuple[int, str]]] | None = (
+        {} if near is not None and config.dedup_on == "conversation" else None)
     for index, example in enumerate(examples):
         verdict = _rule_violation(example.messages, config, boilerplate)
         text = dedup_text(example.messages, config.dedup_on)
@@ -300,12 +339,20 @@ def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple
             first, similarity = examples[kept[match[0]]], match[1]
             verdict = "near_duplicate", (f"similarity {similarity:.2f} with record {first.record} of "
                                          f"{first.source}")
+        prompt_key, reply = _prompt_and_reply(example.messages) if same_prompt is not None else ("", "")
+        if same_prompt is not None and verdict is None \
+                and (match := _edited_reply(reply, same_prompt.get(prompt_key), config.near_dup_threshold)):
+            first, similarity = examples[match[0]], match[1]
+            verdict = "near_duplicate", (f"the same prompt as record {first.record} of {first.source}, and a reply "
+                                         f"{similarity:.2f} alike character by character")
         if verdict is not None:
             faults[index] = verdict
             continue
         seen_exact.setdefault(text, example)
         if signature is not None:
             near.add(len(kept), signature)
+        if same_prompt is not None:
+            same_prompt.setdefault(prompt_key, []).append((index, reply))
         kept.append(index)
     if config.model and kept:
         faults.update(_model_faults([examples[i] for i in kept], kept, config))
@@ -316,29 +363,75 @@ def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple
 END_CHECK = "the model gives ending here"
 
 
-def ends_in_a_letter(reply: str) -> bool:
-    """The reply's last visible character is a letter (a CJK character counts): no closing punctuation, digit,
-    bracket or symbol, where a finished text usually has one."""
+def ends_in_a_word(reply: str) -> bool:
+    """The reply's last visible character is a letter (a CJK character counts) or a digit: no closing punctuation,
+    bracket or symbol, where a finished text usually has one. A number can be cut ("= <<17+8=25>>2") as a word can."""
     text = visible(reply)
-    return bool(text) and unicodedata.category(text[-1]).startswith("L")
+    return bool(text) and unicodedata.category(text[-1])[0] in "LN"
+
+
+def last_line_opening(reply: str) -> str:
+    """The first word of the reply's last line ('####' in GSM8K's '#### 42'); '' for an empty reply."""
+    lines = visible(reply).splitlines()
+    words = lines[-1].split() if lines else []
+    return words[0] if words else ""
+
+
+def _compare_with_neighbours(scores: dict[str, np.ndarray], replies: list[str], count: int, ending_share: float
+                             ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, int]]]:
+    """Per record, against the `count` records with the nearest prompts: their median IFD, how many median absolute
+    deviations (at least 0.02) its IFD lies above it, and (by position) the first word of the last line that at
+    least `ending_share` of their replies share and its own last line lacks, with how many share it."""
+    neighbours = nearest_neighbours(scores["embedding"], count)
+    ifd = scores["ifd"]
+    with warnings.catch_warnings():  # a neighbourhood without any IFD has none to compare with: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median = np.nanmedian(ifd[neighbours], axis=1)
+        spread = np.nanmedian(np.abs(ifd[neighbours] - median[:, None]), axis=1)
+    openings = [last_line_opening(reply) for reply in replies]
+    missing_ending = {}
+    for position, row in enumerate(neighbours):
+        common, sharing = Counter(openings[j] for j in row).most_common(1)[0]
+        if common and sharing >= ending_share * count and openings[position] != common:
+            missing_ending[position] = common, sharing
+    return median, (ifd - median) / np.maximum(spread, 0.02), missing_ending
 
 
 def _model_faults(examples: list[Example], indices: list[int], config: CleanConfig) -> dict[int, tuple[str, str]]:
-    """Those of `examples` (at `indices`) that config.model scores as truncated (a reply of 20 characters or more
-    ending in a letter, where the probability of ending or starting a new line is below end_probability) or
-    mismatched (IFD at or above mismatch_ifd). An example with no reply token within max_length has no scores and
-    passes; one whose end max_length cut off is not checked for truncation."""
+    """Those of `examples` (at `indices`) that config.model scores as truncated or mismatched. A reply of 20
+    characters or more that ends in a letter or a digit is truncated where the probability of ending or starting a
+    new line is below end_probability, or where ending_share of its neighbours' replies end with a last line that
+    opens with a word its own last line lacks; a record is mismatched at IFD >= mismatch_ifd, or at
+    mismatch_outlier median absolute deviations above its neighbours' median IFD. An example with no reply token
+    within max_length has no scores and passes; one whose end max_length cut off is not checked for truncation."""
+    near = config.neighbours if config.neighbours and len(examples) > config.neighbours else 0
     scores, _ = ifd_scores(examples, SelectConfig(method="ifd", count=len(examples), model=config.model,
-                                                  template=config.template, max_length=config.max_length))
+                                                  template=config.template, max_length=config.max_length),
+                           embed=bool(near))
+    replies = [prompt_messages(example.messages)[1] for example in examples]
+    ifd, end_loss = scores["ifd"], scores["end_loss"]
+    median = outlier = np.full(len(examples), np.nan)
+    missing_ending: dict[int, tuple[str, int]] = {}
+    if near:
+        median, outlier, missing_ending = _compare_with_neighbours(scores, replies, near, config.ending_share)
     end_limit = -math.log(config.end_probability) if config.end_probability else math.inf
     faults = {}
-    for index, example, ifd, end_loss in zip(indices, examples, scores["ifd"], scores["end_loss"], strict=True):
-        reply = prompt_messages(example.messages)[1]
-        if end_loss > end_limit and len(visible(reply)) >= 20 and ends_in_a_letter(reply):  # NaN compares False
-            faults[index] = ("truncated", f"{END_CHECK} a probability of {math.exp(-end_loss):.1e}: cut off "
-                                          f"mid-sentence ('...{visible(reply)[-12:]}')")
-        elif ifd >= config.mismatch_ifd:
-            faults[index] = ("mismatched", f"IFD {ifd:.3f}: the prompt does not make the reply more likely")
+    for position, (index, reply) in enumerate(zip(indices, replies, strict=True)):
+        word_end = len(visible(reply)) >= 20 and ends_in_a_word(reply)
+        if word_end and end_loss[position] > end_limit:  # NaN compares False
+            faults[index] = ("truncated", f"{END_CHECK} a probability of {math.exp(-end_loss[position]):.1e}: cut "
+                                          f"off mid-sentence ('...{visible(reply)[-12:]}')")
+        elif word_end and position in missing_ending:
+            common, count = missing_ending[position]
+            faults[index] = ("truncated", f"{count} of the {near} records with the nearest prompts end their reply "
+                                          f"with a line starting '{common}'; this one stops before it "
+                                          f"('...{visible(reply)[-12:]}')")
+        elif ifd[position] >= config.mismatch_ifd:
+            faults[index] = ("mismatched", f"IFD {ifd[position]:.3f}: the prompt does not make the reply more likely")
+        elif outlier[position] >= config.mismatch_outlier:
+            faults[index] = ("mismatched", f"IFD {ifd[position]:.3f}, {outlier[position]:.1f} median absolute "
+                                           f"deviations above the {median[position]:.3f} of the {near} records "
+                                           f"with the nearest prompts: the prompt helps little with this reply")
     return faults
 
 

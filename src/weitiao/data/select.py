@@ -279,11 +279,12 @@ def _loss_scores(examples: list[Example], config: SelectConfig, timing: dict[str
     return scores
 
 
-def ifd_scores(examples: list[Example], config: SelectConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """loss_with_prompt, loss_alone, perplexity, IFD and end_loss (every reply's end read) of every example, and
-    how long the passes took."""
+def ifd_scores(examples: list[Example], config: SelectConfig, embed: bool = False
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """loss_with_prompt, loss_alone, perplexity, IFD and end_loss (every reply's end read) of every example, with
+    `embed` the prompt embeddings of the same pass, and how long the passes took."""
     timing: dict[str, Any] = {"passes": {}}
-    return _loss_scores(examples, config, timing, embed=False, alone=True, cut_ends=True), timing
+    return _loss_scores(examples, config, timing, embed=embed, alone=True, cut_ends=True), timing
 
 
 def _encoder_embeddings(examples: list[Example], config: SelectConfig, timing: dict[str, Any]
@@ -401,6 +402,21 @@ def _normalised(embeddings: np.ndarray) -> np.ndarray:
     """Unit length: Euclidean distance then orders like cosine distance, which mean-pooled states call for (their
     norms vary with length more than with meaning)."""
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_neighbours(embeddings: np.ndarray, count: int, block: int = 1024) -> np.ndarray:
+    """For each row, the indices of the `count` other rows most similar to it by cosine similarity (most similar
+    first), computed a block of rows at a time so memory stays block x rows."""
+    points = _normalised(embeddings.astype(np.float32))
+    neighbours = np.empty((len(points), count), dtype=np.int64)
+    for start in range(0, len(points), block):
+        similarity = points[start:start + block] @ points.T
+        rows = np.arange(len(similarity))
+        similarity[rows, start + rows] = -np.inf  # not its own neighbour
+        top = np.argpartition(-similarity, count - 1, axis=1)[:, :count]
+        order = np.argsort(-similarity[rows[:, None], top], axis=1, kind="stable")
+        neighbours[start:start + block] = top[rows[:, None], order]
+    return neighbours
 
 
 def choose(scores: dict[str, np.ndarray], config: SelectConfig, total: int
