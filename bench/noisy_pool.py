@@ -103,7 +103,7 @@ def detection(removed: dict[str, str], labels: dict[str, dict]) -> dict:
 
 def run_clean(pool: Path, args: argparse.Namespace, out: Path) -> dict:
     from weitiao.config import CleanConfig, DataSource
-    from weitiao.data.clean import END_CHECK, clean_examples, write_clean
+    from weitiao.data.clean import clean_examples, write_clean
 
     labels = {r["id"]: r for r in read_jsonl(pool.with_name("pool.labels.jsonl"))}
     config = CleanConfig(language="auto", model=args.model, max_length=MAX_LENGTH)
@@ -112,9 +112,9 @@ def run_clean(pool: Path, args: argparse.Namespace, out: Path) -> dict:
     seconds = time.time() - started
     summary = write_clean(result, out, str(pool))
     removed = {item.original["id"]: item.rule for item in result.removed}
-    by_model = {item.original["id"] for item in result.removed
-                if item.rule == "mismatched" or item.detail.startswith(END_CHECK)}
-    text_rules = {i: rule for i, rule in removed.items() if i not in by_model}
+    # The model scores only what the text rules keep, so these are the text rules' removals in the run above too.
+    text_only = clean_examples(DataSource(path=str(pool)), config.model_copy(update={"model": None}))
+    text_rules = {item.original["id"]: item.rule for item in text_only.removed}
     return {"config": config.model_dump(), "seconds": round(seconds, 1), "kept": summary["kept"],
             "removed_by_rule": summary["removed_by_rule"], "text_rules": detection(text_rules, labels),
             "with_model": detection(removed, labels),

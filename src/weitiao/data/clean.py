@@ -359,10 +359,6 @@ def find_faults(examples: list[Example], config: CleanConfig) -> dict[int, tuple
     return faults
 
 
-# How the model's end-of-reply check starts its detail line (it shares the rule name `truncated` with the text check).
-END_CHECK = "the model gives ending here"
-
-
 def ends_in_a_word(reply: str) -> bool:
     """The reply's last visible character is a letter (a CJK character counts) or a digit: no closing punctuation,
     bracket or symbol, where a finished text usually has one. A number can be cut ("= <<17+8=25>>2") as a word can."""
@@ -419,8 +415,9 @@ def _model_faults(examples: list[Example], indices: list[int], config: CleanConf
     for position, (index, reply) in enumerate(zip(indices, replies, strict=True)):
         word_end = len(visible(reply)) >= 20 and ends_in_a_word(reply)
         if word_end and end_loss[position] > end_limit:  # NaN compares False
-            faults[index] = ("truncated", f"{END_CHECK} a probability of {math.exp(-end_loss[position]):.1e}: cut "
-                                          f"off mid-sentence ('...{visible(reply)[-12:]}')")
+            probability = math.exp(-end_loss[position])
+            faults[index] = ("truncated", f"the model gives ending here a probability of {probability:.1e}: cut off "
+                                          f"mid-sentence ('...{visible(reply)[-12:]}')")
         elif word_end and position in missing_ending:
             common, count = missing_ending[position]
             faults[index] = ("truncated", f"{count} of the {near} records with the nearest prompts end their reply "
