@@ -331,7 +331,8 @@ class TrainConfig(_Section):
     offload_checkpoints: bool = False
     """With gradient_checkpointing on a GPU: keep each checkpointed layer's input in pinned CPU memory until its
     backward pass (unsloth's "unsloth" checkpointing): 2 bytes x hidden size per token per layer less GPU memory
-    (0.5 GiB for a 1B model at 8k tokens, 2 GiB for 8B), copied out on a side stream."""
+    (0.5 GiB for a 1B model at 8k tokens, 2 GiB for 8B), copied out on a side stream. One GPU; with torch_compile
+    each layer's forward is compiled and the checkpoint around it stays eager."""
     torch_compile: bool = False
     """Compile each decoder layer with torch.compile (inductor; accelerate's regional compilation): the first steps
     are slow. Liger then keeps only its fused linear + cross-entropy; inductor fuses RMSNorm, SwiGLU and RoPE itself."""

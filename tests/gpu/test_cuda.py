@@ -240,6 +240,35 @@ def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(tmp_path, to
     assert abs(plain.eval_loss - offloaded.eval_loss) < 1e-2
 
 
+def test_offloaded_checkpoints_around_compiled_layers(monkeypatch, tmp_path, tokenizer):
+    """train.offload_checkpoints with train.torch_compile: each layer's forward compiled in place, the checkpoint
+    around it eager; the layer inputs go to pinned CPU memory, and the run trains to the loss of compiled layers
+    with plain checkpointing (accelerate's regional compilation)."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import offload, run
+
+    moved = []
+    pack = offload.OffloadedSavedTensors._pack
+
+    def spy(self, tensor):
+        packed = pack(self, tensor)
+        moved.append(isinstance(packed, tuple) and packed[1].is_pinned())
+        return packed
+
+    monkeypatch.setattr(offload.OffloadedSavedTensors, "_pack", spy)
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
+                    data__packing=True, data__packing_length=2048, train__torch_compile=True,
+                    train__gradient_checkpointing=True)
+    plain = run(make_config(tmp_path / "a", model_dir, **settings))
+    offloaded = run(make_config(tmp_path / "b", model_dir, train__offload_checkpoints=True, **settings))
+    print(f"eval loss: compiled + checkpoints {plain.eval_loss:.5f}, compiled + offloaded {offloaded.eval_loss:.5f}; "
+          f"peak {plain.gpu_peak_gib:.3f} vs {offloaded.gpu_peak_gib:.3f} GiB")
+    assert moved and all(moved)  # every layer input of >= 1 MiB went to pinned memory
+    assert abs(plain.eval_loss - offloaded.eval_loss) < 1e-2
+
+
 def test_preference_stages_on_the_gpu_defaults(tmp_path, tokenizer):
     """dpo on packed pairs (varlen FlashAttention, Liger's layer kernels, the fused LoRA update): reply log-probs of a
     packed row equal those of padded rows, and training ranks the held-out pairs; rm and kto run on padded batches."""

@@ -117,9 +117,34 @@ def test_offloaded_checkpoints_move_only_the_layer_inputs(monkeypatch, tmp_path,
     assert all(len(shape) == 3 and shape[-1] == 64 for shape in seen)  # (batch, tokens, hidden)
 
 
-def test_offloaded_checkpoints_need_checkpointing_and_one_eager_process(tmp_path, tiny_model_dir):
+def test_offloaded_checkpoints_need_checkpointing(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="set gradient_checkpointing: true"):
         make_config(tmp_path, tiny_model_dir, train__offload_checkpoints=True)
-    with pytest.raises(ConfigError, match="without train.torch_compile"):
-        run(make_config(tmp_path, tiny_model_dir, train__gradient_checkpointing=True, train__offload_checkpoints=True,
-                        train__torch_compile=True))
+
+
+def test_offloaded_checkpoints_around_compiled_layers_train_as_compiled_checkpoints(monkeypatch, tmp_path,
+                                                                                    tiny_model_dir):
+    """With torch_compile each layer's forward is compiled in place and the offloading checkpoint stays eager around
+    it (its hooks see each layer's input, as without compilation); the same adapter as accelerate's compiled
+    layers with plain checkpointing; the returned model runs uncompiled."""
+    from weitiao.train import offload
+
+    seen = []
+    pack = offload.OffloadedSavedTensors._pack
+    monkeypatch.setattr(offload.OffloadedSavedTensors, "_pack",
+                        lambda self, tensor: seen.append(tuple(tensor.shape)) or pack(self, tensor))
+    settings = dict(train__max_steps=3, train__optim="sgd", train__learning_rate=0.5, train__torch_compile=True,
+                    train__gradient_checkpointing=True)
+    plain = run(make_config(tmp_path / "plain", tiny_model_dir, **settings))
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compiled.append(function) or compile(
+        function, **options))
+    offloaded = run(make_config(tmp_path / "offloaded", tiny_model_dir, train__offload_checkpoints=True, **settings))
+    assert [type(function.__self__).__name__ for function in compiled] == ["LlamaDecoderLayer"] * 2
+    assert len(seen) == 2 * 3 and all(shape[-1] == 64 for shape in seen)  # 2 layers x 3 steps
+    assert abs(offloaded.eval_loss - plain.eval_loss) < 1e-4 and offloaded.eval_loss < offloaded.eval_loss_before
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), offloaded.model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    layers = offloaded.model.base_model.model.model.layers
+    assert all("forward" not in vars(layer) for layer in layers)

@@ -30,7 +30,9 @@ from weitiao.train import kernels
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, packed_rows_block_mask
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.fused_lora import fuse_lora_updates
-from weitiao.train.methods import apply_method, parameter_counts, quantization_config, set_adapter_input_casting
+from weitiao.train.methods import (apply_method, decoder_layers, parameter_counts, quantization_config,
+                                   set_adapter_input_casting)
+from weitiao.train.offload import uncompile_layers
 from weitiao.train.settings import PADDED_BATCH_ATTENTION, Settings
 from weitiao.train.tracking import start_trackers
 
@@ -106,9 +108,10 @@ def make_accelerator(config: Config, settings: Settings, run: RunFolder):
         mixed_precision={"fp32": "no"}.get(settings.precision, settings.precision),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # Regional compilation: each decoder layer is compiled once and reused (minutes less than the whole model),
-        # and the loss stays outside, so Liger's fused linear + cross-entropy keeps the logits unmaterialised.
+        # and the loss stays outside, so Liger's fused linear + cross-entropy keeps the logits unmaterialised. With
+        # offloaded checkpoints the layers compile their own forward instead (weitiao.train.offload).
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
-        if settings.torch_compile else None,
+        if settings.torch_compile and not args.offload_checkpoints else None,
         # A stream is not dispatched from process 0 (accelerate's default): the dispatching loader draws its seed from
         # the global RNG, so a resumed run would replay dropout differently. Each process reads the stream instead.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=on_gpu,
@@ -409,7 +412,8 @@ class Trainer:
             return None
         # Compiled layers would recompile for every padded eval shape: evaluation runs the same weights uncompiled.
         plain = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        with padded_batch_attention(plain):
+        with padded_batch_attention(plain), torch.compiler.set_stance(
+                "force_eager" if self.settings.torch_compile else "default"):
             result = self.objective.evaluate(plain if self.settings.torch_compile else self.model, self.eval_loader,
                                              self.accelerator)
         record = {"step": step, **{f"eval_{name}": value for name, value in result.items()},
@@ -437,6 +441,8 @@ class Trainer:
         accelerator.wait_for_everyone()
         fuse_lora_updates(self.model, enabled=False)
         unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.settings.torch_compile and self.args.offload_checkpoints:  # layers compiled in place (offload.py)
+            uncompile_layers(decoder_layers(unwrapped)[1])
         if self.settings.attention == PACKED_VARLEN:
             unwrapped.set_attn_implementation(VARLEN)  # it meets padded batches from now on
         state_dict = accelerator.get_state_dict(self.model)  # collective under ZeRO-3 / FSDP: every process calls it

@@ -34,7 +34,7 @@ def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
             for index, layer in enumerate(decoder_layers(model)[1]):
                 layer.gradient_checkpointing = index % config.train.checkpoint_every == 0
         if config.train.offload_checkpoints:
-            offload_checkpointed_layers(decoder_layers(model)[1])
+            offload_checkpointed_layers(decoder_layers(model)[1], compile_layers=config.train.torch_compile)
         if config.method != "full":
             # With frozen embeddings no input needs a gradient, so checkpointed blocks would get none either.
             model.enable_input_require_grads()

@@ -9,7 +9,11 @@ hooks that move it. Nothing else moves: the hooks are active only while a checkp
 layer's own computation runs without saving anything (it is recomputed in the backward pass).
 
 The copies out run on a side stream, so the GPU does not wait for them; a copy back waits for its copy out and
-runs on the compute stream, in order with the layer that needs it."""
+runs on the compute stream, in order with the layer that needs it.
+
+With compiled layers (train.torch_compile) each layer's own forward is compiled in place and the checkpoint call
+around it stays eager: saved-tensor hooks do not run inside compiled code, and accelerate's regional compilation
+compiles the layer's call together with its checkpoint."""
 
 from __future__ import annotations
 
@@ -51,10 +55,12 @@ class OffloadedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         return host.to(device, non_blocking=True)
 
 
-def offload_checkpointed_layers(layers: Iterable[torch.nn.Module]) -> OffloadedSavedTensors:
+def offload_checkpointed_layers(layers: Iterable[torch.nn.Module], compile_layers: bool = False
+                                ) -> OffloadedSavedTensors:
     """Make each layer whose gradient checkpointing is on keep its input in CPU memory (transformers calls
     `layer._gradient_checkpointing_func(layer_call, *positional_inputs)`; the other arguments are bound in
-    `layer_call`, so only the hidden states are saved)."""
+    `layer_call`, so only the hidden states are saved); with `compile_layers`, compile every layer's forward (one
+    compiled graph serves all layers of a model)."""
     hooks = OffloadedSavedTensors()
 
     def offloaded_checkpoint(function, *inputs):
@@ -64,4 +70,13 @@ def offload_checkpointed_layers(layers: Iterable[torch.nn.Module]) -> OffloadedS
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False):
             layer._gradient_checkpointing_func = offloaded_checkpoint
+        if compile_layers:
+            layer.forward = torch.compile(layer.forward, backend="inductor")
     return hooks
+
+
+def uncompile_layers(layers: Iterable[torch.nn.Module]) -> None:
+    """Put back the forward of layers compiled by offload_checkpointed_layers (generation after training would
+    compile a graph per shape)."""
+    for layer in layers:
+        vars(layer).pop("forward", None)
