@@ -98,6 +98,7 @@ def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int
         "method": method, "lora": {"r": 16, "alpha": 32},
         "train": {"output_dir": tempfile.mkdtemp(), "max_steps": warmup + steps, "bf16": on_gpu(),
                   "learning_rate": 1e-4, "logging_steps": LOG_EVERY, "gradient_checkpointing": checkpointing,
+                  "offload_checkpoints": False,  # plain checkpointing, as in the earlier rows; `extra` may set it
                   "overwrite_output_dir": True},
         "eval": {"compare": False},
     }

@@ -261,7 +261,7 @@ def test_offloaded_checkpoints_around_compiled_layers(monkeypatch, tmp_path, tok
     settings = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
                     data__packing=True, data__packing_length=2048, train__torch_compile=True,
                     train__gradient_checkpointing=True)
-    plain = run(make_config(tmp_path / "a", model_dir, **settings))
+    plain = run(make_config(tmp_path / "a", model_dir, train__offload_checkpoints=False, **settings))
     offloaded = run(make_config(tmp_path / "b", model_dir, train__offload_checkpoints=True, **settings))
     print(f"eval loss: compiled + checkpoints {plain.eval_loss:.5f}, compiled + offloaded {offloaded.eval_loss:.5f}; "
           f"peak {plain.gpu_peak_gib:.3f} vs {offloaded.gpu_peak_gib:.3f} GiB")

@@ -56,6 +56,21 @@ def test_what_a_gpu_cannot_do_in_its_configuration_is_refused_or_resolved():
         settings(train={"liger": True})
 
 
+def test_checkpointed_layer_inputs_are_offloaded_where_it_was_measured_to_pay():
+    """On by default with gradient checkpointing in eager layers on one CUDA GPU (as fast or faster, less memory);
+    off without checkpointing, on a CPU, with compiled layers and on several processes; an explicit choice wins."""
+    checkpointing = {"gradient_checkpointing": True}
+    assert settings(train=checkpointing).offload_checkpoints is True
+    assert settings().offload_checkpoints is False
+    assert settings(CPU, train=checkpointing).offload_checkpoints is False
+    assert settings(train={**checkpointing, "torch_compile": True}).offload_checkpoints is False
+    assert settings(replace(H200, processes=2), train=checkpointing).offload_checkpoints is False
+    assert settings(train={**checkpointing, "offload_checkpoints": False}).offload_checkpoints is False
+    assert settings(train={**checkpointing, "torch_compile": True, "offload_checkpoints": True}).offload_checkpoints
+    with pytest.raises(ConfigError, match="train.offload_checkpoints runs on one GPU"):
+        settings(replace(H200, processes=2), train={**checkpointing, "offload_checkpoints": True})
+
+
 def test_a_cpu_resolves_to_plain_fp32_batches_and_ddp():
     chosen = settings(CPU, train={"distributed": "zero3"})
     assert (chosen.packing, chosen.attention, chosen.precision, chosen.liger) == (False, "sdpa", "fp32", False)

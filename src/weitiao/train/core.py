@@ -111,7 +111,7 @@ def make_accelerator(config: Config, settings: Settings, run: RunFolder):
         # and the loss stays outside, so Liger's fused linear + cross-entropy keeps the logits unmaterialised. With
         # offloaded checkpoints the layers compile their own forward instead (weitiao.train.offload).
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
-        if settings.torch_compile and not args.offload_checkpoints else None,
+        if settings.torch_compile and not settings.offload_checkpoints else None,
         # A stream is not dispatched from process 0 (accelerate's default): the dispatching loader draws its seed from
         # the global RNG, so a resumed run would replay dropout differently. Each process reads the stream instead.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=on_gpu,
@@ -144,7 +144,7 @@ def apply_method_and_kernels(model, config: Config, settings: Settings, seed: in
     if settings.liger:
         kernels.apply_liger(model, settings.fused_cross_entropy, settings.liger_layer_kernels)
     set_seed(seed)  # adapter initialisation does not depend on how much randomness data loading used
-    model = apply_method(model, config)
+    model = apply_method(model, config, settings.offload_checkpoints)
     # Under autocast the adapters' matmuls already run in bf16/fp16; PEFT's own cast of every adapter input to the
     # fp32 adapter dtype would copy each activation twice more (a third of the GPU time of a LoRA step).
     set_adapter_input_casting(model, enabled=settings.precision == "fp32")
@@ -441,7 +441,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         fuse_lora_updates(self.model, enabled=False)
         unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if self.settings.torch_compile and self.args.offload_checkpoints:  # layers compiled in place (offload.py)
+        if self.settings.torch_compile and self.settings.offload_checkpoints:  # layers compiled in place (offload.py)
             uncompile_layers(decoder_layers(unwrapped)[1])
         if self.settings.attention == PACKED_VARLEN:
             unwrapped.set_attn_implementation(VARLEN)  # it meets padded batches from now on

@@ -25,15 +25,16 @@ def quantization_config(config: Config):
                               bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype))
 
 
-def apply_method(model: torch.nn.Module, config: Config) -> torch.nn.Module:
-    """Wrap or freeze `model` for the configured method and switch on training-time options."""
+def apply_method(model: torch.nn.Module, config: Config, offload_checkpoints: bool) -> torch.nn.Module:
+    """Wrap or freeze `model` for the configured method and switch on training-time options
+    (`offload_checkpoints`: the run's resolved train.offload_checkpoints)."""
     model.config.use_cache = False  # the KV cache is useless in training and disables packed-sequence detection
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.train.checkpoint_every > 1:  # granularity: keep the activations of the other layers
             for index, layer in enumerate(decoder_layers(model)[1]):
                 layer.gradient_checkpointing = index % config.train.checkpoint_every == 0
-        if config.train.offload_checkpoints:
+        if offload_checkpoints:
             offload_checkpointed_layers(decoder_layers(model)[1], compile_layers=config.train.torch_compile)
         if config.method != "full":
             # With frozen embeddings no input needs a gradient, so checkpointed blocks would get none either.

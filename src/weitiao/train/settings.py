@@ -81,6 +81,8 @@ class Settings:
     fused_lora: bool
     """The LoRA update inside the base layer's product (weitiao.train.fused_lora)."""
     torch_compile: bool
+    offload_checkpoints: bool
+    """Checkpointed layer inputs kept in pinned CPU memory (weitiao.train.offload)."""
     loader_workers: int
     tf32: bool
     row_length: int | None
@@ -137,6 +139,9 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         fused_lora=(args.fused_lora and method.fused_lora and not config.lora.use_dora and not args.torch_compile
                     and distributed in ("ddp", "zero2")),
         torch_compile=args.torch_compile,
+        offload_checkpoints=(args.offload_checkpoints if args.offload_checkpoints is not None else
+                             args.gradient_checkpointing and machine.cuda and machine.processes == 1
+                             and not args.torch_compile),  # see the config's docs for the measurements
         loader_workers=(args.dataloader_num_workers if args.dataloader_num_workers is not None
                         else 2 if machine.cuda and not config.data.streaming else 0),  # see the config's docs
         tf32=args.tf32 and machine.cuda,
