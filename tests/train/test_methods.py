@@ -83,15 +83,17 @@ def test_cpu_optimizers(optim, tmp_path, tiny_model_dir):
     assert result.eval_loss < result.eval_loss_before
 
 
-@pytest.mark.parametrize("every, offload", [(1, False), (2, False), (1, True)])
-def test_gradient_checkpointing_gives_the_same_gradients(every, offload, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("every, offload, method", [(1, False, "lora"), (2, False, "lora"), (1, True, "lora"),
+                                                   (1, True, "full")])
+def test_gradient_checkpointing_gives_the_same_gradients(every, offload, method, tmp_path, tiny_model_dir):
     """offload_checkpoints runs torch's reentrant checkpoint (its copies to CPU memory happen on GPUs only:
-    tests/gpu/test_cuda.py)."""
-    plain = run(make_config(tmp_path / "a", tiny_model_dir, train__max_steps=2, train__optim="sgd"))
-    checkpointed = run(make_config(tmp_path / "b", tiny_model_dir, train__max_steps=2, train__optim="sgd",
-                                   train__gradient_checkpointing=True, train__checkpoint_every=every,
-                                   train__offload_checkpoints=offload))
-    layers = [layer.gradient_checkpointing for layer in checkpointed.model.base_model.model.model.layers]
+    tests/gpu/test_cuda.py), for adapters and for a base that trains."""
+    plain = run(make_config(tmp_path / "a", tiny_model_dir, method=method, train__max_steps=2, train__optim="sgd"))
+    checkpointed = run(make_config(tmp_path / "b", tiny_model_dir, method=method, train__max_steps=2,
+                                   train__optim="sgd", train__gradient_checkpointing=True,
+                                   train__checkpoint_every=every, train__offload_checkpoints=offload))
+    decoder = checkpointed.model.base_model.model.model if method == "lora" else checkpointed.model.model
+    layers = [layer.gradient_checkpointing for layer in decoder.layers]
     assert layers == ([True, True] if every == 1 else [True, False])
     for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
         if a.requires_grad:
