@@ -57,8 +57,9 @@ def test_what_a_gpu_cannot_do_in_its_configuration_is_refused_or_resolved():
 
 
 def test_checkpointed_layer_inputs_are_offloaded_where_it_was_measured_to_pay():
-    """On by default with gradient checkpointing in eager layers on one CUDA GPU (as fast or faster on average, less memory);
-    off without checkpointing, on a CPU, with compiled layers and on several processes; an explicit choice wins."""
+    """On by default with gradient checkpointing in eager layers on one CUDA GPU (as fast or faster on average, less
+    memory); off without checkpointing, on a CPU, with compiled layers and on several processes; an explicit choice
+    wins."""
     checkpointing = {"gradient_checkpointing": True}
     assert settings(train=checkpointing).offload_checkpoints is True
     assert settings().offload_checkpoints is False
