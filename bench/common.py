@@ -130,7 +130,12 @@ def stage(name: str, work: Path, compute) -> dict:
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     print(f"\n=== {name} ({time.strftime('%H:%M:%S')}) ===", flush=True)
-    result = compute()
+    return save_stage(name, work, compute())
+
+
+def save_stage(name: str, work: Path, result: dict) -> dict:
+    """Write (or rewrite) a stage's result where stage() reads it."""
+    path = work / "results" / f"{name.replace('+', '_')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, ensure_ascii=False), flush=True)

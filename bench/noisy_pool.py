@@ -12,6 +12,8 @@ under --work/results so that a rerun continues where it stopped:
   rows        per training set: LoRA-train the model on it, then held-out response loss per task type (teacher-
               forced), and with --generation greedy answers (exact match on GSM8K, ROUGE-L on the others,
               computed where rouge-score and jieba are installed, else saved for `--stages rescore`)
+  generate    greedy answers (as --generation) for the rows already trained without them: the base model, or the
+              base with the row's saved adapter (--work/runs/<row>); the held-out loss is kept as it was
 Training sets: base (none), full (the noisy pool), clean (the cleaned pool); at each --ratios share of the noisy
 pool's size: random from the noisy pool (--seeds), clean+random (--seeds), and from the cleaned pool each of
 --methods (ifd, kcenter, ifd+kcenter, perplexity, quality: a reward model trained on the preference demo sets
@@ -37,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, stage  # noqa: E402
+from common import device_name, save_stage, stage  # noqa: E402
 from noisy_pool_data import BOILERPLATE, FAULTS, build  # noqa: E402
 
 from tests.conftest import shared_data_dir  # noqa: E402
@@ -61,7 +63,8 @@ def parse_args() -> argparse.Namespace:
                         "(stage rm, LoRA r 16, 2 epochs) and use it for the quality method")
     parser.add_argument("--generation", action="store_true", help="also greedy answers (EM, ROUGE-L)")
     parser.add_argument("--gen-count", type=int, default=50, help="held-out prompts per task answered")
-    parser.add_argument("--stages", nargs="+", default=["clean", "rows"], choices=["clean", "rows", "rescore"])
+    parser.add_argument("--stages", nargs="+", default=["clean", "rows"],
+                        choices=["clean", "rows", "rescore", "generate"])
     parser.add_argument("--only", nargs="*", help="train only rows whose name starts with one of these")
     parser.add_argument("--results", help="default bench/results/noisy-pool-<device>.json")
     parser.add_argument("--device", help="the device the rows ran on (default: this machine's), for --stages rescore "
@@ -169,39 +172,66 @@ def row_id(entry: dict) -> str:
 
 
 def evaluate(model, tokenizer, heldout: dict[str, Path], args: argparse.Namespace) -> dict:
-    """Held-out response loss per task (and their mean); with --generation greedy answers of the first
-    --gen-count prompts per task (exact match for GSM8K here, ROUGE-L later from the saved predictions)."""
+    """Held-out response loss per task (and their mean); with --generation greedy answers (answer())."""
+    from weitiao.config import DataSource
+    from weitiao.data.dataset import load_source
+    from weitiao.eval.selection import heldout_loss
+
+    started = time.time()
+    losses = {task: heldout_loss(model, tokenizer, load_source(DataSource(path=str(path)))[0], MAX_LENGTH)
+              for task, path in heldout.items()}
+    result: dict = {"response_loss_by_task": losses, "response_loss": round(statistics.mean(losses.values()), 4)}
+    if args.generation:
+        result.update(answer(model, tokenizer, heldout, args))
+    result["eval_seconds"] = round(time.time() - started, 1)
+    rescore(result)
+    return result
+
+
+def answer(model, tokenizer, heldout: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Greedy answers of the first --gen-count held-out prompts per task that leave room for a 256-token answer
+    within max_length (long chats are scored by loss only); exact match on GSM8K here, ROUGE-L and the faults in
+    the answers from the saved predictions (rescore)."""
     from weitiao.config import DataSource
     from weitiao.data.dataset import load_source
     from weitiao.data.encode import prompt_messages, render
     from weitiao.eval.generate import GenerationSettings, generate
     from weitiao.eval.metrics import exact_match, make_extractor
-    from weitiao.eval.selection import heldout_loss
 
-    result: dict = {"response_loss_by_task": {}, "predictions": {}}
+    result: dict = {"predictions": {}}
     started = time.time()
     for task, path in heldout.items():
-        examples, _ = load_source(DataSource(path=str(path)))
-        result["response_loss_by_task"][task] = heldout_loss(model, tokenizer, examples, MAX_LENGTH)
-        if args.generation:
-            # Prompts that leave room for a 256-token answer within max_length (long chats are scored by loss only).
-            pairs = [prompt_messages(e.messages) for e in examples]
-            room = MAX_LENGTH - 256
-            pairs = [(p, r) for p, r in pairs if len(tokenizer(render(tokenizer, p, add_generation_prompt=True),
-                                                              add_special_tokens=False)["input_ids"]) <= room]
-            prompts, references = zip(*pairs[:args.gen_count])
-            predictions = generate(model, tokenizer, list(prompts), GenerationSettings(256, 64, False, 1.0, 1.0),
-                                   desc=f"generating {task}")
-            result["predictions"][task] = {"predictions": predictions, "references": list(references),
-                                           "prompts": list(prompts)}
-            if task in TASK_EXTRACTOR:
-                result["exact_match"] = exact_match(predictions, list(references),
-                                                    make_extractor(TASK_EXTRACTOR[task]))
-    losses = result["response_loss_by_task"].values()
-    result["response_loss"] = round(statistics.mean(losses), 4)
-    result["eval_seconds"] = round(time.time() - started, 1)
-    rescore(result)
+        pairs = [prompt_messages(e.messages) for e in load_source(DataSource(path=str(path)))[0]]
+        room = MAX_LENGTH - 256
+        pairs = [(p, r) for p, r in pairs if len(tokenizer(render(tokenizer, p, add_generation_prompt=True),
+                                                          add_special_tokens=False)["input_ids"]) <= room]
+        prompts, references = zip(*pairs[:args.gen_count])
+        predictions = generate(model, tokenizer, list(prompts), GenerationSettings(256, 64, False, 1.0, 1.0),
+                               desc=f"generating {task}")
+        result["predictions"][task] = {"predictions": predictions, "references": list(references),
+                                       "prompts": list(prompts)}
+        if task in TASK_EXTRACTOR:
+            result["exact_match"] = exact_match(predictions, list(references), make_extractor(TASK_EXTRACTOR[task]))
+    result["generation_seconds"] = round(time.time() - started, 1)
     return result
+
+
+def answer_saved_row(row: dict, work: Path, heldout: dict[str, Path], args: argparse.Namespace) -> dict:
+    """--stages generate: the greedy answers of a row trained without them, from its saved adapter."""
+    from peft import PeftModel
+
+    from weitiao.config import ModelConfig
+    from weitiao.models import load_model
+
+    import torch
+
+    model, tokenizer, _ = load_model(ModelConfig(name_or_path=args.model))
+    if row["name"] != "base":
+        model = PeftModel.from_pretrained(model, str(work / "runs" / row_id(row)))
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    row = {**row, **answer(model, tokenizer, heldout, args)}
+    rescore(row)
+    return row
 
 
 def generation_faults(result: dict) -> dict | None:
@@ -359,7 +389,7 @@ def main() -> None:
         reward_model = stage("reward_model", work, lambda: train_reward_model(args.reward_data, work, args))
         args.reward_model = reward_model["folder"]
     rows = []
-    if "rows" in args.stages or "rescore" in args.stages:
+    if {"rows", "rescore", "generate"} & set(args.stages):
         rows.append(stage("base", work, lambda: base_row(heldout, args)))
         for entry in training_sets(work, pool, clean, args):
             name = row_id(entry)
@@ -376,6 +406,12 @@ def main() -> None:
     if "rescore" in args.stages:
         for row in rows:
             rescore(row)
+    if "generate" in args.stages:
+        for i, row in enumerate(rows):
+            name = "base" if row["name"] == "base" else row_id(row)
+            if not row.get("predictions"):  # rows trained without --generation saved an empty dict
+                print(f"\n=== {name}: answers ({time.strftime('%H:%M:%S')}) ===", flush=True)
+                rows[i] = save_stage(name, work, answer_saved_row(row, work, heldout, args))
     # 'NVIDIA H200' -> h200, for the results file name
     device = args.device or device_name().split()[-1].split("-")[0].lower()
     results = Path(args.results or REPO / "bench" / "results" / f"noisy-pool-{device}.json")

@@ -95,3 +95,36 @@ def test_generation_faults_counts_the_answers_that_show_an_injected_fault():
     assert faults == {"answers": 7, "faulty": 3, "share": round(3 / 7, 4),
                       "by_rule": {"language": 1, "refusal": 1, "boilerplate": 1}}
     assert noisy_pool.generation_faults({"predictions": {"old": {"predictions": ["x"], "references": ["y"]}}}) is None
+
+
+def test_answers_of_a_saved_row_come_from_its_own_adapter(tmp_path, tokenizer):
+    """--stages generate: a row trained without answers gets the greedy answers of the model it trained (its saved
+    adapter on the base model), not the base model's; its held-out loss is kept as it was."""
+    import argparse
+
+    import noisy_pool
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_lora_adapter, make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", tokenizer, weight_std=0.5)
+    make_lora_adapter(tmp_path / "work" / "runs" / "random-0.1-1", base)
+    heldout = tmp_path / "math_en.jsonl"
+    pairs = [("What is 2 + 3?", "#### 5"), ("What is 4 times 6?", "#### 24")]
+    heldout.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": q},
+                                                             {"from": "gpt", "value": a}]}) + "\n" for q, a in pairs))
+    args = argparse.Namespace(model=str(base), gen_count=2, generation=True)
+    row = {"name": "random", "ratio": 0.1, "seed": 1, "response_loss": 9.87, "predictions": {}}
+
+    answered = noisy_pool.answer_saved_row(row, tmp_path / "work", {"math_en": heldout}, args)
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "work" / "runs" /
+                                                                           "random-0.1-1"))
+    expected = noisy_pool.answer(tuned.eval(), tokenizer, {"math_en": heldout}, args)["predictions"]["math_en"]
+    base_answers = noisy_pool.answer(AutoModelForCausalLM.from_pretrained(base).eval(), tokenizer,
+                                     {"math_en": heldout}, args)["predictions"]["math_en"]["predictions"]
+    assert answered["predictions"]["math_en"]["predictions"] == expected["predictions"]
+    assert answered["predictions"]["math_en"]["predictions"] != base_answers
+    assert answered["response_loss"] == 9.87 and answered["exact_match"] == 0.0
+    assert answered["generation_faults"]["answers"] == 2
