@@ -687,11 +687,15 @@ class SelectConfig(_Section):
     """Seed of random selection and of the first k-center point."""
     report: bool = False
     """Also measure the selection on this data: hold out `report_heldout` of the examples (never selected), select
-    from the rest, draw a random subset of the same size, mark the fault-like records with `data clean`'s rules,
-    train a small LoRA probe on each subset and compare their held-out response loss with the base model's
-    (OUT.report.md; see docs/data-selection.md)."""
+    from the rest, draw `report_random_subsets` random subsets of the same size, mark the fault-like records with
+    `data clean`'s rules, train a small LoRA probe on each subset and compare their held-out response loss with the
+    base model's (OUT.report.md; see docs/data-selection.md)."""
     report_heldout: float = Field(0.1, gt=0, lt=1)
     """report: share of the examples held out for the comparison."""
+    report_random_subsets: int = Field(3, ge=1)
+    """report: how many random subsets of the same size (seeds `seed`, `seed`+1, ...) the selection is compared
+    with. One random draw is itself lucky or unlucky by a few thousandths of loss; the spread of several tells a
+    real gain (several of their standard deviations) from noise."""
     cache: bool = True
     """Cache scores per example, keyed by the model's files and the exact tokens scored (so by the template,
     max_length and the text too): a rerun, another method or an edited copy of the data rescore only what changed."""

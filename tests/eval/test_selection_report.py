@@ -3,9 +3,11 @@ fault-like records marked, a probe trained on each subset and the held-out losse
 
 import json
 import random
+import statistics
 
 from tests.conftest import write_jsonl
 from weitiao.cli import main
+from weitiao.eval.selection import verdict
 
 WORDS = ("apple pear plum fig kiwi lime mango peach grape melon lemon cherry river stone cloud window garden "
          "yellow quiet bright seven north winter market bread letter music paper silver forest candle").split()
@@ -30,21 +32,44 @@ def test_report_compares_the_selection_with_random_on_held_out_data(tmp_path, ti
 
     heldout = {row["id"] for row in read_jsonl(tmp_path / "picked.heldout.jsonl")}
     selected = {row["id"] for row in read_jsonl(out)}
-    random_subset = {row["id"] for row in read_jsonl(tmp_path / "picked.random.jsonl")}
+    randoms = [{row["id"] for row in read_jsonl(tmp_path / name)}
+               for name in ("picked.random.jsonl", "picked.random.2.jsonl", "picked.random.3.jsonl")]
     assert len(heldout) == round(0.2 * len(rows)) == report["heldout"]
-    assert not heldout & selected and not heldout & random_subset  # never selected from the held-out share
-    assert len(random_subset) == len(selected) == report["rows"]["selected"]["examples"] > 0
     assert report["pool"] == len(rows) - len(heldout)
+    assert len({frozenset(subset) for subset in randoms}) == 3  # three seeds, three draws
+    runs = report["rows"]["random"]["runs"]
+    assert [run["seed"] for run in runs] == [42, 43, 44]
+    for subset, run in zip(randoms, runs):
+        assert not heldout & subset  # never drawn from the held-out share
+        assert len(subset) == run["examples"] == len(selected) == report["rows"]["selected"]["examples"] > 0
+        assert run["fault_like"] == len(subset & {5, 99})
+    assert not heldout & selected
 
     faults = read_jsonl(tmp_path / "picked.faults.jsonl")
     assert {(f["record"], f["rule"]) for f in faults} == {(6, "refusal"), (37, "exact_duplicate")}
-    for name, subset in (("selected", selected), ("random", random_subset)):
-        assert report["rows"][name]["fault_like"] == sum(
-            f["selected" if name == "selected" else "in_random"] for f in faults)
-        assert report["rows"][name]["fault_like"] == len(subset & {5, 99})
+    assert report["rows"]["selected"]["fault_like"] == sum(f["selected"] for f in faults) == len(selected & {5, 99})
+    assert sum(f["in_random"] for f in faults) == sum(run["fault_like"] for run in runs)
     assert report["heldout_scored"] == len(heldout - {5, 99})
-    losses = {name: row["heldout_loss"] for name, row in report["rows"].items()}
-    assert all(0 < loss < 20 for loss in losses.values())
-    assert losses["selected"] != losses["base"] and losses["random"] != losses["base"]  # the probes trained
-    assert "| random, same size |" in printed and "held-out response loss" in printed
+
+    losses = [run["heldout_loss"] for run in runs]
+    assert all(0 < loss < 20 for loss in [*losses, report["rows"]["base"]["heldout_loss"]])
+    assert all(loss != report["rows"]["base"]["heldout_loss"] for loss in losses)  # the probes trained
+    assert report["rows"]["selected"]["heldout_loss"] != report["rows"]["base"]["heldout_loss"]
+    assert report["rows"]["random"]["heldout_loss"] == round(statistics.mean(losses), 4)
+    assert report["rows"]["random"]["heldout_loss_sd"] == round(statistics.stdev(losses), 4)
+    assert report["verdict"] == verdict(report["rows"]["selected"]["heldout_loss"], losses)
+    assert "| random, same size, seed 43 |" in printed and "| random: mean of 3 |" in printed
+    assert "the mean of 3 random subsets" in printed
     assert (tmp_path / "picked.report.md").read_text().startswith("# Selection report: ifd")
+
+
+def test_the_verdict_counts_the_gap_in_standard_deviations_of_the_random_subsets():
+    spread = [1.60, 1.61, 1.59]  # standard deviation 0.01
+    assert verdict(1.55, spread) == {"gap": 0.05, "sd": 0.01, "gap_in_sd": 5.0, "outcome": "better than random"}
+    assert verdict(1.62, spread) == {"gap": -0.02, "sd": 0.01, "gap_in_sd": -2.0, "outcome": "within the noise"}
+    assert verdict(1.64, spread)["outcome"] == "worse than random"
+    assert verdict(1.57, spread)["outcome"] == "better than random"  # exactly 3 standard deviations
+    assert verdict(1.58, [1.60]) == {"gap": 0.02, "sd": None, "gap_in_sd": None,
+                                     "outcome": "one random subset: no spread to judge by"}
+    assert verdict(1.60, [1.60, 1.60])["outcome"] == "within the noise"
+    assert verdict(1.55, [1.60, 1.60])["outcome"] == "better than random"
