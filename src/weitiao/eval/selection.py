@@ -1,10 +1,11 @@
 """`weitiao data select --report`: does the selection beat a random subset of the same size, on your own data?
 
-A seeded share of the examples is held out first (never selected from). The method selects from the rest, a random
-subset of the same size is drawn from the same rest, and `data clean`'s rules mark the fault-like records (with
-language auto). Then a LoRA probe is trained on each subset with the same settings (PROBE: r 16, one epoch,
-batch 8, lr 1e-3) and the held-out response loss of the base model, the selection and the random subset is
-compared, on the held-out examples that no rule marks (a broken reference makes the loss say nothing).
+A seeded share of the examples is held out first (never selected from). The method selects from the rest, random
+subsets of the same size (several seeds) are drawn from the same rest, and `data clean`'s rules mark the fault-like
+records (with language auto). Then a LoRA probe is trained on each subset with the same settings (PROBE: r 16, one
+epoch, batch 8, lr 1e-3) and the held-out response loss of the base model, the selection and the random subsets is
+compared, on the held-out examples that no rule marks (a broken reference makes the loss say nothing); the gap is
+judged in the random subsets' standard deviations (verdict).
 
 Training is a layer below evaluation's callers but above evaluation (it imports eval.loss), so the caller passes
 the training function in (`weitiao.train.run`; the CLI does).
