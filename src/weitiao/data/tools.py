@@ -243,10 +243,6 @@ def add_tool_support(tokenizer) -> bool:
     return True
 
 
-def uses_default_tool_format(tokenizer) -> bool:
-    return str(getattr(tokenizer, "chat_template", None) or "").startswith(TOOL_PREAMBLE_MARK)
-
-
 # -- calls in generated text ------------------------------------------------------------------------------
 
 
