@@ -486,7 +486,7 @@ def _add_vocab_commands(commands) -> None:
                               "resize the model (new rows: the mean of the old tokens that spelled each piece)")
     extend.add_argument("--model", default="default", help="base model (default: the default model)")
     extend.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
-                        help="domain text: txt/jsonl/json/csv/parquet files, folders or globs")
+                        help="domain text: txt/jsonl/json/csv/tsv/parquet files, folders or globs")
     extend.add_argument("--add", type=int, default=2000, help="new tokens, at most (default 2000)")
     extend.add_argument("--min-frequency", type=int, default=5, help="least occurrences of a piece in the corpus "
                         "(default 5)")
@@ -515,7 +515,7 @@ def _add_data_commands(commands) -> None:
             ("select", cmd_data_select, "keep the examples worth training on (IFD, k-center, quality, perplexity, "
              "random) at a ratio or count; see docs/data-selection.md")):
         sub = data.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("file", help="a json/jsonl/csv/parquet file, a folder or a glob")
+        sub.add_argument("file", help="a json/jsonl/csv/tsv/parquet file, a folder or a glob")
         sub.add_argument("--format", default="auto", help="input format (default: detected)")
         sub.add_argument("--column", action="append", metavar="FIELD=COLUMN",
                          help="map a format field to a column, e.g. --column prompt=dialogue")
@@ -534,13 +534,13 @@ def _add_data_commands(commands) -> None:
             sub.add_argument("--example", type=int, default=0, help="which example to render (0-based)")
         elif name == "convert":
             sub.add_argument("--to", required=True, choices=["alpaca", "sharegpt", "openai", "qa", "text"])
-            sub.add_argument("output", help="output file; its suffix picks jsonl/json/csv/parquet")
+            sub.add_argument("output", help="output file; its suffix picks jsonl/json/csv/tsv/parquet")
             sub.add_argument("--on-error", default="raise", choices=["raise", "skip"])
         else:
             from weitiao.config import CleanConfig, SelectConfig
 
             sub.add_argument("output", help="output file (the kept records, as they are in the input); its suffix "
-                             "picks jsonl/json/csv/parquet. Side files OUT.*.json(l)/png go next to it")
+                             "picks jsonl/json/csv/tsv/parquet. Side files OUT.*.json(l)/png go next to it")
             if name == "select":
                 sub.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                                  help="records that cannot be read stop the command, or are skipped")

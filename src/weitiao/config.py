@@ -52,7 +52,7 @@ REFERENCE_FIELDS = ("response", "output")
 
 class DataSource(_Section):
     path: str
-    """A file (json, jsonl, csv, parquet, txt), a directory of them, or a glob pattern."""
+    """A file (json, jsonl, csv, tsv, parquet, txt), a directory of them, or a glob pattern."""
     format: Literal["auto", "alpaca", "sharegpt", "openai", "qa", "text"] = "auto"
     """Data format; auto detects it from the columns of the first record."""
     columns: dict[str, str | list[str]] = Field(default_factory=dict)
@@ -77,7 +77,7 @@ class DataSource(_Section):
     data_stats.json says what was used."""
     label: str | None = None
     """Classification sets that ship one text per line and the label as the file (reviews.pos / reviews.neg,
-    pos.txt / neg.txt): every line of these files (any suffix but json/jsonl/csv/parquet) becomes an example whose
+    pos.txt / neg.txt): every line of these files (any suffix but json/jsonl/csv/tsv/parquet) becomes an example whose
     prompt is the text (or prompt_template over {text}) and whose reply is this label. '{file}' stands for the
     label in the file's name: its suffix (reviews.pos -> pos), or for .txt files its stem (neg.txt -> neg);
     '{folder}' for the name of the file's folder (IMDB's aclImdb/train/pos/*.txt -> pos, with sample_by:

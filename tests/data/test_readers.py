@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from weitiao.data.readers import expand_paths, read_records, write_records
+from weitiao.data.readers import check_output, expand_paths, read_records, write_records
 from weitiao.errors import DataError
 
 
@@ -56,19 +56,44 @@ def test_empty_file_and_file_without_records(tmp_path):
         list(read_records(blank))
 
 
-def test_csv_with_quoted_commas_and_newlines(tmp_path):
-    path = tmp_path / "qa.csv"
-    path.write_text('question,answer\n"a, b?","line one\nline two"\nsecond,\n', encoding="utf-8")
+DELIMITED = pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+
+
+@DELIMITED
+def test_delimited_file_with_quoted_separators_and_newlines(tmp_path, suffix, sep):
+    path = tmp_path / f"qa{suffix}"
+    path.write_text(f'question{sep}answer\n"a{sep} b?"{sep}"line one\nline two"\nsecond{sep}\n', encoding="utf-8")
     records = list(read_records(path))
-    assert records[0].data == {"question": "a, b?", "answer": "line one\nline two"}
+    assert records[0].data == {"question": f"a{sep} b?", "answer": "line one\nline two"}
     assert records[1].data == {"question": "second", "answer": None}  # empty cell = missing
+    copy = tmp_path / f"copy{suffix}"
+    write_records([r.data for r in records], copy)
+    assert copy.read_text(encoding="utf-8").startswith(f"question{sep}answer")
+    assert [r.data for r in read_records(copy)] == [r.data for r in records]
 
 
-def test_csv_row_with_too_many_fields(tmp_path):
-    path = tmp_path / "x.csv"
-    path.write_text("question,answer\na,b,c\n", encoding="utf-8")
+def test_a_tsv_cell_may_hold_commas_unquoted(tmp_path):
+    path = tmp_path / "qa.tsv"
+    path.write_text("question\tanswer\na, b, c?\td, e\n", encoding="utf-8")
+    assert [r.data for r in read_records(path)] == [{"question": "a, b, c?", "answer": "d, e"}]
+
+
+@DELIMITED
+def test_delimited_row_with_too_many_fields(tmp_path, suffix, sep):
+    path = tmp_path / f"x{suffix}"
+    path.write_text(f"question{sep}answer\na{sep}b{sep}c\n", encoding="utf-8")
     with pytest.raises(DataError, match="record 1 .*3 fields, the header has 2"):
         list(read_records(path))
+
+
+def test_an_output_type_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported output file type '.txt'"):
+        check_output(tmp_path / "out.txt", str(source))
+    with pytest.raises(DataError, match="would overwrite the input"):
+        check_output(source, str(source))
+    assert check_output(tmp_path / "out.tsv", str(source)) == tmp_path / "out.tsv"
 
 
 def test_parquet_round_trip(tmp_path):

@@ -26,7 +26,7 @@ from weitiao.data.encode import (IGNORE_INDEX, TemplateMismatch, encode_conversa
                                  truncate)
 from weitiao.data.formats import Normalizer, check_columns, detect_format, field_map, required_columns
 from weitiao.data.preference import NORMALIZERS, encode_pair, is_pair_record, record_kind
-from weitiao.data.readers import Record, expand_paths, guess_encoding, read_records
+from weitiao.data.readers import STRUCTURED_SUFFIXES, Record, expand_paths, guess_encoding, read_records
 from weitiao.errors import DataError
 from weitiao.paths import cache_dir
 
@@ -89,7 +89,6 @@ ROW_COLUMNS = ["messages", "text", "source", "record", "references", "rejected",
 def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The function schemas of a datasets row (see Example.row)."""
     return json.loads(row["tools"]) if row.get("tools") else None
-STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def file_label(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Read records from json / jsonl / csv / parquet / txt files, keeping each record's number for error messages.
+"""Read records from json / jsonl / csv / tsv / parquet / txt files, keeping each record's number for error messages.
 
 Records are read lazily (one line, paragraph or parquet batch at a time), so a corpus larger than memory can be
 streamed; a .json array is the exception: it is parsed whole.
@@ -18,8 +18,12 @@ from typing import Any
 
 from weitiao.errors import DataError
 
-SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
-WRITABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# Files whose records have columns; .txt is the one plain-text type.
+STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+SUPPORTED_SUFFIXES = (*STRUCTURED_SUFFIXES, ".txt")
+WRITABLE_SUFFIXES = STRUCTURED_SUFFIXES
+# Delimited text: comma-separated, or tab-separated as spreadsheet exports and many research dumps are.
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 # How a .txt file is cut into documents (the names of `datasets`' text loader): one per line, one per
 # blank-line-separated paragraph, or the whole file.
 TEXT_UNITS = ("line", "paragraph", "document")
@@ -56,7 +60,7 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
     text files' encoding (None: UTF-8, 'auto': detected); `as_text` reads a file of any suffix as plain text
     (e.g. the reviews.pos / reviews.neg files of sentiment sets)."""
     suffix = path.suffix.lower()
-    if as_text and suffix not in (".json", ".jsonl", ".csv", ".parquet"):
+    if as_text and suffix not in STRUCTURED_SUFFIXES:
         suffix = ".txt"
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"unsupported file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)}, or give the source "
@@ -67,8 +71,8 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
         records = _read_parquet(path)
     else:
         text_encoding = resolve_encoding(path, encoding)
-        if suffix == ".csv":
-            records = _read_csv(path, text_encoding, csv_columns)
+        if suffix in _DELIMITERS:
+            records = _read_csv(path, text_encoding, csv_columns, _DELIMITERS[suffix])
         elif suffix == ".txt":
             records = _read_text(path, text_encoding, sample_by)
         else:
@@ -244,12 +248,13 @@ def _read_json(path: Path, encoding: str) -> Iterator[Record]:
         yield Record(str(path), index, None, _check_object(item, path, index, None))
 
 
-def _read_csv(path: Path, encoding: str, columns: Sequence[str] | None = None) -> Iterator[Record]:
+def _read_csv(path: Path, encoding: str, columns: Sequence[str] | None = None,
+              delimiter: str = ",") -> Iterator[Record]:
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding=encoding, newline="") as handle:
-        reader = csv.DictReader(handle, fieldnames=columns)
+        reader = csv.DictReader(handle, fieldnames=columns, delimiter=delimiter)
         if not reader.fieldnames:
-            raise DataError("CSV file has no header row", path=str(path))
+            raise DataError(f"{path.suffix[1:].upper()} file has no header row", path=str(path))
         expected = "the header has" if columns is None else "expected"
         for number, row in enumerate(reader, start=1):
             if None in row:
@@ -312,10 +317,10 @@ def write_records(records: list[dict[str, Any]], path: Path) -> None:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     elif suffix == ".json":
         path.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    elif suffix == ".csv":
+    elif suffix in _DELIMITERS:
         columns = list(dict.fromkeys(key for record in records for key in record))
         with path.open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer = csv.DictWriter(handle, fieldnames=columns, delimiter=_DELIMITERS[suffix])
             writer.writeheader()
             for record in records:
                 writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
@@ -337,8 +342,8 @@ def side_file(output: Path, name: str) -> Path:
 
 def check_output(output: Path, source: str) -> Path:
     """Refuse, before any work, an output file type that cannot be written or an output that is the input."""
-    if output.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise DataError(f"unsupported output file type '{output.suffix}' (use {', '.join(SUPPORTED_SUFFIXES)})",
+    if output.suffix.lower() not in WRITABLE_SUFFIXES:
+        raise DataError(f"unsupported output file type '{output.suffix}' (use {', '.join(WRITABLE_SUFFIXES)})",
                         path=str(output))
     if output.exists() and any(output.resolve() == path.resolve() for path in expand_paths(source)):
         raise DataError("the output would overwrite the input; choose another output file", path=str(output))
