@@ -1,4 +1,5 @@
 import json
+import shlex
 import subprocess
 import sys
 
@@ -47,3 +48,15 @@ def test_unknown_override_is_a_user_error(tmp_path, capsys):
     config.write_text("train:\n  seed: 1\n", encoding="utf-8")
     assert main(["train", str(config), "--learning-rte", "1"]) == 2
     assert "unknown config key 'learning-rte' (did you mean 'learning_rate'?)" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    # `weitiao data inspect x | head`: head exits early; a traceback would follow every such use.
+    program = ("import weitiao.cli as cli\n"
+               "cli.cmd_data_convert = lambda args, extra: [print('line', i) for i in range(200_000)]\n"
+               "raise SystemExit(cli.main(['data', 'convert', 'in.jsonl', '--to', 'openai', 'out.jsonl']))\n")
+    result = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(program)} | head -n 1; "
+                            "echo \"status ${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stdout.splitlines() == ["line 0", "status 141"]
+    assert result.stderr == ""

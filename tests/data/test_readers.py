@@ -1,8 +1,11 @@
+import bz2
+import gzip
 import json
+import lzma
 
 import pytest
 
-from weitiao.data.readers import check_output, expand_paths, read_records, write_records
+from weitiao.data.readers import check_output, content_size, expand_paths, read_records, write_records
 from weitiao.errors import DataError
 
 
@@ -242,3 +245,51 @@ def test_a_bad_byte_past_the_first_megabyte_of_utf8(tmp_path):
     with pytest.raises(DataError, match=r"line 70001: byte 0xE9 at byte offset 1190013 is not valid UTF-8: the rest "
                                         r"of its first megabyte is UTF-8, so these bytes may be damaged"):
         list(read_records(path))
+
+
+@pytest.mark.parametrize("name, compress", [("qa.jsonl.gz", gzip.compress), ("qa.json.xz", lzma.compress),
+                                            ("qa.csv.bz2", bz2.compress), ("qa.tsv.gz", gzip.compress)])
+def test_compressed_files_read_as_their_inner_type(tmp_path, name, compress):
+    rows = [{"question": "一, 二?", "answer": "三"}, {"question": "q2", "answer": "a2"}]
+    plain = tmp_path / name.rsplit(".", 1)[0]
+    write_records(rows, plain)
+    packed = tmp_path / "packed" / name
+    packed.parent.mkdir()
+    packed.write_bytes(compress(plain.read_bytes()))
+    assert [(r.number, r.line, r.data) for r in read_records(packed)] == \
+        [(r.number, r.line, r.data) for r in read_records(plain)]
+    assert expand_paths(str(packed.parent)) == [packed]
+
+
+def test_compressed_text_keeps_its_paragraphs_and_encoding_checks(tmp_path):
+    path = tmp_path / "corpus.txt.gz"
+    first = "今天我们学习如何微调一个语言模型。\n数据的质量比数量更重要。"
+    second = "第二段：评估要对比基础模型和微调后的模型。"
+    path.write_bytes(gzip.compress(f"{first}\n\n{second}\n".encode("gb18030")))
+    with pytest.raises(DataError, match=r"corpus.txt.gz: line 1: byte 0xBD .*GB18030.*"
+                                         r"\(gzip -dc corpus.txt.gz \| iconv -f gb18030 -t utf-8\)"):
+        list(read_records(path))
+    assert [r.data["text"] for r in read_records(path, encoding="gb18030")] == [first, second]
+
+
+def test_a_cut_or_misnamed_compressed_file_is_one_clear_error(tmp_path):
+    lines = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)).encode()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(lines)[:300])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot decompress the file \(gz\).*download it again"):
+        list(read_records(cut))
+    misnamed = tmp_path / "plain.jsonl.gz"
+    misnamed.write_bytes(lines)
+    with pytest.raises(DataError, match=r"plain.jsonl.gz: cannot decompress the file \(gz\): Not a gzipped file"):
+        list(read_records(misnamed))
+
+
+def test_content_size_is_the_decompressed_size_for_gzip(tmp_path):
+    text = ("a line of text that compresses well\n" * 1000).encode()
+    packed = tmp_path / "x.txt.gz"
+    packed.write_bytes(gzip.compress(text))
+    assert packed.stat().st_size < len(text) // 10
+    assert content_size(packed) == len(text)
+    plain = tmp_path / "x.txt"
+    plain.write_bytes(text)
+    assert content_size(plain) == len(text)

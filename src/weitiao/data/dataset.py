@@ -26,7 +26,8 @@ from weitiao.data.encode import (IGNORE_INDEX, TemplateMismatch, encode_conversa
                                  truncate)
 from weitiao.data.formats import Normalizer, check_columns, detect_format, field_map, required_columns
 from weitiao.data.preference import NORMALIZERS, encode_pair, is_pair_record, record_kind
-from weitiao.data.readers import STRUCTURED_SUFFIXES, Record, expand_paths, guess_encoding, read_records
+from weitiao.data.readers import (STRUCTURED_SUFFIXES, Record, content_size, expand_paths, file_type,
+                                  guess_encoding, read_records)
 from weitiao.errors import DataError
 from weitiao.paths import cache_dir
 
@@ -98,7 +99,7 @@ def file_label(path: Path) -> str:
 
 def source_records(source: DataSource, path: Path) -> Iterator[Record]:
     """One file's records as the source reads them: in its encoding and text unit, with its label."""
-    if source.label is not None and path.suffix.lower() in STRUCTURED_SUFFIXES:
+    if source.label is not None and file_type(path) in STRUCTURED_SUFFIXES:
         raise DataError("`label` is for plain-text files (one text per line, the label in the file's name); this "
                         "file has columns: map them instead, e.g. columns: {prompt: text, response: label}",
                         path=str(path))
@@ -123,7 +124,7 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
         columns = {"prompt": "text", "response": "label", **columns}
     for path in expand_paths(source.path):
         stats.files += 1
-        if source.encoding == "auto" and path.suffix.lower() != ".parquet":
+        if source.encoding == "auto" and file_type(path) != ".parquet":
             stats.notes[f"files read as {guess_encoding(path)[0]}"] += 1
         normalizer = None
         for record in source_records(source, path):
@@ -268,14 +269,14 @@ def encode_documents(examples: list[Example], tokenizer, data: DataConfig):
 def stream_documents(data: DataConfig, tokenizer, seed: int) -> Iterator[list[int]]:
     """Stage pt with data.streaming: the token ids of every training document, read lazily.
 
-    Sources are interleaved at random in proportion to their size on disk times their weight, so they run out at
-    about the same time. A weight applies per record: 2.5 reads a source twice, then a third time keeping each
+    Sources are interleaved at random in proportion to their size (decompressed) times their weight, so they run
+    out at about the same time. A weight applies per record: 2.5 reads a source twice, then a third time keeping each
     record with probability 0.5 (copies are a whole pass apart, never side by side in a block)."""
     rng = random.Random(seed)
     streams, shares = [], []
     for source in data.train:
         streams.append(_source_documents(source, data.on_error, tokenizer, rng))
-        shares.append(sum(path.stat().st_size for path in expand_paths(source.path)) * source.weight)
+        shares.append(sum(content_size(path) for path in expand_paths(source.path)) * source.weight)
     while streams:
         index = rng.choices(range(len(streams)), weights=shares)[0]
         try:

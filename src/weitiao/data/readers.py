@@ -1,4 +1,5 @@
 """Read records from json / jsonl / csv / tsv / parquet / txt files, keeping each record's number for error messages.
+A file compressed with gzip, bzip2 or xz (data.jsonl.gz, corpus.txt.xz) reads as the type its inner suffix names.
 
 Records are read lazily (one line, paragraph or parquet batch at a time), so a corpus larger than memory can be
 streamed; a .json array is the exception: it is parsed whole.
@@ -6,15 +7,19 @@ streamed; a .json array is the exception: it is parsed whole.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import glob
+import gzip
+import io
 import json
+import lzma
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from weitiao.errors import DataError
 
@@ -24,6 +29,9 @@ SUPPORTED_SUFFIXES = (*STRUCTURED_SUFFIXES, ".txt")
 WRITABLE_SUFFIXES = STRUCTURED_SUFFIXES
 # Delimited text: comma-separated, or tab-separated as spreadsheet exports and many research dumps are.
 _DELIMITERS = {".csv": ",", ".tsv": "\t"}
+# Compression of downloaded dumps, read on the fly (the suffix before it names the file type).
+# suffix: (opener, the command that decompresses it in a shell)
+_DECOMPRESSORS = {".gz": (gzip.open, "gzip"), ".bz2": (bz2.open, "bzip2"), ".xz": (lzma.open, "xz")}
 # How a .txt file is cut into documents (the names of `datasets`' text loader): one per line, one per
 # blank-line-separated paragraph, or the whole file.
 TEXT_UNITS = ("line", "paragraph", "document")
@@ -43,14 +51,50 @@ def expand_paths(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_type(p) in SUPPORTED_SUFFIXES)
         if not files:
-            raise DataError(f"directory has no {', '.join(SUPPORTED_SUFFIXES)} files", path=spec)
+            raise DataError(f"directory has no {', '.join(SUPPORTED_SUFFIXES)} files (or those compressed: "
+                            f"{', '.join(_DECOMPRESSORS)})", path=spec)
         return files
     matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if matches:
         return matches
     raise DataError("no such file or directory", path=spec)
+
+
+def file_type(path: Path) -> str:
+    """The suffix that says how the records are laid out: '.jsonl' for data.jsonl and for data.jsonl.gz."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in _DECOMPRESSORS:
+        return suffixes[-2] if len(suffixes) > 1 else ""
+    return suffixes[-1] if suffixes else ""
+
+
+def open_bytes(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed when its suffix says it is compressed."""
+    compression = _DECOMPRESSORS.get(path.suffix.lower())
+    return compression[0](path, "rb") if compression else path.open("rb")
+
+
+def content_size(path: Path) -> int:
+    """About the file's size once decompressed, for mixing streams: gzip stores it (modulo 4 GiB) in its last 4
+    bytes; for bzip2 and xz, which do not, 4 times the compressed size (a usual ratio for text)."""
+    size = path.stat().st_size
+    compression = path.suffix.lower()
+    if compression == ".gz" and size >= 18:  # 10-byte header, 8-byte trailer
+        with path.open("rb") as handle:
+            handle.seek(-4, 2)
+            return int.from_bytes(handle.read(4), "little")
+    return size * 4 if compression in _DECOMPRESSORS else size
+
+
+def _open_text(path: Path, encoding: str, newline: str | None = None) -> IO[str]:
+    return io.TextIOWrapper(open_bytes(path), encoding=encoding, newline=newline)
+
+
+def _compression_error(path: Path, error: Exception) -> DataError:
+    return DataError(f"cannot decompress the file ({path.suffix[1:]}): {error}; check that it is complete "
+                     f"(download it again) and really {path.suffix[1:]}-compressed", path=str(path))
 
 
 def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by: str = "paragraph",
@@ -59,11 +103,12 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
     `sample_by` (one of TEXT_UNITS) says how a .txt file is cut into {"text": ...} records; `encoding` is the
     text files' encoding (None: UTF-8, 'auto': detected); `as_text` reads a file of any suffix as plain text
     (e.g. the reviews.pos / reviews.neg files of sentiment sets)."""
-    suffix = path.suffix.lower()
+    suffix = file_type(path)
     if as_text and suffix not in STRUCTURED_SUFFIXES:
         suffix = ".txt"
     if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"unsupported file type '{suffix}' (use {', '.join(SUPPORTED_SUFFIXES)}, or give the source "
+        raise DataError(f"unsupported file type '{suffix or path.suffix}' (use {', '.join(SUPPORTED_SUFFIXES)}, "
+                        f"compressed or not ({', '.join(_DECOMPRESSORS)}), or give the source "
                         "a `label` to read it as one text per line)", path=str(path))
     if path.stat().st_size == 0:
         raise DataError("file is empty", path=str(path))
@@ -79,9 +124,12 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
             records = {".json": _read_json, ".jsonl": _read_jsonl}[suffix](path, text_encoding)
         records = _decoded(records, path, text_encoding)
     count = 0
-    for record in records:
-        count += 1
-        yield record
+    try:
+        for record in records:
+            count += 1
+            yield record
+    except (OSError, EOFError, lzma.LZMAError) as error:  # gzip.BadGzipFile is an OSError
+        raise _compression_error(path, error) from None
     if count == 0:
         raise DataError("file has no records", path=str(path))
 
@@ -115,18 +163,21 @@ def resolve_encoding(path: Path, encoding: str | None) -> str:
             raise DataError(f"unknown encoding '{encoding}' (e.g. utf-8, gb18030, cp1252, utf-16, latin-1, auto)",
                             path=str(path)) from None
         return "utf-8-sig" if name == "utf-8" else name  # a UTF-8 byte-order mark is not text
-    with path.open("rb") as handle:
-        head = handle.read(4)
+    try:
+        with open_bytes(path) as handle:
+            head = handle.read(4)
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        raise _compression_error(path, error) from None
     for bom, codec, name in _BOMS:
         if head.startswith(bom):
             raise DataError(f"the file starts with a {name} byte-order mark ({bom.hex(' ').upper()}), so it is not "
-                            f"UTF-8; {_fix(codec)}", path=str(path), line=1)
+                            f"UTF-8; {_fix(codec, path)}", path=str(path), line=1)
     return "utf-8-sig"
 
 
 def guess_encoding(path: Path) -> tuple[str, str]:
     """(codec, description) of a text file's likely encoding, from its byte-order mark or its first megabyte."""
-    with path.open("rb") as handle:
+    with open_bytes(path) as handle:
         sample = handle.read(_GUESS_BYTES)
     for bom, codec, name in _BOMS:
         if sample.startswith(bom):
@@ -154,9 +205,12 @@ def guess_encoding(path: Path) -> tuple[str, str]:
         return "latin-1", "latin-1 (ISO 8859-1)"
 
 
-def _fix(codec: str) -> str:
+def _fix(codec: str, path: Path) -> str:
+    convert = f"iconv -f {codec} -t utf-8"
+    if path.suffix.lower() in _DECOMPRESSORS:
+        convert = f"{_DECOMPRESSORS[path.suffix.lower()][1]} -dc {path.name} | {convert}"
     return (f"read it with `encoding: {codec}` on its data source (--encoding {codec} on the command line), or "
-            f"convert it to UTF-8 (iconv -f {codec} -t utf-8)")
+            f"convert it to UTF-8 ({convert})")
 
 
 def _decoded(records: Iterator[Record], path: Path, encoding: str) -> Iterator[Record]:
@@ -171,7 +225,7 @@ def _decode_error(path: Path, encoding: str) -> DataError:
     """Where the first undecodable bytes are (line, byte offset, the bytes) and what the file looks like."""
     decoder = codecs.getincrementaldecoder(encoding)()
     line, offset = 1, 0
-    with path.open("rb") as handle:
+    with open_bytes(path) as handle:
         for raw in handle:
             pending = len(decoder.getstate()[0])
             try:
@@ -181,9 +235,9 @@ def _decode_error(path: Path, encoding: str) -> DataError:
                 line += error.object[:error.start].count(b"\n")
                 shown = " ".join(f"0x{byte:02X}" for byte in error.object[error.start:error.end])
                 codec, looks = guess_encoding(path)
-                hint = (f"the file looks like {looks}; {_fix(codec)}" if codec != "utf-8-sig" else
+                hint = (f"the file looks like {looks}; {_fix(codec, path)}" if codec != "utf-8-sig" else
                         "the rest of its first megabyte is UTF-8, so these bytes may be damaged or from another "
-                        "encoding: fix or remove them, or " + _fix("cp1252"))
+                        "encoding: fix or remove them, or " + _fix("cp1252", path))
                 return DataError(f"byte {shown} at byte offset {position} is not valid {_codec_name(encoding)}: "
                                  f"{hint}", path=str(path), line=line)
             offset += len(raw)
@@ -212,7 +266,7 @@ def _json_problem(error: json.JSONDecodeError, text: str, closing: str, what: st
 def _read_jsonl(path: Path, encoding: str) -> Iterator[Record]:
     number = 0
     # Lines end at \n (or \r\n, \r), never inside a JSON value: escaped line breaks are two characters.
-    with path.open(encoding=encoding) as handle:
+    with _open_text(path, encoding) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -227,7 +281,8 @@ def _read_jsonl(path: Path, encoding: str) -> Iterator[Record]:
 
 def _read_json(path: Path, encoding: str) -> Iterator[Record]:
     """A JSON array of objects; many '.json' files are really JSON Lines, so fall back to that."""
-    text = path.read_text(encoding=encoding)
+    with _open_text(path, encoding) as handle:
+        text = handle.read()
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -251,10 +306,10 @@ def _read_json(path: Path, encoding: str) -> Iterator[Record]:
 def _read_csv(path: Path, encoding: str, columns: Sequence[str] | None = None,
               delimiter: str = ",") -> Iterator[Record]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding=encoding, newline="") as handle:
+    with _open_text(path, encoding, newline="") as handle:
         reader = csv.DictReader(handle, fieldnames=columns, delimiter=delimiter)
         if not reader.fieldnames:
-            raise DataError(f"{path.suffix[1:].upper()} file has no header row", path=str(path))
+            raise DataError(f"{file_type(path)[1:].upper()} file has no header row", path=str(path))
         expected = "the header has" if columns is None else "expected"
         for number, row in enumerate(reader, start=1):
             if None in row:
@@ -271,12 +326,13 @@ def _read_text(path: Path, encoding: str, sample_by: str) -> Iterator[Record]:
     if sample_by not in TEXT_UNITS:
         raise DataError(f"sample_by must be one of {', '.join(TEXT_UNITS)}, not '{sample_by}'", path=str(path))
     if sample_by == "document":
-        text = path.read_text(encoding=encoding)
+        with _open_text(path, encoding) as handle:
+            text = handle.read()
         if text.strip():
             yield Record(str(path), 1, 1, {"text": text.rstrip("\n")})
         return
     number, lines, first_line = 0, [], 0
-    with path.open(encoding=encoding) as handle:  # universal newlines: \n, \r\n, \r
+    with _open_text(path, encoding) as handle:  # universal newlines: \n, \r\n, \r
         for line_number, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
             if line.strip() and sample_by == "line":
@@ -297,7 +353,7 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(open_bytes(path) if path.suffix.lower() in _DECOMPRESSORS else path)
     except Exception as error:  # pyarrow raises several types for corrupt files
         raise DataError(f"not a readable parquet file: {error}", path=str(path)) from None
     number = 0
