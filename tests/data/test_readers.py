@@ -293,3 +293,17 @@ def test_content_size_is_the_decompressed_size_for_gzip(tmp_path):
     plain = tmp_path / "x.txt"
     plain.write_bytes(text)
     assert content_size(plain) == len(text)
+
+
+def test_nan_is_a_missing_value_in_json_and_parquet(tmp_path):
+    # json.dumps of a pandas frame's records writes NaN for its missing cells; parquet keeps float NaN.
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"instruction": "a", "input": NaN, "score": Infinity}\n', encoding="utf-8")
+    assert [r.data for r in read_records(path)] == [{"instruction": "a", "input": None, "score": float("inf")}]
+    array = tmp_path / "x.json"
+    array.write_text('[{"instruction": "a", "input": NaN}]', encoding="utf-8")
+    assert [r.data for r in read_records(array)] == [{"instruction": "a", "input": None}]
+    table = tmp_path / "x.parquet"
+    write_records([{"answer": float("nan"), "question": "q"}, {"answer": 2.0, "question": "r"}], table)
+    assert [r.data for r in read_records(table)] == [{"answer": None, "question": "q"},
+                                                    {"answer": 2.0, "question": "r"}]

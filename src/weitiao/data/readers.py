@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import lzma
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -263,6 +264,11 @@ def _json_problem(error: json.JSONDecodeError, text: str, closing: str, what: st
     return message
 
 
+def _json_constant(name: str) -> float | None:
+    """NaN, which Python's json.dumps writes for pandas' missing values, is a missing value; Infinity stays a number."""
+    return None if name == "NaN" else float(name)
+
+
 def _read_jsonl(path: Path, encoding: str) -> Iterator[Record]:
     number = 0
     # Lines end at \n (or \r\n, \r), never inside a JSON value: escaped line breaks are two characters.
@@ -272,7 +278,7 @@ def _read_jsonl(path: Path, encoding: str) -> Iterator[Record]:
                 continue
             number += 1
             try:
-                value = json.loads(line)
+                value = json.loads(line, parse_constant=_json_constant)
             except json.JSONDecodeError as error:
                 raise DataError(_json_problem(error, line, "}", "line"),
                                 path=str(path), record=number, line=line_number) from None
@@ -284,7 +290,7 @@ def _read_json(path: Path, encoding: str) -> Iterator[Record]:
     with _open_text(path, encoding) as handle:
         text = handle.read()
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_json_constant)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and text.lstrip().startswith("{"):
             yield from _read_jsonl(path, encoding)
@@ -360,7 +366,9 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     for batch in table.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
             number += 1
-            yield Record(str(path), number, None, row)
+            # A float NaN is how pandas marks a missing value; as text it would read "nan".
+            yield Record(str(path), number, None,
+                         {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
 
 
 def write_records(records: list[dict[str, Any]], path: Path) -> None:
