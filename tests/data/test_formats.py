@@ -107,7 +107,7 @@ def test_columns_that_are_not_fields_of_the_format():
         field_map("alpaca", {"prompt": "x"})
 
 
-@pytest.mark.parametrize("target", ["alpaca", "sharegpt", "openai"])
+@pytest.mark.parametrize("target", ["alpaca", "sharegpt", "openai", "qa"])
 def test_convert_round_trips_multi_turn(target):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
@@ -117,8 +117,12 @@ def test_convert_round_trips_multi_turn(target):
     assert back["messages"] == messages
 
 
-def test_convert_multi_turn_to_qa_is_refused():
-    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
-    with pytest.raises(DataError, match="cannot be written as one question/answer"):
-        to_format({"messages": messages}, "qa")
+def test_query_response_history_keeps_the_earlier_turns():
+    # ms-swift's and ChatGLM's layout: the history is part of the conversation, not a column to drop.
+    fmt, example, _ = normalise({"system": "S", "query": "Q2", "response": "A2", "history": [["Q1", "A1"]]})
+    assert fmt == "qa"
+    assert example["messages"] == [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    with pytest.raises(DataError, match=r"field 'history\[0\]': expected a \[prompt, response\] pair"):
+        normalise({"query": "Q2", "response": "A2", "history": [["Q1"]]})

@@ -23,7 +23,8 @@ FORMAT_FIELDS: dict[str, dict[str, str]] = {
                "history": "history"},
     "sharegpt": {"conversations": "conversations", "system": "system", "tools": "tools"},
     "openai": {"messages": "messages", "tools": "tools"},
-    "qa": {"prompt": "question", "response": "answer", "system": "system"},
+    # history: earlier [prompt, response] pairs (alpaca; ms-swift's and ChatGLM's query/response/history).
+    "qa": {"prompt": "question", "response": "answer", "system": "system", "history": "history"},
     "text": {"text": "text"},
 }
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "openai": ("messages",),
@@ -162,23 +163,27 @@ class Normalizer:
         instruction = self._string(record, "instruction")
         extra = self._string(record, "input", required=False)
         prompt = self._user_turn(record, f"{instruction}\n{extra}" if extra.strip() else instruction)
-        messages = self._system(record)
+        return self._system(record) + self._history(record) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": self._string(record, "output")}]
+
+    def _qa(self, record: Record) -> list[dict[str, str]]:
+        prompt = self._user_turn(record, self._string(record, "prompt"))
+        return self._system(record) + self._history(record) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": self._string(record, "response")}]
+
+    def _history(self, record: Record) -> list[dict[str, str]]:
+        """The turns before the record's own prompt, from its [prompt, response] pairs."""
         history = self._get(record, "history", required=False) or []
         column = self.fields["history"]
         if not isinstance(history, list):
             raise self._error(record, f"expected a list of [prompt, response] pairs, got {type(history).__name__}",
                               column)
+        messages = []
         for index, pair in enumerate(history):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise self._error(record, "expected a [prompt, response] pair of strings", f"{column}[{index}]")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-        return messages + [{"role": "user", "content": prompt},
-                           {"role": "assistant", "content": self._string(record, "output")}]
-
-    def _qa(self, record: Record) -> list[dict[str, str]]:
-        prompt = self._user_turn(record, self._string(record, "prompt"))
-        return self._system(record) + [{"role": "user", "content": prompt},
-                                       {"role": "assistant", "content": self._string(record, "response")}]
+        return messages
 
     def _turns(self, record: Record, name: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]):
         column = self.fields[name]
@@ -327,20 +332,14 @@ def to_format(example: dict[str, Any], fmt: str) -> dict[str, Any]:
         return {"conversations": turns, **({"tools": json.dumps(tools, ensure_ascii=False)} if tools else {})}
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         raise DataError(f"a conversation with tool calls cannot be written as '{fmt}'; use sharegpt or openai")
-    if fmt == "alpaca":
-        pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 2, 2)]
-        result = {"instruction": body[-2]["content"], "input": "", "output": body[-1]["content"]}
+    if fmt in ("alpaca", "qa"):
+        prompt, response = ("instruction", "output") if fmt == "alpaca" else ("question", "answer")
+        result = {prompt: body[-2]["content"], **({"input": ""} if fmt == "alpaca" else {}),
+                  response: body[-1]["content"]}
         if system is not None:
             result["system"] = system
+        pairs = [[body[i]["content"], body[i + 1]["content"]] for i in range(0, len(body) - 2, 2)]
         if pairs:
             result["history"] = pairs
-        return result
-    if fmt == "qa":
-        if len(body) != 2:
-            raise DataError(f"a conversation of {len(body) // 2} exchanges cannot be written as one question/answer "
-                            "pair; use alpaca, sharegpt or openai")
-        result = {"question": body[0]["content"], "answer": body[1]["content"]}
-        if system is not None:
-            result["system"] = system
         return result
     raise DataError(f"cannot convert a conversation to '{fmt}'")
