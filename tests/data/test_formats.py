@@ -126,3 +126,13 @@ def test_query_response_history_keeps_the_earlier_turns():
         {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
     with pytest.raises(DataError, match=r"field 'history\[0\]': expected a \[prompt, response\] pair"):
         normalise({"query": "Q2", "response": "A2", "history": [["Q1"]]})
+
+
+@pytest.mark.parametrize("turns", ["messages", "conversations"])
+def test_a_system_column_beside_the_turns_is_the_system_prompt(turns):
+    user, assistant = ({"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"})
+    _, example, _ = normalise({"system": "S", turns: [user, assistant]})
+    assert example["messages"] == [{"role": "system", "content": "S"}, user, assistant]
+    # a system turn of the conversation itself wins over the column
+    _, example, _ = normalise({"system": "S", turns: [{"role": "system", "content": "T"}, user, assistant]})
+    assert example["messages"][0] == {"role": "system", "content": "T"}

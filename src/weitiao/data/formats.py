@@ -22,7 +22,7 @@ FORMAT_FIELDS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
                "history": "history"},
     "sharegpt": {"conversations": "conversations", "system": "system", "tools": "tools"},
-    "openai": {"messages": "messages", "tools": "tools"},
+    "openai": {"messages": "messages", "system": "system", "tools": "tools"},
     # history: earlier [prompt, response] pairs (alpaca; ms-swift's and ChatGLM's query/response/history).
     "qa": {"prompt": "question", "response": "answer", "system": "system", "history": "history"},
     "text": {"text": "text"},
