@@ -52,8 +52,8 @@ REFERENCE_FIELDS = ("response", "output")
 
 class DataSource(_Section):
     path: str
-    """A file (json, jsonl, csv, tsv, parquet, txt; also compressed: data.jsonl.gz, .bz2, .xz), a directory of them,
-    or a glob pattern."""
+    """A file (json, jsonl, csv, tsv, parquet, arrow, txt; also compressed: data.jsonl.gz, .bz2, .xz), a directory
+    of them (a `datasets` save_to_disk folder reads its .arrow shards), or a glob pattern."""
     format: Literal["auto", "alpaca", "sharegpt", "openai", "qa", "text"] = "auto"
     """Data format; auto detects it from the columns of the first record."""
     columns: dict[str, str | list[str]] = Field(default_factory=dict)

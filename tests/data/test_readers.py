@@ -307,3 +307,28 @@ def test_nan_is_a_missing_value_in_json_and_parquet(tmp_path):
     write_records([{"answer": float("nan"), "question": "q"}, {"answer": 2.0, "question": "r"}], table)
     assert [r.data for r in read_records(table)] == [{"answer": None, "question": "q"},
                                                     {"answer": 2.0, "question": "r"}]
+
+
+def test_a_datasets_folder_reads_its_arrow_rows_and_a_dataset_dict_names_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+
+    rows = [{"instruction": "一", "output": "1"}, {"instruction": "二", "output": "2"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    files = expand_paths(str(tmp_path / "saved"))
+    assert [p.suffix for p in files] == [".arrow"]  # not its dataset_info.json and state.json
+    assert [r.data for r in read_records(files[0])] == rows
+    # the Arrow IPC file format (pyarrow's default for .arrow files) as well as datasets' stream format
+    ipc_file = tmp_path / "table.arrow"
+    with pa.OSFile(str(ipc_file), "wb") as sink, pa.ipc.new_file(sink, pa.Table.from_pylist(rows).schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows))
+    assert [(r.number, r.data) for r in read_records(ipc_file)] == [(1, rows[0]), (2, rows[1])]
+    datasets.DatasetDict(train=datasets.Dataset.from_list(rows), test=datasets.Dataset.from_list(rows[:1])
+                         ).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match=r"DatasetDict folder with the splits train, test: give the folder of one "
+                                        r"split \(e\.g\. .*splits/train\)"):
+        expand_paths(str(tmp_path / "splits"))
+    broken = tmp_path / "broken.arrow"
+    broken.write_bytes(b"not arrow at all")
+    with pytest.raises(DataError, match="broken.arrow: not a readable arrow file"):
+        list(read_records(broken))

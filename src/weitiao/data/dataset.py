@@ -26,8 +26,8 @@ from weitiao.data.encode import (IGNORE_INDEX, TemplateMismatch, encode_conversa
                                  truncate)
 from weitiao.data.formats import Normalizer, check_columns, detect_format, field_map, required_columns
 from weitiao.data.preference import NORMALIZERS, encode_pair, is_pair_record, record_kind
-from weitiao.data.readers import (STRUCTURED_SUFFIXES, Record, content_size, expand_paths, file_type,
-                                  guess_encoding, read_records)
+from weitiao.data.readers import (COLUMNAR_SUFFIXES, STRUCTURED_SUFFIXES, Record, content_size, expand_paths,
+                                  file_type, guess_encoding, read_records)
 from weitiao.errors import DataError
 from weitiao.paths import cache_dir
 
@@ -124,7 +124,7 @@ def iter_source(source: DataSource, on_error: str, stats: SourceStats,
         columns = {"prompt": "text", "response": "label", **columns}
     for path in expand_paths(source.path):
         stats.files += 1
-        if source.encoding == "auto" and file_type(path) != ".parquet":
+        if source.encoding == "auto" and file_type(path) not in COLUMNAR_SUFFIXES:
             stats.notes[f"files read as {guess_encoding(path)[0]}"] += 1
         normalizer = None
         for record in source_records(source, path):

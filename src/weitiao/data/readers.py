@@ -1,5 +1,6 @@
-"""Read records from json / jsonl / csv / tsv / parquet / txt files, keeping each record's number for error messages.
-A file compressed with gzip, bzip2 or xz (data.jsonl.gz, corpus.txt.xz) reads as the type its inner suffix names.
+"""Read records from json / jsonl / csv / tsv / parquet / arrow / txt files, keeping each record's number for error
+messages. A file compressed with gzip, bzip2 or xz (data.jsonl.gz, corpus.txt.xz) reads as the type its inner
+suffix names.
 
 Records are read lazily (one line, paragraph or parquet batch at a time), so a corpus larger than memory can be
 streamed; a .json array is the exception: it is parsed whole.
@@ -24,10 +25,14 @@ from typing import IO, Any
 
 from weitiao.errors import DataError
 
-# Files whose records have columns; .txt is the one plain-text type.
-STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+# Files whose records have columns; .txt is the one plain-text type. Columnar files are binary (no text encoding);
+# .arrow is what `datasets` writes (save_to_disk, its cache).
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")
+STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", *COLUMNAR_SUFFIXES)
 SUPPORTED_SUFFIXES = (*STRUCTURED_SUFFIXES, ".txt")
-WRITABLE_SUFFIXES = STRUCTURED_SUFFIXES
+WRITABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+# The metadata files of a `datasets` save_to_disk folder, beside its .arrow shards: not records.
+_DATASETS_METADATA = ("dataset_info.json", "state.json")
 # Delimited text: comma-separated, or tab-separated as spreadsheet exports and many research dumps are.
 _DELIMITERS = {".csv": ",", ".tsv": "\t"}
 # Compression of downloaded dumps, read on the fly (the suffix before it names the file type).
@@ -47,12 +52,18 @@ class Record:
 
 
 def expand_paths(spec: str) -> list[Path]:
-    """A file, a directory (every supported file inside, recursively) or a glob pattern, sorted."""
+    """A file, a directory (every supported file inside, recursively; of a `datasets` save_to_disk folder its
+    .arrow shards) or a glob pattern, sorted."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and file_type(p) in SUPPORTED_SUFFIXES)
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+            raise DataError(f"a `datasets` DatasetDict folder with the splits {', '.join(splits)}: give the folder of "
+                            f"one split (e.g. {path / (splits[0] if splits else 'train')})", path=spec)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_type(p) in SUPPORTED_SUFFIXES
+                       and not (p.name in _DATASETS_METADATA and any(p.parent.glob("*.arrow"))))
         if not files:
             raise DataError(f"directory has no {', '.join(SUPPORTED_SUFFIXES)} files (or those compressed: "
                             f"{', '.join(_DECOMPRESSORS)})", path=spec)
@@ -113,8 +124,8 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
                         "a `label` to read it as one text per line)", path=str(path))
     if path.stat().st_size == 0:
         raise DataError("file is empty", path=str(path))
-    if suffix == ".parquet":
-        records = _read_parquet(path)
+    if suffix in COLUMNAR_SUFFIXES:
+        records = _read_columnar(path, suffix)
     else:
         text_encoding = resolve_encoding(path, encoding)
         if suffix in _DELIMITERS:
@@ -355,15 +366,26 @@ def _read_text(path: Path, encoding: str, sample_by: str) -> Iterator[Record]:
         yield Record(str(path), number + 1, first_line, {"text": "\n".join(lines)})
 
 
-def _read_parquet(path: Path) -> Iterator[Record]:
+def _read_columnar(path: Path, suffix: str) -> Iterator[Record]:
+    """Rows of a parquet file, or of an Arrow IPC file (the stream format `datasets` writes, or the file format)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    source = open_bytes(path) if path.suffix.lower() in _DECOMPRESSORS else path
     try:
-        table = pq.ParquetFile(open_bytes(path) if path.suffix.lower() in _DECOMPRESSORS else path)
+        if suffix == ".parquet":
+            batches = pq.ParquetFile(source).iter_batches(batch_size=4096)
+        else:
+            data = source.read() if not isinstance(source, Path) else pa.memory_map(str(source))
+            try:
+                batches = iter(pa.ipc.open_stream(data))
+            except pa.ArrowInvalid:
+                file = pa.ipc.open_file(data)
+                batches = (file.get_batch(index) for index in range(file.num_record_batches))
     except Exception as error:  # pyarrow raises several types for corrupt files
-        raise DataError(f"not a readable parquet file: {error}", path=str(path)) from None
+        raise DataError(f"not a readable {suffix[1:]} file: {error}", path=str(path)) from None
     number = 0
-    for batch in table.iter_batches(batch_size=4096):
+    for batch in batches:
         for row in batch.to_pylist():
             number += 1
             # A float NaN is how pandas marks a missing value; as text it would read "nan".
