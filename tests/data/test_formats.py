@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from weitiao.data.formats import Normalizer, detect_format, to_format
@@ -66,8 +68,25 @@ def test_column_mapping_with_prompt_template():
 
 def test_unknown_format_lists_what_was_found():
     with pytest.raises(DataError, match=r"data.jsonl: record 1: cannot tell the data format from the columns "
-                                        r"\['body', 'title'\]"):
+                                        r"\['body', 'title'\].*\(e.g. columns: \{prompt: dialogue"):
         normalise({"title": "x", "body": "y"})
+
+
+@pytest.mark.parametrize("record, hint", [
+    ({"question": "q", "std_answer": "a", "class": "math"}, "{prompt: question, response: std_answer}"),  # BELLE eval
+    ({"Question": "q", "Best Answer": "a", "Category": "c"}, "{prompt: Question, response: Best Answer}"),
+    ({"input": "q", "target": "a"}, "{prompt: input, response: target}"),
+    ({"question": "q", "mc1_targets": {"a": 1}}, "e.g. columns: {prompt: dialogue, response: summary}"),  # not text
+])
+def test_an_unknown_format_suggests_the_mapping_its_column_names_suggest(record, hint):
+    with pytest.raises(DataError, match=re.escape(hint)):
+        normalise(record)
+
+
+def test_question_and_answer_columns_are_found_whatever_their_case():
+    fmt, example, _ = normalise({"Question": "Q", "Answer": "A"})
+    assert fmt == "qa"
+    assert [m["content"] for m in example["messages"]] == ["Q", "A"]
 
 
 @pytest.mark.parametrize("data, fmt, message", [

@@ -74,16 +74,37 @@ def detect_format(record: dict[str, Any], columns: dict[str, str], path: str, li
         return "sharegpt", {**FORMAT_FIELDS["sharegpt"], **columns}
     if {"instruction", "output"} <= keys:
         return "alpaca", {**FORMAT_FIELDS["alpaca"], **columns}
+    by_name = {str(key).lower(): key for key in keys}  # spreadsheet headers say Question, Answer
     for prompt, response in QA_COLUMN_PAIRS:
-        if {prompt, response} <= keys:
-            return "qa", {**FORMAT_FIELDS["qa"], "prompt": prompt, "response": response, **columns}
+        if prompt in by_name and response in by_name:
+            return "qa", {**FORMAT_FIELDS["qa"], "prompt": by_name[prompt], "response": by_name[response], **columns}
     if "text" in keys:
         return "text", {**FORMAT_FIELDS["text"], **columns}
     raise DataError(
         f"cannot tell the data format from the columns {sorted(keys)}; expected one of: alpaca "
         "(instruction/input/output), sharegpt (conversations), openai (messages), qa (question/answer) or "
-        "text; or set `format` and `columns` for this source (e.g. columns: {prompt: dialogue, response: summary})",
+        f"text; or set `format` and `columns` for this source ({_mapping_hint(record)})",
         path=path, record=1, line=line)
+
+
+# Words in column names that say "the prompt" and "the reply", for the mapping an error message suggests.
+_PROMPT_WORDS = ("question", "prompt", "query", "instruction", "input", "problem")
+_REPLY_WORDS = ("answer", "response", "output", "completion", "target", "reply", "solution")
+
+
+def _mapping_hint(record: dict[str, Any]) -> str:
+    """A `columns` mapping guessed from the names of the record's text columns (question + std_answer ->
+    {prompt: question, response: std_answer}), or a generic example."""
+    names = [str(key) for key, value in record.items() if isinstance(value, str)]
+
+    def first(words: tuple[str, ...], exclude: str | None = None) -> str | None:
+        return next((name for word in words for name in names if word in name.lower() and name != exclude), None)
+
+    prompt = first(_PROMPT_WORDS)
+    response = first(_REPLY_WORDS, exclude=prompt)
+    if prompt and response:
+        return f"these look like a prompt and its reply: columns: {{prompt: {prompt}, response: {response}}}"
+    return "e.g. columns: {prompt: dialogue, response: summary}"
 
 
 def field_map(fmt: str, columns: dict[str, str]) -> dict[str, str]:
