@@ -1,5 +1,8 @@
+import json
+
 import pytest
 
+from tests.conftest import write_jsonl
 from weitiao.config import load_config, parse_overrides
 from weitiao.errors import ConfigError
 
@@ -102,3 +105,93 @@ def test_a_saved_config_loads_back_unchanged(tmp_path):
         path = tmp_path / f"{method}.yaml"
         path.write_text(dump_config(config), encoding="utf-8")
         assert load_config(path) == config
+
+
+def llamafactory_folder(tmp_path, entries):
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    (folder / "dataset_info.json").write_text(json.dumps(entries), encoding="utf-8")
+    return folder
+
+
+def test_a_llamafactory_dataset_becomes_this_sources_path_format_and_columns(tmp_path):
+    from weitiao.config import dump_config
+    from weitiao.data.dataset import load_source
+
+    folder = llamafactory_folder(tmp_path, {
+        "firefly": {"file_name": "firefly.jsonl", "columns": {"prompt": "input", "response": "target"}},
+        "chats": {"file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "messages",
+                  "system": "sys"}, "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                             "assistant_tag": "assistant"}},
+        "wiki": {"file_name": "wiki.jsonl", "columns": {"prompt": "body"}}})
+    write_jsonl(folder / "firefly.jsonl", [{"input": "一加一", "target": "二", "kind": "math"}])
+    (folder / "chats.json").write_text(json.dumps([{"sys": "S", "messages": [
+        {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]), encoding="utf-8")
+    write_jsonl(folder / "wiki.jsonl", [{"body": "a document"}])
+    config = load_config(write(tmp_path, "data:\n  train:\n    - {path: data, dataset: firefly}\n"
+                                         "    - {path: data/dataset_info.json, dataset: chats}\n"
+                                         "    - {path: data, dataset: wiki}\n"))
+    firefly, chats, wiki = config.data.train
+    assert (firefly.path, firefly.format, firefly.columns) == (str(folder / "firefly.jsonl"), "alpaca",
+                                                               {"instruction": "input", "output": "target"})
+    assert (chats.format, chats.columns) == ("sharegpt", {"conversations": "messages", "system": "sys"})
+    assert (wiki.format, wiki.columns) == ("text", {"text": "body"})  # LLaMA-Factory's pre-training entries
+    assert [example.messages for example in load_source(firefly)[0]] == [
+        [{"role": "user", "content": "一加一"}, {"role": "assistant", "content": "二"}]]
+    assert load_source(chats)[0][0].messages[0] == {"role": "system", "content": "S"}
+    assert load_source(wiki)[0][0].text == "a document"
+    # the run's config.yaml says what was read, and loads back as it is
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_config(config), encoding="utf-8")
+    assert load_config(saved).data.train == config.data.train
+    assert "dataset: null" in saved.read_text() and "dataset_info" not in saved.read_text()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"hf_hub_url": "llamafactory/alpaca_en"}, r"is on a hub \(hf_hub_url: llamafactory/alpaca_en\)"),
+    ({"file_name": "x.json", "num_samples": 100}, "num_samples not supported .*use `weight`"),
+    ({"file_name": "x.json", "formatting": "sharegpt", "columns": {"images": "images"}}, "weitiao trains on text"),
+    ({"file_name": "x.json", "formatting": "sharegpt", "tags": {"role_tag": "speaker"}},
+     "tags.role_tag 'speaker': weitiao reads turns whose keys are from or role"),
+    ({"file_name": "x.json", "columns": {"messages": "conversations"}}, "column 'messages' is not one of alpaca's"),
+    ({"formatting": "alpaca"}, "has no file_name"),
+])
+def test_a_llamafactory_entry_weitiao_cannot_read_says_why(tmp_path, entry, message):
+    llamafactory_folder(tmp_path, {"mine": entry})
+    with pytest.raises(ConfigError, match=rf"run.yaml: .*dataset_info.json: dataset 'mine'.*{message}"):
+        load_config(write(tmp_path, "data:\n  train: [{path: data, dataset: mine}]\n"))
+
+
+def test_a_misspelt_llamafactory_dataset_is_named(tmp_path):
+    llamafactory_folder(tmp_path, {"alpaca_zh_demo": {"file_name": "a.json"}})
+    with pytest.raises(ConfigError, match="has no dataset 'alpaca_zh' \\(did you mean 'alpaca_zh_demo'\\?\\)"):
+        load_config(write(tmp_path, "data:\n  train: [{path: data, dataset: alpaca_zh}]\n"))
+    with pytest.raises(ConfigError, match="cannot read LLaMA-Factory's dataset_info.json at .*elsewhere"):
+        load_config(None, ["--data.train", f"[{{path: {tmp_path / 'elsewhere'}, dataset: alpaca_zh_demo}}]"])
+
+
+def test_llamafactorys_own_entries_for_its_demo_sets_read_the_shared_files(tmp_path, shared_data):
+    """The entries of LLaMA-Factory's data/dataset_info.json for the demo files in ../shared/data, as they are."""
+    from weitiao.data.dataset import load_source
+    from weitiao.data.preference import record_kind
+
+    sharegpt = {"formatting": "sharegpt"}
+    llamafactory_folder(tmp_path, {
+        "alpaca_zh_demo": {"file_name": str(shared_data / "alpaca_zh/alpaca_zh_demo.json")},
+        "glaive_toolcall_zh_demo": {**sharegpt, "file_name": str(shared_data / "toolcall/glaive_toolcall_zh_demo.json"),
+                                    "columns": {"messages": "conversations", "tools": "tools"}},
+        "dpo_zh_demo": {**sharegpt, "file_name": str(shared_data / "preference/dpo_zh_demo.json"), "ranking": True,
+                        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "kto_en_demo": {**sharegpt, "file_name": str(shared_data / "preference/kto_en_demo.json"),
+                        "columns": {"messages": "messages", "kto_tag": "label"},
+                        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                 "assistant_tag": "assistant"}}})
+    read = {}
+    for name, stage in (("alpaca_zh_demo", "sft"), ("glaive_toolcall_zh_demo", "sft"), ("dpo_zh_demo", "dpo"),
+                        ("kto_en_demo", "kto")):
+        config = load_config(write(tmp_path, f"stage: {stage}\ndata:\n  train: [{{path: data, dataset: {name}}}]\n"))
+        examples, stats = load_source(config.data.train[0], on_error="skip", kind=record_kind(stage))
+        read[name] = (len(examples), sum(stats.skipped.values()))
+    # glaive_toolcall_zh_demo: 2 records call a tool their schema list does not have (as without dataset_info.json)
+    assert read == {"alpaca_zh_demo": (1000, 0), "glaive_toolcall_zh_demo": (298, 2), "dpo_zh_demo": (300, 0),
+                    "kto_en_demo": (300, 0)}

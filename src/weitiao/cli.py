@@ -119,7 +119,8 @@ def _source_from_args(args: argparse.Namespace):
 
     return section_from_dict(DataSource, {
         "path": args.file, "format": args.format, "columns": _columns(args.column),
-        "prompt_template": args.prompt_template, "encoding": args.encoding, "label": args.label}, "(options)")
+        "prompt_template": args.prompt_template, "encoding": args.encoding, "label": args.label,
+        "dataset": args.dataset}, "(options)")
 
 
 def cmd_data_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -172,9 +173,10 @@ def cmd_data_clean(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.data.readers import check_output
 
     config = _section_from_args(CleanConfig, args)
-    output = check_output(Path(args.output), args.file)
-    result = clean_examples(_source_from_args(args), config)
-    print(format_clean_summary(write_clean(result, output, args.file)))
+    source = _source_from_args(args)
+    output = check_output(Path(args.output), source.path)
+    result = clean_examples(source, config)
+    print(format_clean_summary(write_clean(result, output, source.path)))
 
 
 def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -184,8 +186,8 @@ def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
     from weitiao.data.select import format_summary, select_examples, write_selection
 
     config = _section_from_args(SelectConfig, args)
-    output = check_output(Path(args.output), args.file)
     source = _source_from_args(args)
+    output = check_output(Path(args.output), source.path)
     examples, _ = load_source(source, args.on_error)
     if config.report:
         from weitiao.eval.selection import format_report, report_selection
@@ -515,7 +517,9 @@ def _add_data_commands(commands) -> None:
             ("select", cmd_data_select, "keep the examples worth training on (IFD, k-center, quality, perplexity, "
              "random) at a ratio or count; see docs/data-selection.md")):
         sub = data.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("file", help="a json/jsonl/csv/tsv/parquet file, a folder or a glob")
+        sub.add_argument("file", help="a json/jsonl/csv/tsv/parquet file, a folder or a glob; with --dataset, "
+                         "LLaMA-Factory's dataset_info.json or its folder")
+        sub.add_argument("--dataset", help="a dataset named in that dataset_info.json (e.g. alpaca_zh_demo)")
         sub.add_argument("--format", default="auto", help="input format (default: detected)")
         sub.add_argument("--column", action="append", metavar="FIELD=COLUMN",
                          help="map a format field to a column, e.g. --column prompt=dialogue")

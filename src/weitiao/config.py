@@ -7,6 +7,7 @@ Training hyper-parameters keep the names users know from transformers' TrainingA
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import typing
 from pathlib import Path
@@ -72,10 +73,15 @@ class DataSource(_Section):
     """How text files are cut into documents: each line, each blank-line-separated paragraph, or the whole file.
     None: line with a `label`, else paragraph."""
     encoding: str | None = None
-    """Text encoding of the files (json, jsonl, csv, txt). None: UTF-8 (with or without a byte-order mark); a file
+    """Text encoding of the files (json, jsonl, csv, tsv, txt). None: UTF-8 (with or without a byte-order mark); a file
     in another encoding stops with its line and byte offset and the encoding it looks like. A codec name (gb18030,
     cp1252, utf-16, latin-1, ...) reads it; auto guesses it per file (byte-order mark, else charset-normalizer) and
     data_stats.json says what was used."""
+    dataset: str | None = None
+    """A dataset named in a LLaMA-Factory dataset_info.json, which `path` names (the file or its folder): the
+    entry's file_name, formatting (alpaca, sharegpt), columns and tags become this source's path, format and
+    columns (the run's config.yaml keeps what they became), so a LLaMA-Factory data folder trains unchanged. Hub
+    entries (hf_hub_url, ...) are refused: download the files and name them."""
     label: str | None = None
     """Classification sets that ship one text per line and the label as the file (reviews.pos / reviews.neg,
     pos.txt / neg.txt): every line of these files (any suffix but json/jsonl/csv/tsv/parquet) becomes an example whose
@@ -103,6 +109,77 @@ class DataSource(_Section):
         if self.sample_by is None:
             self.sample_by = "line" if self.label is not None else "paragraph"
         return self
+
+    @model_validator(mode="after")
+    def _from_dataset_info(self) -> DataSource:
+        if self.dataset is not None:
+            path, fmt, columns = llamafactory_dataset(Path(self.path).expanduser(), self.dataset)
+            if self.format not in ("auto", fmt):
+                raise ValueError(f"format {self.format}, but dataset_info.json says {fmt} for '{self.dataset}'")
+            self.path, self.format, self.columns, self.dataset = path, fmt, {**columns, **self.columns}, None
+        return self
+
+
+# LLaMA-Factory's dataset_info.json (DataSource.dataset): its columns per formatting, as weitiao's fields.
+_LLAMAFACTORY_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+               "system": "system", "chosen": "chosen", "rejected": "rejected", "kto_tag": "label"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools", "chosen": "chosen",
+                 "rejected": "rejected", "kto_tag": "label"},
+}
+_LLAMAFACTORY_TAG_KEYS = {"role_tag": ("from", "role"), "content_tag": ("value", "content")}  # the keys weitiao reads
+_LLAMAFACTORY_HUB = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_LLAMAFACTORY_MEDIA = ("images", "videos", "audios")
+# Entry keys read; file_sha1 changes nothing that is read; role tags are checked per turn by the data reader.
+_LLAMAFACTORY_KEYS = ("file_name", "formatting", "ranking", "columns", "tags", "file_sha1")
+
+
+def llamafactory_dataset(info: Path, name: str) -> tuple[str, str, dict[str, str]]:
+    """(path, format, columns) of the dataset `name` in LLaMA-Factory's dataset_info.json (`info`: the file or its
+    folder). An alpaca entry that maps only `prompt` is a text corpus (pre-training), as LLaMA-Factory reads it."""
+    info_file = info / "dataset_info.json" if info.is_dir() else info
+    try:
+        registry = json.loads(info_file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read LLaMA-Factory's dataset_info.json at {info}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{info_file}: invalid JSON: {error}") from None
+    if not isinstance(registry, dict) or name not in registry:
+        close = difflib.get_close_matches(name, list(registry) if isinstance(registry, dict) else [], n=1)
+        raise ValueError(f"{info_file} has no dataset '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    entry = registry[name]
+    where = f"{info_file}: dataset '{name}'"
+    hub = next((key for key in _LLAMAFACTORY_HUB if entry.get(key)), None)
+    if hub:
+        raise ValueError(f"{where} is on a hub ({hub}: {entry[hub]}); weitiao reads local files: download them and "
+                         "give their path (or a file_name in dataset_info.json)")
+    unknown = sorted(set(entry) - set(_LLAMAFACTORY_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: {', '.join(unknown)} not supported (num_samples: use `weight`, a share of the "
+                         "records)")
+    if "file_name" not in entry:
+        raise ValueError(f"{where} has no file_name")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in _LLAMAFACTORY_COLUMNS:
+        raise ValueError(f"{where}: formatting '{formatting}' (expected alpaca or sharegpt)")
+    columns: dict[str, str] = {}
+    for key, column in (entry.get("columns") or {}).items():
+        if key in _LLAMAFACTORY_MEDIA:
+            raise ValueError(f"{where}: column {key}: weitiao trains on text; images, videos and audio are not read")
+        if key not in _LLAMAFACTORY_COLUMNS[formatting]:
+            raise ValueError(f"{where}: column '{key}' is not one of {formatting}'s "
+                             f"({', '.join(_LLAMAFACTORY_COLUMNS[formatting])})")
+        if column != _LLAMAFACTORY_COLUMNS[formatting][key]:  # weitiao reads its own names without a mapping
+            columns[_LLAMAFACTORY_COLUMNS[formatting][key]] = column
+    for key, value in (entry.get("tags") or {}).items():
+        if key in _LLAMAFACTORY_TAG_KEYS and value not in _LLAMAFACTORY_TAG_KEYS[key]:
+            raise ValueError(f"{where}: tags.{key} '{value}': weitiao reads turns whose keys are "
+                             f"{' or '.join(_LLAMAFACTORY_TAG_KEYS[key])}")
+    path = str(info_file.parent / entry["file_name"])
+    mapped = entry.get("columns") or {}
+    if formatting == "alpaca" and set(mapped) == {"prompt"}:
+        return path, "text", {} if mapped["prompt"] == "text" else {"text": mapped["prompt"]}
+    return path, formatting, columns
 
 
 class CustomTemplate(_Section):

@@ -155,3 +155,8 @@ def test_a_system_column_beside_the_turns_is_the_system_prompt(turns):
     # a system turn of the conversation itself wins over the column
     _, example, _ = normalise({"system": "S", turns: [{"role": "system", "content": "T"}, user, assistant]})
     assert example["messages"][0] == {"role": "system", "content": "T"}
+
+
+def test_an_instruction_mapped_to_the_input_column_is_read_once():
+    _, example, _ = normalise({"input": "一加一", "target": "二"}, columns={"instruction": "input", "output": "target"})
+    assert example["messages"][0] == {"role": "user", "content": "一加一"}

@@ -182,7 +182,9 @@ class Normalizer:
     # -- formats -----------------------------------------------------------------------------
     def _alpaca(self, record: Record) -> list[dict[str, str]]:
         instruction = self._string(record, "instruction")
-        extra = self._string(record, "input", required=False)
+        # {instruction: input} (firefly's columns) reads that column once, as the instruction
+        same = self.fields["input"] == self.fields["instruction"]
+        extra = "" if same else self._string(record, "input", required=False)
         prompt = self._user_turn(record, f"{instruction}\n{extra}" if extra.strip() else instruction)
         return self._system(record) + self._history(record) + [
             {"role": "user", "content": prompt}, {"role": "assistant", "content": self._string(record, "output")}]
