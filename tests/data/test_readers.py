@@ -111,6 +111,10 @@ def test_unsupported_suffix_and_missing_path(tmp_path):
     path.write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match="unsupported file type '.md'"):
         list(read_records(path))
+    workbook = tmp_path / "标注.xlsx"
+    workbook.write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match=r"标注.xlsx: an Excel workbook: save the sheet as CSV"):
+        list(read_records(workbook))
     with pytest.raises(DataError, match="no such file or directory"):
         expand_paths(str(tmp_path / "missing.jsonl"))
 

@@ -118,6 +118,9 @@ def read_records(path: Path, csv_columns: Sequence[str] | None = None, sample_by
     suffix = file_type(path)
     if as_text and suffix not in STRUCTURED_SUFFIXES:
         suffix = ".txt"
+    if suffix in (".xlsx", ".xls"):
+        raise DataError("an Excel workbook: save the sheet as CSV in Excel (File > Save As > CSV UTF-8) and give "
+                        "that file", path=str(path))
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"unsupported file type '{suffix or path.suffix}' (use {', '.join(SUPPORTED_SUFFIXES)}, "
                         f"compressed or not ({', '.join(_DECOMPRESSORS)}), or give the source "
