@@ -336,3 +336,15 @@ def test_a_datasets_folder_reads_its_arrow_rows_and_a_dataset_dict_names_its_spl
     broken.write_bytes(b"not arrow at all")
     with pytest.raises(DataError, match="broken.arrow: not a readable arrow file"):
         list(read_records(broken))
+
+
+def test_a_llamafactory_folder_asks_for_one_of_its_datasets(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"alpaca_zh_demo": {"file_name": "a.json"},
+                                                            "dpo_zh_demo": {"file_name": "d.json", "ranking": True}}))
+    write_records([{"instruction": "i", "output": "o"}], tmp_path / "a.json")
+    for spec in (tmp_path, tmp_path / "dataset_info.json"):
+        with pytest.raises(DataError, match=r"a LLaMA-Factory data folder: name one dataset of its "
+                                            r"dataset_info.json with `dataset:` \(--dataset\), e.g. alpaca_zh_demo; "
+                                            r"it has 2: alpaca_zh_demo, dpo_zh_demo"):
+            expand_paths(str(spec))
+    assert expand_paths(str(tmp_path / "a.json")) == [tmp_path / "a.json"]

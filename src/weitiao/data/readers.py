@@ -55,6 +55,9 @@ def expand_paths(spec: str) -> list[Path]:
     """A file, a directory (every supported file inside, recursively; of a `datasets` save_to_disk folder its
     .arrow shards) or a glob pattern, sorted."""
     path = Path(spec).expanduser()
+    registry = path / "dataset_info.json" if path.is_dir() else path
+    if registry.name == "dataset_info.json" and registry.is_file() and not any(registry.parent.glob("*.arrow")):
+        _refuse_llamafactory_registry(registry, spec)
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -72,6 +75,19 @@ def expand_paths(spec: str) -> list[Path]:
     if matches:
         return matches
     raise DataError("no such file or directory", path=spec)
+
+
+def _refuse_llamafactory_registry(registry: Path, spec: str) -> None:
+    """A LLaMA-Factory data folder mixes unrelated datasets: reading all of it is never meant; name one."""
+    try:
+        entries = json.loads(registry.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # not LLaMA-Factory's registry; read as any other json file
+    if isinstance(entries, dict) and entries and all(isinstance(entry, dict) for entry in entries.values()):
+        names = list(entries)
+        raise DataError(f"a LLaMA-Factory data folder: name one dataset of its dataset_info.json with `dataset:` "
+                        f"(--dataset), e.g. {names[0]}; it has {len(names)}: {', '.join(names[:10])}"
+                        + (", ..." if len(names) > 10 else ""), path=spec)
 
 
 def file_type(path: Path) -> str:
