@@ -160,3 +160,15 @@ def test_a_system_column_beside_the_turns_is_the_system_prompt(turns):
 def test_an_instruction_mapped_to_the_input_column_is_read_once():
     _, example, _ = normalise({"input": "一加一", "target": "二"}, columns={"instruction": "input", "output": "target"})
     assert example["messages"][0] == {"role": "user", "content": "一加一"}
+
+
+def test_firefly_conversations_of_exchanges():
+    fmt, example, _ = normalise({"conversation_id": 7, "category": "Brainstorming", "conversation": [
+        {"human": "Q1", "assistant": "A1"}, {"human": "Q2", "assistant": "A2"}]})
+    assert fmt == "sharegpt"
+    assert [(m["role"], m["content"]) for m in example["messages"]] == [
+        ("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]
+    with pytest.raises(DataError, match=r"field 'conversation\[1\].assistant': empty response"):
+        normalise({"conversation": [{"human": "Q1", "assistant": "A1"}, {"human": "Q2", "assistant": " "}]})
+    with pytest.raises(DataError, match=r"field 'conversation\[0\].human': expected a string, got int"):
+        normalise({"conversation": [{"human": 3, "assistant": "A1"}]})

@@ -72,6 +72,8 @@ def detect_format(record: dict[str, Any], columns: dict[str, str], path: str, li
         return "openai", {**FORMAT_FIELDS["openai"], **columns}
     if "conversations" in keys:
         return "sharegpt", {**FORMAT_FIELDS["sharegpt"], **columns}
+    if isinstance(record.get("conversation"), list):  # Firefly: [{human, assistant}, ...]
+        return "sharegpt", {**FORMAT_FIELDS["sharegpt"], "conversations": "conversation", **columns}
     if {"instruction", "output"} <= keys:
         return "alpaca", {**FORMAT_FIELDS["alpaca"], **columns}
     by_name = {str(key).lower(): key for key in keys}  # spreadsheet headers say Question, Answer
@@ -218,6 +220,9 @@ class Normalizer:
             where = f"{column}[{index}]"
             if not isinstance(turn, dict):
                 raise self._error(record, f"expected an object, got {type(turn).__name__}", where)
+            if {"human", "assistant"} <= set(turn) and not any(k in turn for k in role_keys):
+                messages += self._exchange(record, turn, where)  # Firefly's layout: one exchange per item
+                continue
             role_key = next((k for k in role_keys if k in turn), None)
             content_key = next((k for k in content_keys if k in turn), None)
             calls = turn.get("tool_calls") or turn.get("function_call")  # openai: an assistant turn's calls
@@ -264,6 +269,13 @@ class Normalizer:
         if messages and messages[0]["role"] == "system":
             return messages
         return [dict(m, _where="") for m in self._system(record)] + messages
+
+    def _exchange(self, record: Record, turn: dict[str, Any], where: str) -> list[dict[str, Any]]:
+        for key in ("human", "assistant"):
+            if not isinstance(turn[key], str):
+                raise self._error(record, f"expected a string, got {type(turn[key]).__name__}", f"{where}.{key}")
+        return [{"role": "user", "content": turn["human"], "_where": f"{where}.human"},
+                {"role": "assistant", "content": turn["assistant"], "_where": f"{where}.assistant"}]
 
     def _tools(self, record: Record) -> list[dict[str, Any]]:
         if "tools" not in self.fields:
