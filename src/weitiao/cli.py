@@ -188,15 +188,16 @@ def cmd_data_select(args: argparse.Namespace, overrides: list[str]) -> None:
     config = _section_from_args(SelectConfig, args)
     source = _source_from_args(args)
     output = check_output(Path(args.output), source.path)
-    examples, _ = load_source(source, args.on_error)
+    examples, stats = load_source(source, args.on_error)
     if config.report:
         from weitiao.eval.selection import format_report, report_selection
         from weitiao.train import run
 
-        print(format_report(report_selection(examples, source, config, output, train=run)))
+        report = report_selection(examples, source, config, output, train=run, skipped=stats.skipped)
+        print(format_report(report))
         return
     selection = select_examples(examples, config)
-    print(format_summary(write_selection(examples, selection, output, config, source)))
+    print(format_summary(write_selection(examples, selection, output, config, source, stats.skipped)))
 
 
 def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -5,7 +5,7 @@ import lzma
 
 import pytest
 
-from weitiao.data.readers import check_output, content_size, expand_paths, read_records, write_records
+from weitiao.data.readers import check_output, content_size, expand_paths, read_records, to_json, write_records
 from weitiao.errors import DataError
 
 
@@ -348,3 +348,25 @@ def test_a_llamafactory_folder_asks_for_one_of_its_datasets(tmp_path):
                                             r"it has 2: alpaca_zh_demo, dpo_zh_demo"):
             expand_paths(str(spec))
     assert expand_paths(str(tmp_path / "a.json")) == [tmp_path / "a.json"]
+
+
+def test_parquet_dates_and_decimals_write_to_json_and_csv_and_bytes_say_where(tmp_path):
+    import datetime
+    import decimal
+
+    rows = [{"question": "q", "answer": "a", "created": datetime.datetime(2024, 5, 1, 8, 30),
+             "day": datetime.date(2024, 5, 1), "price": decimal.Decimal("1.10")}]
+    table = tmp_path / "x.parquet"
+    write_records(rows, table)
+    read = [r.data for r in read_records(table)]
+    for suffix in (".jsonl", ".json", ".csv"):
+        write_records(read, tmp_path / f"out{suffix}")
+        assert [r.data for r in read_records(tmp_path / f"out{suffix}")] == [
+            {"question": "q", "answer": "a", "created": "2024-05-01T08:30:00", "day": "2024-05-01", "price": "1.10"}]
+    blob = [{"question": "q", "answer": "a"}, {"question": "q", "answer": "a", "image": b"\x89PNG"}]
+    with pytest.raises(DataError, match=r"out.jsonl: record 2: field 'image': a bytes value cannot be written as "
+                                        r"jsonl; write this output as .parquet"):
+        write_records(blob, tmp_path / "out.jsonl")
+    write_records(blob, tmp_path / "out.parquet")
+    assert [r.data for r in read_records(tmp_path / "out.parquet")][1]["image"] == b"\x89PNG"
+    assert json.loads(to_json(blob[1], report=True))["image"] == "<4 bytes>"

@@ -266,6 +266,13 @@ def test_cli_select_and_its_errors(tmp_path, tiny_model_dir, capsys):
     assert "pass with_prompt: 4 scored" in out
     assert len(json.loads(output.read_text())) == 2
 
+    # unreadable records skipped on request are counted in the summary and its file
+    source.write_text(json.dumps(rows + [{"instruction": "Say e", "output": ""}]), encoding="utf-8")
+    assert main(["data", "select", str(source), str(output), "--method", "random", "--count", "2",
+                 "--model", tiny_model_dir, "--on-error", "skip"]) == 0
+    assert "skipped 1 records that could not be read: 1 x empty response" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.summary.json").read_text())["skipped"] == {"empty response": 1}
+
     assert main(["data", "select", str(source), str(output), "--ratio", "0.5", "--count", "2"]) == 2
     assert "set exactly one of ratio (a share, e.g. 0.1) and count" in capsys.readouterr().err
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain text"}])

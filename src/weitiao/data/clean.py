@@ -42,7 +42,7 @@ import numpy as np
 from weitiao.config import CleanConfig, DataSource, SelectConfig
 from weitiao.data.dataset import Example, load_source, original_records
 from weitiao.data.encode import prompt_messages
-from weitiao.data.readers import Record, side_file, write_records
+from weitiao.data.readers import Record, side_file, to_json, write_records
 from weitiao.data.select import ifd_scores, nearest_neighbours
 from weitiao.data.tools import message_text
 from weitiao.errors import ConfigError, DataError
@@ -459,8 +459,8 @@ def write_clean(result: CleanResult, output: Path, source: str) -> dict[str, Any
     removed_path = side_file(output, "removed.jsonl")
     with removed_path.open("w", encoding="utf-8") as handle:
         for item in sorted(result.removed, key=lambda item: (item.source, item.record)):
-            handle.write(json.dumps({"rule": item.rule, "detail": item.detail, "source": item.source,
-                                     "record": item.record, "original": item.original}, ensure_ascii=False) + "\n")
+            handle.write(to_json({"rule": item.rule, "detail": item.detail, "source": item.source,
+                                  "record": item.record, "original": item.original}, report=True) + "\n")
     summary = {"input": source, "output": str(output), "records": result.records, "kept": len(result.kept),
                "removed": len(result.removed), "removed_by_rule": {rule: result.counts[rule] for rule in RULES
                                                                    if result.counts[rule]},

@@ -11,6 +11,8 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
+import datetime
+import decimal
 import glob
 import gzip
 import io
@@ -412,32 +414,68 @@ def _read_columnar(path: Path, suffix: str) -> Iterator[Record]:
                          {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
 
 
+def json_default(value: Any) -> Any:
+    """Values of parquet/arrow columns that JSON has no type for: dates and times as ISO 8601 text, decimals as
+    their exact text. Anything else (bytes) is a TypeError."""
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime is a date
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise TypeError(f"a {type(value).__name__} value")
+
+
+def to_json(value: Any, indent: int | None = None, report: bool = False) -> str:
+    """JSON text of a record; `report` (side files for people to read, such as OUT.removed.jsonl) shows bytes as
+    '<N bytes>' instead of failing."""
+    def default(item: Any) -> Any:
+        return f"<{len(item)} bytes>" if report and isinstance(item, (bytes, bytearray)) else json_default(item)
+
+    return json.dumps(value, ensure_ascii=False, indent=indent, default=default)
+
+
 def write_records(records: list[dict[str, Any]], path: Path) -> None:
-    """Write records in the file type named by `path`'s suffix."""
+    """Write records in the file type named by `path`'s suffix. A value JSON and CSV cannot hold (bytes) stops
+    with its record and field."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json") or suffix in _DELIMITERS:
+        for number, record in enumerate(records, start=1):
+            _check_writable(record, path, number)
     if suffix == ".jsonl":
         with path.open("w", encoding="utf-8") as handle:
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(to_json(record) + "\n")
     elif suffix == ".json":
-        path.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        path.write_text(to_json(records, indent=2) + "\n", encoding="utf-8")
     elif suffix in _DELIMITERS:
         columns = list(dict.fromkeys(key for record in records for key in record))
         with path.open("w", encoding="utf-8", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, delimiter=_DELIMITERS[suffix])
             writer.writeheader()
             for record in records:
-                writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
-                                 for k, v in record.items()})
+                writer.writerow({k: v if isinstance(v, (str, int, float, bool)) or v is None else
+                                 json_default(v) if isinstance(v, (datetime.date, datetime.time, decimal.Decimal))
+                                 else to_json(v) for k, v in record.items()})
     elif suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(records), path)
+        # from_pylist takes the columns from the first record: a column only later records have would be lost
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        pq.write_table(pa.Table.from_pylist([{column: record.get(column) for column in columns}
+                                             for record in records]), path)
     else:
         raise DataError(f"unsupported output file type '{suffix}' (use {', '.join(WRITABLE_SUFFIXES)})",
                         path=str(path))
+
+
+def _check_writable(record: dict[str, Any], path: Path, number: int) -> None:
+    for field, value in record.items():
+        try:
+            to_json(value)
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{error} cannot be written as {path.suffix[1:]}; write this output as .parquet, which "
+                            "keeps every column's type", path=str(path), record=number, field=str(field)) from None
 
 
 def side_file(output: Path, name: str) -> Path:

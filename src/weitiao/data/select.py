@@ -530,9 +530,10 @@ def plot_histograms(selection: Selection, path: Path) -> bool:
 
 
 def write_selection(examples: list[Example], selection: Selection, output: Path, config: SelectConfig,
-                    source: DataSource) -> dict[str, Any]:
+                    source: DataSource, skipped: dict[str, int] | None = None) -> dict[str, Any]:
     """OUT (the selected records as they are in the input), OUT.scores.jsonl (every example: scores, selected or
-    why excluded), OUT.summary.json and OUT.scores.png. Returns the summary."""
+    why excluded), OUT.summary.json and OUT.scores.png. `skipped`: records the reader could not read (on_error
+    skip), by reason. Returns the summary."""
     records = original_records([examples[i] for i in selection.selected], source)
     write_records(records, output)
     chosen = set(selection.selected)
@@ -551,6 +552,7 @@ def write_selection(examples: list[Example], selection: Selection, output: Path,
     selected = np.array(selection.selected, dtype=int)
     summary = {
         "input": source.path, "output": str(output), "method": selection.method, "examples": len(examples),
+        "skipped": dict(skipped or {}),
         "budget": selection.budget, "selected": len(selection.selected),
         "eligible": len(examples) - len(selection.excluded),
         "excluded": dict(Counter(selection.excluded.values())),
@@ -568,6 +570,9 @@ def write_selection(examples: list[Example], selection: Selection, output: Path,
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"selected {summary['selected']} of {summary['examples']} examples ({summary['method']}, budget "
              f"{summary['budget']}) -> {summary['output']}"]
+    if summary["skipped"]:
+        lines.append(f"skipped {sum(summary['skipped'].values())} records that could not be read: "
+                     + "; ".join(f"{n} x {reason}" for reason, n in summary["skipped"].items()))
     if summary["excluded"]:
         lines.append("excluded: " + ", ".join(f"{n} {reason}" for reason, n in summary["excluded"].items()))
     if summary["selected"] < summary["budget"]:

@@ -78,7 +78,7 @@ def _probe(name: str, train_file: Path, heldout: list[Example], config: SelectCo
 
 
 def report_selection(examples: list[Example], source: DataSource, config: SelectConfig, output: Path,
-                     train: Callable[[Config], Any]) -> dict[str, Any]:
+                     train: Callable[[Config], Any], skipped: dict[str, int] | None = None) -> dict[str, Any]:
     """Select from all but a held-out share, write the selection as `data select` does, and compare it with
     `report_random_subsets` random subsets of the same size, a probe trained on each by `train` (weitiao.train.run);
     writes OUT.random.jsonl (OUT.random.2.jsonl, ... for the further subsets), OUT.heldout.jsonl, OUT.faults.jsonl,
@@ -89,7 +89,7 @@ def report_selection(examples: list[Example], source: DataSource, config: Select
     pool_indices, held_indices = split_heldout(len(examples), config.report_heldout, config.seed)
     pool = [examples[i] for i in pool_indices]
     selection = select_examples(pool, config)
-    summary = write_selection(pool, selection, output, config, source)
+    summary = write_selection(pool, selection, output, config, source, skipped)
     seeds = [config.seed + k for k in range(config.report_random_subsets)]
     baselines = [select_examples(pool, config.model_copy(update={"method": "random", "ratio": None, "seed": seed,
                                                                  "count": len(selection.selected)}))
@@ -121,7 +121,7 @@ def report_selection(examples: list[Example], source: DataSource, config: Select
               "heldout_scored": len(heldout), "fault_like": len(faults),
               "fault_like_by_rule": dict(Counter(rule for rule, _ in faults.values())), "rows": rows,
               "verdict": verdict(rows["selected"]["heldout_loss"], losses),
-              "selection": {k: summary[k] for k in ("budget", "selected", "excluded")}, "probe": PROBE,
+              "selection": {k: summary[k] for k in ("budget", "selected", "excluded", "skipped")}, "probe": PROBE,
               "seconds": round(time.time() - started, 1),
               "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()}}
     side_file(output, "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
@@ -178,9 +178,12 @@ def _write_subsets(examples: list[Example], pool_indices: list[int], held_indice
 def format_report(report: dict[str, Any]) -> str:
     rows = report["rows"]
     runs = rows["random"]["runs"]
+    skipped = report["selection"]["skipped"]
     lines = [f"# Selection report: {report['method']} vs random subsets of the same size", "",
              f"{report['examples']} examples: {report['heldout']} held out (never selected; "
-             f"{report['heldout_scored']} without a fault-like mark are scored), {report['pool']} to select from. "
+             f"{report['heldout_scored']} without a fault-like mark are scored), {report['pool']} to select from"
+             + (f" ({sum(skipped.values())} unreadable records skipped: "
+                f"{'; '.join(f'{n} x {reason}' for reason, n in skipped.items())})" if skipped else "") + ". "
              f"Fault-like records (data clean's rules): {report['fault_like']}"
              + (f" ({', '.join(f'{n} {rule}' for rule, n in report['fault_like_by_rule'].items())})"
                 if report["fault_like"] else "") + ".", "",
