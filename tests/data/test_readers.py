@@ -370,3 +370,17 @@ def test_parquet_dates_and_decimals_write_to_json_and_csv_and_bytes_say_where(tm
     write_records(blob, tmp_path / "out.parquet")
     assert [r.data for r in read_records(tmp_path / "out.parquet")][1]["image"] == b"\x89PNG"
     assert json.loads(to_json(blob[1], report=True))["image"] == "<4 bytes>"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("commas.jsonl", '{"q": "a", "a": "b"},\n{"q": "c", "a": "d"},\n',
+     r"record 1 \(line 1\): invalid JSON: Extra data at column 21; a comma after the record: JSON Lines has one"),
+    ("trailing.json", '[\n{"q": "a", "a": "b"},\n]\n', r"line 3: .*; a comma before '\]', which JSON does not allow"),
+    ("trailing.jsonl", '{"q": "a", "a": "b",}\n', r"record 1 \(line 1\): .*; a comma before '\}', which JSON"),
+    ("python.jsonl", "{'q': 'a', 'a': 'b'}\n", r"single quotes: this is a Python dict, not JSON"),
+])
+def test_the_usual_json_mistakes_are_named(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        list(read_records(path))

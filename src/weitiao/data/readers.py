@@ -288,9 +288,17 @@ def _check_object(value: Any, path: Path, number: int, line: int | None) -> dict
 
 
 def _json_problem(error: json.JSONDecodeError, text: str, closing: str, what: str) -> str:
-    """'invalid JSON: <json's message> at column N', and a note when the text stops before it closes."""
+    """'invalid JSON: <json's message> at column N', and what the usual causes look like: a comma after a JSON
+    Lines record, a trailing comma, Python's quotes, or a text that stops before it closes."""
     # json's messages either end in "at" ("Invalid control character at") or do not ("Expecting value").
     message = f"invalid JSON: {error.msg}{'' if error.msg.endswith(' at') else ' at'} column {error.colno}"
+    rest, before = text[error.pos:].strip(), text[:error.pos].rstrip()
+    if error.msg == "Extra data" and rest == ",":
+        return message + "; a comma after the record: JSON Lines has one object per line, nothing between them"
+    if error.msg.startswith("Expecting") and before.endswith(",") and rest[:1] in ("]", "}"):
+        return message + f"; a comma before '{rest[0]}', which JSON does not allow: remove it"
+    if error.msg.startswith("Expecting property name enclosed in double quotes") and rest.startswith("'"):
+        return message + "; single quotes: this is a Python dict, not JSON (write the file with json.dumps)"
     if not text.rstrip().endswith(closing):
         message += f"; the {what} ends before its JSON closes with '{closing}': it looks cut off"
     return message
