@@ -383,3 +383,9 @@ def test_the_usual_json_mistakes_are_named(tmp_path, name, text, message):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         list(read_records(path))
+
+
+def test_files_joined_with_cat_keep_every_record_past_a_byte_order_mark(tmp_path):
+    path = tmp_path / "joined.jsonl"
+    path.write_bytes(b'{"q": "a"}\n' + "\ufeff".encode() + b'{"q": "b"}\n')
+    assert [(r.number, r.data) for r in read_records(path)] == [(1, {"q": "a"}), (2, {"q": "b"})]

@@ -314,6 +314,8 @@ def _read_jsonl(path: Path, encoding: str) -> Iterator[Record]:
     # Lines end at \n (or \r\n, \r), never inside a JSON value: escaped line breaks are two characters.
     with _open_text(path, encoding) as handle:
         for line_number, line in enumerate(handle, start=1):
+            # A byte-order mark inside the file is where files were joined (cat a.jsonl b.jsonl): not text.
+            line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             number += 1
