@@ -463,9 +463,7 @@ def write_records(records: list[dict[str, Any]], path: Path) -> None:
             writer = csv.DictWriter(handle, fieldnames=columns, delimiter=_DELIMITERS[suffix])
             writer.writeheader()
             for record in records:
-                writer.writerow({k: v if isinstance(v, (str, int, float, bool)) or v is None else
-                                 json_default(v) if isinstance(v, (datetime.date, datetime.time, decimal.Decimal))
-                                 else to_json(v) for k, v in record.items()})
+                writer.writerow({key: _csv_cell(value) for key, value in record.items()})
     elif suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -477,6 +475,13 @@ def write_records(records: list[dict[str, Any]], path: Path) -> None:
     else:
         raise DataError(f"unsupported output file type '{suffix}' (use {', '.join(WRITABLE_SUFFIXES)})",
                         path=str(path))
+
+
+def _csv_cell(value: Any) -> Any:
+    """A cell's text: scalars as they are, dates and decimals as in JSON, lists and objects as JSON text."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return to_json(value) if isinstance(value, (list, dict)) else json_default(value)
 
 
 def _check_writable(record: dict[str, Any], path: Path, number: int) -> None:
