@@ -94,6 +94,30 @@ def test_chat_completion_and_its_stream_agree(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
 
 
+def test_n_choices_are_the_replies_of_seeds_seed_to_seed_plus_n_whole_or_streamed(client):
+    reply = chat(client, seed=21, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and reply.usage.completion_tokens == 3 * 16
+    texts = [c.message.content for c in reply.choices]
+    assert texts == [chat(client, seed=21 + i).choices[0].message.content for i in range(3)]
+    assert len(set(texts)) == 3
+    chunks = list(chat(client, seed=21, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason == "length"]
+    assert sorted(finished) == [0, 1, 2] and chunks[-1].usage.completion_tokens == 3 * 16
+
+
+def test_completions_with_n_are_prompt_by_prompt(client):
+    prompts = ["Once upon a time", "The capital of France"]
+    reply = client.completions.create(model="base", prompt=prompts, max_tokens=6, seed=9, n=2)
+    single = [client.completions.create(model="base", prompt=prompt, max_tokens=6, seed=9 + i).choices[0].text
+              for prompt in prompts for i in range(2)]
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3] and [c.text for c in reply.choices] == single
+    chunks = list(client.completions.create(model="base", prompt=prompts, max_tokens=6, seed=9, n=2, stream=True))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(4)] == single
+
+
 def test_model_field_picks_the_adapter(client):
     tuned, base = chat(client, "tuned", seed=3), chat(client, "base", seed=3)
     assert tuned.choices[0].message.content != base.choices[0].message.content
@@ -260,7 +284,7 @@ def test_unknown_routes_and_wrong_methods_answer_in_openai_shape(server):
 
 
 @pytest.mark.parametrize("field, value", [("max_tokens", "4"), ("stream", "yes"), ("seed", 2**64), ("seed", -1),
-                                          ("temperature", "0.5"), ("n", 2)])
+                                          ("temperature", "0.5"), ("n", 0), ("n", 33)])
 def test_wrong_types_and_ranges_are_400_and_the_connection_stays_usable(server, field, value):
     answers = raw_requests(server.url, [http_post("/v1/chat/completions", {"model": "base", "messages": HELLO,
                                                                           "max_tokens": 2, field: value}),
@@ -302,7 +326,8 @@ def test_a_prompt_too_long_for_the_context_is_refused_without_tokenizing(server,
 def test_one_request_may_not_send_too_many_prompts(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="base", prompt=["hi"] * 33, max_tokens=1)
-    assert raised.value.body["param"] == "prompt" and "at most 32 prompts" in raised.value.body["message"]
+    assert raised.value.body["param"] == "prompt"
+    assert "at most 32 replies per request (prompts x n), asked for 33 x 1" in raised.value.body["message"]
 
 
 def test_host_header_must_name_this_machine(server):
@@ -326,7 +351,7 @@ def test_internal_errors_say_nothing_internal_and_keep_the_connection(engine, mo
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(engine, "chat", broken)
+    monkeypatch.setattr(engine, "submit", broken)
     app = create_app(engine, API_KEY, ServerLimits(allowed_hosts=None))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error",
                                            http=guarded_protocol(20, 100)))

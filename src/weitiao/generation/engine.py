@@ -34,7 +34,7 @@ from weitiao.data.tools import ToolFormat, add_tool_support, message_text
 from weitiao.errors import WeitiaoError
 from weitiao.generation.adapters import AdapterRows, route_lora_rows
 from weitiao.generation.batch import BatchModel, SlotCache, pack_linears_for_cpu
-from weitiao.generation.requests import (ContextLengthError, EngineBusyError, Generation, RequestError,
+from weitiao.generation.requests import (MAX_SEED, ContextLengthError, EngineBusyError, Generation, RequestError,
                                          SamplingParams, ServedModel, UnknownModelError)
 from weitiao.generation.sampling import next_tokens
 from weitiao.models import load_model, load_tokenizer
@@ -360,10 +360,18 @@ class Engine:
         """Queue a plain continuation of `prompt` (no chat template)."""
         return self.submit(name, [prompt], params, chat=False)[0]
 
-    def submit(self, name: str, texts: list[str], params: SamplingParams, chat: bool) -> list[Generation]:
-        """Queue one reply per prompt text, all or none: a full queue refuses the whole request."""
+    def submit(self, name: str, texts: list[str], params: SamplingParams, chat: bool,
+               choices: int = 1) -> list[Generation]:
+        """Queue `choices` replies per prompt text (prompt by prompt), all or none: a full queue refuses the whole
+        request. A seeded request's choice i samples with seed + i, so its choices differ and each repeats."""
         served = self.get(name)
-        generations = [self._prepare(served, self._encode(served, text, chat), params) for text in texts]
+        generations = []
+        for text in texts:
+            prompt_ids = self._encode(served, text, chat)
+            for choice in range(choices):
+                seeded = params.seed is not None and choice > 0
+                generations.append(self._prepare(served, prompt_ids, replace(
+                    params, seed=(params.seed + choice) % (MAX_SEED + 1)) if seeded else params))
         with self._wake:
             if self._closing:
                 raise EngineBusyError("the engine is shutting down")

@@ -51,7 +51,7 @@ class ServerLimits:
     """What one client may ask of the server. allowed_hosts: the Host header values (names or addresses, any
     port) requests may carry; None accepts any (see `default_allowed_hosts`)."""
     max_body_bytes: int = 8 * 2**20
-    max_prompts: int = 32  # prompts in one /v1/completions request
+    max_prompts: int = 32  # replies one request may ask for: prompts of /v1/completions times n
     request_timeout: float = 20.0  # seconds a connection may take to send a request's headers (or sit idle before)
     allowed_hosts: list[str] | None = None
 
@@ -66,8 +66,8 @@ def default_allowed_hosts(host: str) -> list[str] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request bodies. Fields OpenAI defines that we do not implement are ignored, except those that would
-# change the answer's shape (n > 1), which are refused. Strict: "4" is no integer and "yes" no boolean.
+# Request bodies. Fields OpenAI defines that we do not implement are ignored. Strict: "4" is no integer and
+# "yes" no boolean.
 
 
 class _Body(BaseModel):
@@ -132,7 +132,7 @@ class _SamplingBody(_Body):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="only one choice per request is supported")
+    n: int | None = Field(None, ge=1, le=128)  # choices per prompt (OpenAI's limit; the server's: max_prompts)
 
 
 class ChatCompletionRequest(_SamplingBody):
@@ -293,7 +293,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
 
     @api.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _chat_completion(engine, body, request)
+        return await _chat_completion(engine, limits, body, request)
 
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -303,61 +303,106 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
     return app
 
 
-async def _chat_completion(engine: Engine, body: ChatCompletionRequest, request: Request):
-    """POST /v1/chat/completions: one reply, whole or streamed as chunks (tool calls parsed from its text)."""
+def _choices(body: _SamplingBody, prompts: int, limits: ServerLimits) -> int:
+    """n, within what one request may ask for (each reply takes a place in the queue)."""
+    choices = body.n or 1
+    if prompts * choices > limits.max_prompts:
+        raise APIError(400, f"at most {limits.max_prompts} replies per request (prompts x n), asked for "
+                            f"{prompts} x {choices}", param="n" if choices > 1 else "prompt")
+    return choices
+
+
+async def _chat_completion(engine: Engine, limits: ServerLimits, body: ChatCompletionRequest, request: Request):
+    """POST /v1/chat/completions: n replies (choices), whole or streamed as chunks (tool calls parsed from their
+    text)."""
     engine.get(body.model)
     params = _sampling(body, body.max_completion_tokens or body.max_tokens)
+    choices = _choices(body, 1, limits)
     messages, plan, tool_format = _chat_inputs(engine, body)
-    generation = await run_in_threadpool(engine.chat, body.model, messages, params, plan.tools,
-                                         plan.prefill)  # tokenizing takes time
-    request.state.generations = [generation]
+
+    def submit() -> list[Generation]:  # tokenizing takes time: off the event loop
+        text = engine.render_chat(body.model, messages, plan.tools, plan.prefill)
+        return engine.submit(body.model, [text], params, chat=True, choices=choices)
+
+    generations = await run_in_threadpool(submit)
+    request.state.generations = generations
     request.state.model = body.model
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def finish_reason(calls: bool) -> str | None:
+    def finish_reason(generation: Generation, calls: bool) -> str | None:
         return "tool_calls" if calls and generation.finish_reason == "stop" else generation.finish_reason
 
     if not body.stream:
-        await _replies(request, [generation])
-        message, calls = reply_message(generation.text, plan, tool_format)
+        await _replies(request, generations)
+        replies = [reply_message(generation.text, plan, tool_format) for generation in generations]
         return {"id": reply_id, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": finish_reason(calls)}],
-                "usage": _usage([generation])}
+                "choices": [{"index": index, "message": message, "logprobs": None,
+                             "finish_reason": finish_reason(generation, calls)}
+                            for index, (generation, (message, calls)) in enumerate(zip(generations, replies))],
+                "usage": _usage(generations)}
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> str:
         return _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+                     "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
     async def events() -> AsyncIterator[str]:
-        stream = CallStream(plan, tool_format)
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece in generation.stream_async():
-            for delta in stream.feed(piece):
-                yield chunk(delta)
-        for delta in stream.finish():
-            yield chunk(delta)
-        yield chunk({}, finish_reason(stream.calls))
+        streams = [CallStream(plan, tool_format) for _ in generations]
+        for index in range(len(generations)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, piece in _interleaved(generations):
+            if piece is not None:
+                for delta in streams[index].feed(piece):
+                    yield chunk(index, delta)
+                continue
+            for delta in streams[index].finish():
+                yield chunk(index, delta)
+            yield chunk(index, {}, finish_reason(generations[index], streams[index].calls))
         if body.stream_options and body.stream_options.include_usage:
             yield _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                        "model": body.model, "choices": [], "usage": _usage([generation])})
+                        "model": body.model, "choices": [], "usage": _usage(generations)})
         yield _sse("[DONE]")
 
-    return _event_stream(events(), [generation])
+    return _event_stream(events(), generations)
+
+
+async def _interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:
+    """(index, piece) of several replies as they come, and (index, None) when reply `index` has ended."""
+    pieces: asyncio.Queue[tuple[int, str | None | BaseException]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for piece in generation.stream_async():
+                await pieces.put((index, piece))
+            await pieces.put((index, None))
+        except Exception as error:  # handed to the reader, which reports it in the stream
+            await pieces.put((index, error))
+
+    pumps = [asyncio.ensure_future(pump(index, generation)) for index, generation in enumerate(generations)]
+    try:
+        for _ in range(len(generations)):
+            while True:
+                index, item = await pieces.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+                if item is None:
+                    break
+    finally:
+        for task in pumps:
+            task.cancel()
 
 
 async def _completion(engine: Engine, limits: ServerLimits, body: CompletionRequest, request: Request):
-    """POST /v1/completions: one reply per prompt, all queued or none, whole or streamed one prompt after another."""
+    """POST /v1/completions: n replies per prompt (choice prompt x n + i), all queued or none, whole or streamed
+    one reply after another."""
     engine.get(body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if len(prompts) > limits.max_prompts:
-        raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}",
-                       param="prompt")
-    # All queued or none (a full queue refuses the whole request); each prompt takes one place in the queue.
+    choices = _choices(body, len(prompts), limits)
+    # All queued or none (a full queue refuses the whole request); each reply takes one place in the queue.
     generations = await run_in_threadpool(engine.submit, body.model, prompts, _sampling(body, body.max_tokens),
-                                          False)
+                                          False, choices)
     request.state.generations = generations
     request.state.model = body.model
     reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
