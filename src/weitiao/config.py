@@ -304,6 +304,9 @@ class LoraConfig(_Section):
     """Weight-decomposed LoRA (DoRA)."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full next to the adapter, e.g. [embed_tokens, lm_head] after extending the vocabulary."""
+    loraplus_lr_ratio: float | None = Field(None, ge=1)
+    """LoRA+ (Hayou et al., 2024): the B matrices learn this many times faster than learning_rate (the paper uses
+    16, with a learning_rate about half of plain LoRA's); None: one rate for all (plain LoRA)."""
 
 
 class FreezeConfig(_Section):
@@ -860,6 +863,9 @@ class Config(_Section):
             methods = [name for name, entry in METHODS.items() if entry.continues_adapter]
             raise ValueError(f"model.adapter continues a LoRA adapter, so method must be {' or '.join(methods)}, not "
                              f"'{self.method}'")
+        if self.lora.loraplus_lr_ratio is not None and method.section != "lora":
+            raise ValueError(f"lora.loraplus_lr_ratio speeds up LoRA's B matrices; method '{self.method}' has none "
+                             "(use method: lora or qlora)")
         if self.quantization.bits is not None and not method.quantized_base:
             raise ValueError(f"quantization is set but method is '{self.method}': a quantized base trains only "
                              "through an adapter; use method: qlora (full fine-tuning of 4-/8-bit weights is not "

@@ -150,3 +150,25 @@ def test_offloaded_checkpoints_around_compiled_layers_train_as_compiled_checkpoi
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     layers = offloaded.model.base_model.model.model.layers
     assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_loraplus_steps_the_b_matrices_ratio_times_further(tmp_path, tiny_model_dir):
+    """LoRA's B starts at zero, so A's first gradient is zero and one SGD step moves B by -lr x its gradient: with
+    LoRA+ exactly `ratio` times as far, A not at all, from the same initialisation."""
+    def one_step(folder: str, **loraplus) -> dict[str, torch.Tensor]:
+        config = make_config(tmp_path / folder, tiny_model_dir, train__optim="sgd", train__max_steps=1,
+                             train__learning_rate=0.1, **loraplus)
+        return {name: parameter.detach().clone() for name, parameter in run(config).model.named_parameters()
+                if "lora_" in name}
+
+    plain, faster = one_step("plain"), one_step("loraplus", lora__loraplus_lr_ratio=4.0)
+    b_names = [name for name in plain if "lora_B" in name]
+    assert b_names and all(plain[name].abs().sum() > 0 for name in b_names)
+    for name in plain:
+        expected = 4.0 * plain[name] if name in b_names else plain[name]
+        torch.testing.assert_close(faster[name], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_loraplus_needs_a_lora_method():
+    with pytest.raises(ConfigError, match="lora.loraplus_lr_ratio speeds up LoRA's B matrices; method 'full'"):
+        load_config(None, ["--method", "full", "--lora.loraplus_lr_ratio", "16"])

@@ -153,16 +153,22 @@ def apply_method_and_kernels(model, config: Config, settings: Settings, seed: in
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     args = config.train
-    decay, no_decay = [], []
+    ratio = config.lora.loraplus_lr_ratio  # LoRA+: the B matrices learn `ratio` times faster
+    # (decayed, a LoRA+ B matrix) -> parameters; the groups keep this order (plain runs: decayed, then not)
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
+        (True, False): [], (False, False): [], (True, True): [], (False, True): []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             # Biases and norm weights are not decayed (as in transformers' Trainer). A weight that DeepSpeed ZeRO-3
             # built partitioned is an empty local tensor; ds_shape is its real shape.
             shape = getattr(parameter, "ds_shape", parameter.shape)
-            (no_decay if len(shape) < 2 or "norm" in name.lower() else decay).append(parameter)
+            decayed = len(shape) >= 2 and "norm" not in name.lower()
+            lora_b = ratio is not None and ("lora_B" in name or "lora_embedding_B" in name)
+            buckets[decayed, lora_b].append(parameter)
     # Empty groups are left out: ZeRO drops them, and the LR scheduler must see the same groups as the engine.
-    groups = [group for group in ({"params": decay, "weight_decay": args.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+    groups = [{"params": params, "weight_decay": args.weight_decay if decayed else 0.0,
+               **({"lr": args.learning_rate * ratio} if lora_b else {})}
+              for (decayed, lora_b), params in buckets.items() if params]
     adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.9)
