@@ -446,6 +446,10 @@ class TrainConfig(_Section):
     wandb follows WANDB_MODE (offline works without network; files in OUTPUT_DIR/wandb) and WANDB_PROJECT (default
     weitiao); mlflow follows MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME (a local folder: file:///PATH with
     MLFLOW_ALLOW_FILE_STORE=true). The config is logged as the run's hyper-parameters."""
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    """NEFTune (stage sft): uniform noise on the input embeddings while training, alpha / sqrt(L d) at most for an
+    example of L tokens (each example of a packed row its own L), none on padding or at evaluation. The paper used
+    5 to 15; None: no noise."""
     cpu_threads: int | None = Field(None, gt=0)
     """torch threads when training on a CPU. None: measured at the start (1, half or all of the available cores,
     whichever multiplies matrices fastest right now; on a shared 2-core machine one thread ran 4-7x faster than
@@ -863,6 +867,8 @@ class Config(_Section):
             methods = [name for name, entry in METHODS.items() if entry.continues_adapter]
             raise ValueError(f"model.adapter continues a LoRA adapter, so method must be {' or '.join(methods)}, not "
                              f"'{self.method}'")
+        if self.train.neftune_noise_alpha is not None and self.stage != "sft":
+            raise ValueError(f"train.neftune_noise_alpha is for stage sft (instruction tuning), not {self.stage}")
         if self.lora.loraplus_lr_ratio is not None and method.section != "lora":
             raise ValueError(f"lora.loraplus_lr_ratio speeds up LoRA's B matrices; method '{self.method}' has none "
                              "(use method: lora or qlora)")

@@ -32,6 +32,7 @@ from weitiao.train.distributed import engine_plugins
 from weitiao.train.fused_lora import fuse_lora_updates
 from weitiao.train.methods import (apply_method, decoder_layers, parameter_counts, quantization_config,
                                    set_adapter_input_casting)
+from weitiao.train.neftune import add_noisy_embeddings
 from weitiao.train.offload import uncompile_layers
 from weitiao.train.settings import PADDED_BATCH_ATTENTION, Settings
 from weitiao.train.tracking import start_trackers
@@ -148,6 +149,8 @@ def apply_method_and_kernels(model, config: Config, settings: Settings, seed: in
     # Under autocast the adapters' matmuls already run in bf16/fp16; PEFT's own cast of every adapter input to the
     # fp32 adapter dtype would copy each activation twice more (a third of the GPU time of a LoRA step).
     set_adapter_input_casting(model, enabled=settings.precision == "fp32")
+    if config.train.neftune_noise_alpha is not None:
+        add_noisy_embeddings(model, config.train.neftune_noise_alpha)
     return model, fuse_lora_updates(model, enabled=True) if settings.fused_lora else 0
 
 
