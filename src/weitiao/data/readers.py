@@ -424,7 +424,7 @@ def _read_columnar(path: Path, suffix: str) -> Iterator[Record]:
                          {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
 
 
-def json_default(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
     """Values of parquet/arrow columns that JSON has no type for: dates and times as ISO 8601 text, decimals as
     their exact text. Anything else (bytes) is a TypeError."""
     if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime is a date
@@ -438,7 +438,7 @@ def to_json(value: Any, indent: int | None = None, report: bool = False) -> str:
     """JSON text of a record; `report` (side files for people to read, such as OUT.removed.jsonl) shows bytes as
     '<N bytes>' instead of failing."""
     def default(item: Any) -> Any:
-        return f"<{len(item)} bytes>" if report and isinstance(item, (bytes, bytearray)) else json_default(item)
+        return f"<{len(item)} bytes>" if report and isinstance(item, (bytes, bytearray)) else _json_default(item)
 
     return json.dumps(value, ensure_ascii=False, indent=indent, default=default)
 
@@ -481,7 +481,7 @@ def _csv_cell(value: Any) -> Any:
     """A cell's text: scalars as they are, dates and decimals as in JSON, lists and objects as JSON text."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    return to_json(value) if isinstance(value, (list, dict)) else json_default(value)
+    return to_json(value) if isinstance(value, (list, dict)) else _json_default(value)
 
 
 def _check_writable(record: dict[str, Any], path: Path, number: int) -> None:
