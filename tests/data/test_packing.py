@@ -39,6 +39,28 @@ def test_collated_row_restarts_positions_and_masks_each_first_label():
     assert batch["num_tokens"] == 5
 
 
+def test_scored_positions_are_those_whose_next_token_has_a_label(tiny_model_dir):
+    """Only positions predicting a label pass the output layer: the logits there against `shift_labels` give the
+    row's summed loss; prompt, example-boundary and padding positions are left out."""
+    from transformers import AutoModelForCausalLM
+
+    examples = [{"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]},
+                {"input_ids": [21, 22, 23], "labels": [21, 22, 23]}]
+    batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=8, scored_positions=True)(examples)
+    assert batch["logits_to_keep"].tolist() == [1, 2, 4, 5]  # 3 predicts 21, whose label is masked
+    assert batch["shift_labels"].tolist() == [[13, 14, 22, 23]]
+    assert "logits_to_keep" not in PackedCollator(0, 8, scored_positions=True)(
+        [{"input_ids": [5, 6], "labels": [-100, -100]}])
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
+    full = model(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
+    kept = model(**inputs, logits_to_keep=batch["logits_to_keep"]).logits
+    assert kept.shape[1] == 4
+    scored = torch.nn.functional.cross_entropy(kept[0].float(), batch["shift_labels"][0], reduction="sum")
+    torch.testing.assert_close(scored, full)
+
+
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_model_dir):
     """Attention stays inside each example: the summed token loss and every gradient match padded batches."""
     from transformers import AutoModelForCausalLM

@@ -73,12 +73,14 @@ class PackedCollator:
     With `boundaries`, the row also carries where each example starts and ends (`cu_seq_lens_q`/`_k`) and the
     longest example (`max_length_q`/`_k`; transformers' names), which variable-length attention reads. `longest`
     fixes that number (data.max_length): compiled code would otherwise specialise on each row's longest example and
-    recompile until it gives up; padding is then cut into sequences no longer than it."""
+    recompile until it gives up; padding is then cut into sequences no longer than it.
+    With `scored_positions`, the row also lists the positions whose next token has a label (`logits_to_keep`) and
+    those labels (`shift_labels`; transformers' names): only they need the output layer (weitiao.train.kernels)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, boundaries: bool = False,
-                 longest: int | None = None):
+                 longest: int | None = None, scored_positions: bool = False):
         self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
-        self.boundaries, self.longest = boundaries, longest
+        self.boundaries, self.longest, self.scored_positions = boundaries, longest, scored_positions
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, labels, positions = [], [], []
@@ -100,4 +102,10 @@ class PackedCollator:
             ends = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             longest = self.longest or max(lengths)
             batch.update(cu_seq_lens_q=ends, cu_seq_lens_k=ends, max_length_q=longest, max_length_k=longest)
+        if self.scored_positions:
+            targets = labels[1:] + [IGNORE_INDEX]  # what each position predicts
+            positions = [i for i, target in enumerate(targets) if target != IGNORE_INDEX]
+            if positions:  # a row without labels goes the usual way (an empty selection would reach the kernel)
+                batch.update(logits_to_keep=torch.tensor(positions),
+                             shift_labels=torch.tensor([[targets[i] for i in positions]]))
         return batch

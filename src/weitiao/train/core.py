@@ -233,6 +233,8 @@ class TokenLoss:
 
     def __call__(self, model, batch: dict[str, Any], window_size: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "shift_labels" in batch:  # the row's scored positions and their labels (PackedCollator): no shift again
+            batch = {**batch, "labels": None}
         return model(**batch, use_cache=False, num_items_in_batch=window_size, **self.loss_kwargs).loss, {}
 
     def evaluate(self, model, loader: DataLoader, accelerator) -> dict[str, float]:

@@ -17,6 +17,21 @@ import torch
 # shape (H200): 32 vs 8, compiled LoRA 76.6k vs 73.7k tokens/s, eager full fine-tuning 56.1k vs 55.1k, +0.4-0.7 GiB.
 LOGITS_CHUNK_BUDGET = 32
 
+# Model types whose Liger forward (liger-kernel 0.8.5) takes `logits_to_keep` as positions and `shift_labels`: a
+# packed row can then send only the positions whose next token has a label through the output layer and the loss
+# (train.scored_positions), where TRL's completion-only loss computes their logits and discards them.
+SCORED_POSITIONS_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "glm4",
+                                "smollm3")
+SCORED_POSITIONS_LIGER = (0, 8, 5)
+
+
+def liger_scores_positions(model_type: str | None) -> bool:
+    """Whether the installed Liger's fused loss for this model type takes scored positions (see above)."""
+    from importlib.metadata import version
+
+    installed = tuple(int(part) for part in version("liger-kernel").split(".")[:3] if part.isdigit())
+    return model_type in SCORED_POSITIONS_MODEL_TYPES and installed >= SCORED_POSITIONS_LIGER
+
 # Liger replaces functions and classes of transformers' modeling modules (RoPE, RMSNorm, the MLP) for the whole
 # process, not only in the model it patches: what it replaced, per module, so that each run can start from
 # transformers' own code (a compiled run after a Liger one must not trace Liger's Triton kernels).

@@ -18,6 +18,7 @@ import torch
 from weitiao.config import Config
 from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import ConfigError
+from weitiao.train import kernels
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, has_varlen_flash_attention, packed_row_attention
 
 # The attention that padded batches (evaluation, the returned model) get instead of the one for packed training rows.
@@ -78,6 +79,9 @@ class Settings:
     """Liger's RMSNorm, SwiGLU and RoPE too (off in compiled layers, which fuse those themselves)."""
     fused_cross_entropy: bool
     """Liger's fused linear + cross-entropy (the logits never materialised; off under ZeRO-3)."""
+    scored_positions: bool
+    """train.scored_positions where it applies: packed SFT rows send only the positions whose next token has a label
+    through the output layer and the fused loss (weitiao.train.kernels.SCORED_POSITIONS_MODEL_TYPES)."""
     fused_lora: bool
     """The LoRA update inside the base layer's product (weitiao.train.fused_lora)."""
     torch_compile: bool
@@ -133,6 +137,9 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
+        scored_positions=(args.scored_positions and liger and fused_cross_entropy and packing
+                          and config.stage == "sft"
+                          and kernels.liger_scores_positions(getattr(model_config, "model_type", None))),
         # Eager layers only: inductor already fuses PEFT's scale and add into the neighbouring kernels (compiled 1B
         # LoRA: 75.8k tokens/s with PEFT's forward, 73.7k with this one); zero3 and fsdp gather B only in its own
         # forward.

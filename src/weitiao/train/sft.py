@@ -76,7 +76,8 @@ class SFTRecipe:
         common = loader_options(args.seed, settings)
         if settings.packing:
             sampler = PackedBatchSampler([len(ids) for ids in train_set["input_ids"]], data.packing_length, args.seed)
-            collate = PackedCollator(pad_id, settings.row_length, **row_boundaries(self.config, settings))
+            collate = PackedCollator(pad_id, settings.row_length, **row_boundaries(self.config, settings),
+                                     scored_positions=settings.scored_positions)
             train = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, **common)
             if self.is_main:
                 print(f"Packing: {len(train_set)} examples in {len(sampler)} rows of up to {data.packing_length} "
