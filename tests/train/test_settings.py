@@ -101,15 +101,19 @@ def test_preference_stages_refuse_models_that_transform_logits_after_the_head():
 
 
 def test_scored_positions_are_asked_for_and_apply_to_packed_sft_rows_with_liger(monkeypatch):
-    """Off by default (not measured on a GPU yet); asked for, on where Liger's fused loss scores packed SFT rows."""
+    """On by default where Liger's fused loss scores packed SFT rows in eager layers; compiled ones when asked."""
     from weitiao.train import kernels
     from weitiao.train import settings as settings_module
 
     assert settings(train={"scored_positions": True}).scored_positions is False  # no Liger here
     monkeypatch.setattr(settings_module, "_liger", lambda *args: True)
     monkeypatch.setattr(kernels, "liger_scores_positions", lambda model_type: model_type == "llama")
-    assert settings().scored_positions is False
+    assert settings().scored_positions is True
     assert settings(train={"scored_positions": True}).scored_positions is True
+    assert settings(train={"scored_positions": False}).scored_positions is False
+    assert settings(stage="pt").scored_positions is False
+    assert settings(train={"torch_compile": True}).scored_positions is False
+    assert settings(train={"torch_compile": True, "scored_positions": True}).scored_positions is True
     assert settings(train={"scored_positions": True}, data={"packing": False}).scored_positions is False
     assert settings(train={"scored_positions": True, "distributed": "zero3"}).scored_positions is False
     assert settings(architecture=MistralConfig(), train={"scored_positions": True}).scored_positions is False

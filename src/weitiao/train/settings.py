@@ -137,7 +137,10 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
-        scored_positions=(args.scored_positions and liger and fused_cross_entropy and packing
+        # Compiled layers only when asked: the scored labels, a tensor of varying length, reach the compiled layers
+        # as an argument (Liger's forward passes its keyword arguments down), which would recompile them.
+        scored_positions=((args.scored_positions or (args.scored_positions is None and not args.torch_compile))
+                          and liger and fused_cross_entropy and packing
                           and config.stage == "sft"
                           and kernels.liger_scores_positions(getattr(model_config, "model_type", None))),
         # Eager layers only: inductor already fuses PEFT's scale and add into the neighbouring kernels (compiled 1B
