@@ -291,16 +291,17 @@ NOT_RUN = {"axolotl": (
 def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, args: argparse.Namespace) -> dict:
     """weitiao's defaults on a GPU (packed rows on variable-length FlashAttention, Liger's fused linear + cross
     entropy and layer kernels, the LoRA update in the base product's epilogue); `compile` adds train.torch_compile,
-    `ckpt` train.gradient_checkpointing, `offload` train.offload_checkpoints, `noscored` turns train.scored_positions
-    off (every position through the output layer, as before run48)."""
+    `ckpt` train.gradient_checkpointing, `offload` train.offload_checkpoints; `scored` / `noscored` set
+    train.scored_positions on / off (default: on in eager layers, off in compiled ones)."""
+    scored = True if "scored" in options else False if "noscored" in options else None
     extra = {"train.torch_compile": "compile" in options, "train.offload_checkpoints": "offload" in options,
-             "train.scored_positions": "noscored" not in options}
+             "train.scored_positions": scored}
     if method == "dpo":  # whole pairs packed into the rows; the same LoRA, loss and reference as TRL's row
         extra.update(stage="dpo", method="lora", **{"pref.loss": "sigmoid", "pref.beta": 0.1})
         data = write_pairs(data)
     settings = {"packing_length": args.row_tokens, "torch_compile": "compile" in options,
                 "gradient_checkpointing": "ckpt" in options, "offload_checkpoints": "offload" in options,
-                "scored_positions": "noscored" not in options and method != "dpo",
+                "scored_positions": "default" if scored is None else scored,
                 "versions": versions("liger-kernel", *(["bitsandbytes"] if method == "qlora" else [])),
                 "source": "weitiao defaults (docs/config.md)"}
     measured = run_weitiao(model_dir, data, method, args.steps, args.warmup, "ckpt" in options,
@@ -326,8 +327,8 @@ def main() -> None:
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", required=True,
                         help="peer:method[:option,...]; peers: " + ", ".join(PEERS) + "; methods: lora, qlora, full; "
-                             "options: ckpt (activation checkpointing), compile, offload and noscored (weitiao), "
-                             "flex / varlen (TRL's attention)")
+                             "options: ckpt (activation checkpointing), compile, offload, scored and noscored "
+                             "(weitiao), flex / varlen (TRL's attention)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)

@@ -139,7 +139,7 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         fused_cross_entropy=liger and fused_cross_entropy,
         # Compiled layers only when asked: the scored labels, a tensor of varying length, reach the compiled layers
         # as an argument (Liger's forward passes its keyword arguments down), which would recompile them.
-        scored_positions=((args.scored_positions or (args.scored_positions is None and not args.torch_compile))
+        scored_positions=((args.scored_positions if args.scored_positions is not None else not args.torch_compile)
                           and liger and fused_cross_entropy and packing
                           and config.stage == "sft"
                           and kernels.liger_scores_positions(getattr(model_config, "model_type", None))),
