@@ -121,7 +121,7 @@ def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int
 
 
 def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path, name: str,
-                    extra: dict | None) -> dict:
+                    extra: dict | None, gaps: bool = True) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -131,12 +131,13 @@ def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int
         marks.append(time.perf_counter())
         profiler.step()
 
-    # Recorded: steps 6-10 only, after the warm-up (and compilation) of steps 1-5, with Python stacks for the gaps.
+    # Recorded: steps 6-10 only, after the warm-up (and compilation) of steps 1-5, with Python stacks for the gaps
+    # (their trace takes a minute or more to write and read on the GPU machine; kernel times alone do not need it).
     results.mkdir(parents=True, exist_ok=True)
     trace = Path(tempfile.gettempdir()) / f"trace-{name}.json.gz"
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=gaps,
                  schedule=schedule(wait=1, warmup=0, active=1),
-                 on_trace_ready=lambda done: done.export_chrome_trace(str(trace))) as profiler:
+                 on_trace_ready=(lambda done: done.export_chrome_trace(str(trace))) if gaps else None) as profiler:
         measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra, observer)
     events = profiler.key_averages()
     kernels = [event for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
@@ -144,7 +145,7 @@ def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int
     table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
     table += (f"\nper step: GPU kernel time {busy:.1f} ms of {(marks[1] - marks[0]) / 5 * 1e3:.1f} ms wall "
               "(steps 6-10, profiler overhead included)\n\n")
-    table += idle_gaps(trace)
+    table += idle_gaps(trace) if gaps else ""
     (results / f"profile-{name}.txt").write_text(table)
     print(table)
     return measured
@@ -183,9 +184,10 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
             extra["train.dataloader_num_workers"] = workers[0]
         if "flex" in options:
             extra["model.attn_implementation"] = "flex_attention"
-        if "prof" in options:  # where the GPU time goes: the top kernels of a short run
+        if "prof" in options or "kprof" in options:  # where the GPU time goes: the top kernels of a short run
             return profile_weitiao(model_dir, data, method, packing_length, Path(args.results),
-                                   f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra)
+                                   f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra,
+                                   gaps="prof" in options)
         return run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048, packing_length,
                            extra)
     except torch.cuda.OutOfMemoryError:
@@ -204,7 +206,8 @@ def main() -> None:
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), ceN "
                              "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
-                             "worker processes), prof (a profile)")
+                             "worker processes), prof (a profile, with the host's idle gaps), kprof (kernel times "
+                             "only: quicker)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
