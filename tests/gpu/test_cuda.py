@@ -340,13 +340,15 @@ def test_scored_positions_give_the_loss_and_gradients_of_every_position(tmp_path
     results = []
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # an earlier run in this process may have left TF32 on
-    for inputs in ({k: v for k, v in batch.items() if k not in ("logits_to_keep", "shift_labels")},
-                   {**batch, "labels": None}):
-        model.zero_grad()
-        loss = model(**inputs, use_cache=False, num_items_in_batch=1).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    torch.set_float32_matmul_precision(precision)
+    try:
+        for inputs in ({k: v for k, v in batch.items() if k not in ("logits_to_keep", "shift_labels")},
+                       {**batch, "labels": None}):
+            model.zero_grad()
+            loss = model(**inputs, use_cache=False, num_items_in_batch=1).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    finally:
+        torch.set_float32_matmul_precision(precision)
     (every, every_grads), (scored, scored_grads) = results
     print(f"summed loss: every position {every.item():.6f}, scored positions {scored.item():.6f} "
           f"({batch['logits_to_keep'].numel()} of {batch['input_ids'].shape[1]})")
