@@ -25,73 +25,165 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 
-class _LoraProduct(torch.autograd.Function):
-    """x W^T + bias + scaling (x' A^T) B^T, where x' is x itself (lora_input None) or its dropped-out copy; all
-    operands already in the compute dtype, the base weight and bias frozen."""
+class _LoraProducts(torch.autograd.Function):
+    """x W_i^T + bias_i + scaling_i (x' A_i^T) B_i^T for the LoRA layers i that read one input x, where x' is x
+    itself (lora_input None) or, for a single layer, its dropped-out copy; the A_i stacked in lora_a; all operands
+    already in the compute dtype, the base weights and biases frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, lora_input):
+    def forward(ctx, x, lora_input, lora_a, scalings, weights, biases, *lora_bs):
         source = x if lora_input is None else lora_input
         with torch.autocast(x.device.type, enabled=False):  # operands are cast by the caller
-            low = F.linear(source, lora_a)
-            # The rank-r product is written first and the base product adds itself to it in its epilogue
-            # (beta=1), where the large product's arithmetic hides that read; adding the update afterwards took
-            # another read and write of the whole output. beta=0 ignores the empty tensor's contents.
-            if bias is None:
-                out = low.new_empty(low.shape[0], lora_b.shape[0]).addmm_(low, lora_b.t(), beta=0, alpha=scaling)
-            else:
-                out = torch.addmm(bias, low, lora_b.t(), alpha=scaling)
-            out.addmm_(x, weight.t())
-        ctx.scaling, ctx.separate_input = scaling, lora_input is not None
-        ctx.save_for_backward(source, weight, lora_a, lora_b, low)
-        return out
+            low = F.linear(source, lora_a)  # every layer's rank-r product in one pass over the input
+            outs = []
+            for low_i, lora_b, scaling, weight, bias in zip(low.split([b.shape[1] for b in lora_bs], dim=1),
+                                                            lora_bs, scalings, weights, biases):
+                # The rank-r product is written first and the base product adds itself to it in its epilogue
+                # (beta=1), where the large product's arithmetic hides that read; adding the update afterwards
+                # took another read and write of the whole output. beta=0 ignores the empty tensor's contents.
+                if bias is None:
+                    out = low.new_empty(low.shape[0], lora_b.shape[0]).addmm_(low_i, lora_b.t(), beta=0,
+                                                                              alpha=scaling)
+                else:
+                    out = torch.addmm(bias, low_i, lora_b.t(), alpha=scaling)
+                outs.append(out.addmm_(x, weight.t()))
+        ctx.scalings, ctx.separate_input = scalings, lora_input is not None
+        ctx.save_for_backward(source, lora_a, low, *weights, *lora_bs)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        source, weight, lora_a, lora_b, low = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grad_low = torch.mm(grad_out, lora_b).mul_(ctx.scaling)
-            grad_b = torch.mm(grad_out.t(), low).mul_(ctx.scaling)
+    def backward(ctx, *grad_outs):
+        source, lora_a, low, *rest = ctx.saved_tensors
+        weights, lora_bs = rest[:len(grad_outs)], rest[len(grad_outs):]
+        with torch.autocast(source.device.type, enabled=False):
+            grad_lows, grad_bs = [], []
+            for grad_out, lora_b, low_i, scaling in zip(grad_outs, lora_bs,
+                                                        low.split([b.shape[1] for b in lora_bs], dim=1),
+                                                        ctx.scalings):
+                grad_lows.append(torch.mm(grad_out, lora_b).mul_(scaling))
+                grad_bs.append(torch.mm(grad_out.t(), low_i).mul_(scaling))
+            grad_low = grad_lows[0] if len(grad_lows) == 1 else torch.cat(grad_lows, dim=1)
             grad_a = torch.mm(grad_low.t(), source)
             grad_x = grad_input = None
             if ctx.needs_input_grad[0]:
-                if ctx.separate_input:
-                    grad_x = torch.mm(grad_out, weight)
-                else:  # both paths' input gradient in one buffer, the large product last (as in the forward)
-                    grad_x = torch.mm(grad_low, lora_a).addmm_(grad_out, weight)
-            if ctx.separate_input and ctx.needs_input_grad[6]:
+                # Every path's input gradient in one buffer, the large products last (as in the forward): no
+                # separate writes for autograd to add.
+                for grad_out, weight in zip(grad_outs, weights):
+                    if grad_x is None:
+                        grad_x = (torch.mm(grad_out, weight) if ctx.separate_input
+                                  else torch.mm(grad_low, lora_a).addmm_(grad_out, weight))
+                    else:
+                        grad_x.addmm_(grad_out, weight)
+            if ctx.separate_input and ctx.needs_input_grad[1]:
                 grad_input = torch.mm(grad_low, lora_a)
-        return grad_x, None, None, grad_a, grad_b, None, grad_input
+        return grad_x, grad_input, grad_a, None, None, None, *grad_bs
+
+
+class SharedInput:
+    """LoRA layers that their module calls one after another on the same input (q, k and v; gate and up): the
+    first call computes them all in one _LoraProducts, reading the input once and writing its gradient once; the
+    others take their outputs, while the input is the same tensor, unchanged. Any other call computes its own."""
+
+    def __init__(self, layers: list[FusedLoraLinear]) -> None:
+        self.layers = layers
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._pending: dict[FusedLoraLinear, torch.Tensor] = {}
+
+    def take(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if x is not self._input or x._version != self._version or layer not in self._pending:
+            return None
+        out = self._pending.pop(layer)
+        if not self._pending:
+            self._input = None
+        return out
+
+    def compute(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output, the others' kept for their calls; None where one of them cannot be fused or uses
+        dropout (each layer then computes its own)."""
+        names = [member.fused_adapter() for member in self.layers]
+        if None in names or any(not isinstance(member.lora_dropout[name], torch.nn.Identity)
+                                for member, name in zip(self.layers, names)):
+            return None
+        flat, dtype = _compute_input(x)
+        lora_a = torch.cat([member.lora_A[name].weight for member, name in zip(self.layers, names)]).to(dtype)
+        outs = _LoraProducts.apply(
+            flat, None, lora_a, tuple(member.scaling[name] for member, name in zip(self.layers, names)),
+            *_base_operands(self.layers, dtype),
+            *(member.lora_B[name].weight.to(dtype) for member, name in zip(self.layers, names)))
+        outs = {member: out.view(*x.shape[:-1], out.shape[-1]) for member, out in zip(self.layers, outs)}
+        own = outs.pop(layer)
+        self._input, self._version, self._pending = x, x._version, outs
+        return own
+
+
+def _compute_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """The input as a matrix in the compute dtype: autocast's where it is on (bf16 on a GPU), else the input's. A and
+    B are rank-r and cast per call as autocast would; the base weights are normally in that dtype already."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return x.reshape(-1, x.shape[-1]).to(dtype), dtype
+
+
+def _base_operands(layers: list[FusedLoraLinear], dtype: torch.dtype) -> tuple[tuple, tuple]:
+    bases = [layer.base_layer for layer in layers]
+    return (tuple(base.weight.to(dtype) for base in bases),
+            tuple(None if base.bias is None else base.bias.to(dtype) for base in bases))
 
 
 class FusedLoraLinear(LoraLinear):
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    shared_input: SharedInput | None = None
+
+    def fused_adapter(self, *args, **kwargs) -> str | None:
+        """The active adapter when this layer's call can take the fused path, else None."""
         adapters = self.active_adapters
         name = adapters[0] if len(adapters) == 1 else None
         base = self.base_layer
         if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
                 or name in self.lora_variant or self.lora_B[name].bias is not None or self.fan_in_fan_out
                 or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.fused_adapter(*args, **kwargs)
+        if name is None:
             return super().forward(x, *args, **kwargs)
-        # The compute dtype: autocast's where it is on (bf16 on a GPU), else the input's. A and B are rank-r and
-        # cast per call as autocast would; the base weight is normally in that dtype already.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        if self.shared_input is not None:
+            out = self.shared_input.take(self, x)
+            if out is None:
+                out = self.shared_input.compute(self, x)
+            if out is not None:
+                return out
+        flat, dtype = _compute_input(x)
         dropout = self.lora_dropout[name]
         lora_input = None if isinstance(dropout, torch.nn.Identity) else dropout(flat)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        out = _LoraProduct.apply(flat, base.weight.to(dtype), bias, self.lora_A[name].weight.to(dtype),
-                                 self.lora_B[name].weight.to(dtype), self.scaling[name], lora_input)
+        out, = _LoraProducts.apply(flat, lora_input, self.lora_A[name].weight.to(dtype), (self.scaling[name],),
+                                   *_base_operands([self], dtype), self.lora_B[name].weight.to(dtype))
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# Layers that transformers' attention and MLP modules (Llama, Mistral, Qwen, Gemma, ...; Mixtral's experts) call on
+# one input, one after another.
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def fuse_lora_updates(model: torch.nn.Module, enabled: bool) -> int:
     """Turn each plain LoRA `Linear` (quantized and other LoRA layers keep their own class) into a FusedLoraLinear
-    (enabled), or back; returns how many layers changed."""
+    (enabled), grouping those that read one input (SHARED_INPUT_NAMES), or back; returns how many layers changed."""
     source, target = (LoraLinear, FusedLoraLinear) if enabled else (FusedLoraLinear, LoraLinear)
     switched = 0
     for module in model.modules():
         if type(module) is source:
             module.__class__ = target
+            module.__dict__.pop("shared_input", None)
             switched += 1
+    if enabled:
+        for module in model.modules():
+            for names in SHARED_INPUT_NAMES:
+                layers = [getattr(module, name, None) for name in names]
+                if all(type(layer) is FusedLoraLinear for layer in layers) and \
+                        len({layer.in_features for layer in layers}) == 1:
+                    group = SharedInput(layers)
+                    for layer in layers:
+                        layer.shared_input = group
     return switched
