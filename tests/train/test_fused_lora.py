@@ -101,6 +101,26 @@ def test_layers_reading_one_input_are_computed_together(monkeypatch, tiny_model_
     assert all("shared_input" not in layer.__dict__ for layer in (q, k, v))
 
 
+def test_grouped_layers_with_base_biases_and_ranks_of_their_own():
+    """Qwen2's q/k/v carry a bias; with a rank per layer the grouped rank-r product splits unevenly."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                                            rank_pattern={"k_proj": 2, "up_proj": 6})).train()
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias is not None
+    loss, grads = _loss_and_gradients(model)
+    fuse_lora_updates(model, enabled=True)
+    assert model.base_model.model.model.layers[0].self_attn.k_proj.shared_input is not None
+    fused_loss, fused_grads = _loss_and_gradients(model)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        assert_close_in_norm(fused_grads[name], grads[name], 1e-5, name)
+
+
 def test_fused_lora_update_follows_adapter_switches_and_leaves_dora_alone(tiny_model_dir):
     model = _lora_model(tiny_model_dir).eval()
     ids = torch.arange(10).unsqueeze(0)

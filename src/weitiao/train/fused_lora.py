@@ -12,6 +12,10 @@ and other variants, several or disabled adapters, merged weights, a bias on B, a
 weight, per-call arguments) runs PEFT's own forward. With LoRA dropout the update reads the dropped-out input,
 whose gradient autograd adds as PEFT's does.
 
+Layers that their module calls on one input, one after another (q/k/v, gate/up: `SharedInput`), are computed
+together on the first call: one rank-r product over the input for all of them, and the input's gradient written
+once, where each layer's own gradient would be written and autograd would add them.
+
 PEFT's `LoraVariant` hook (the one DoRA uses) was tried first: it receives the base output as a 3-D tensor after
 PEFT's per-call bookkeeping; updating it in place cost 25% of eager 1B LoRA's speed (a copy of every output in the
 backward pass), and out of place it ran 50.4k-73.7k tokens/s (median 57.6k) where this form ran 67.8k-69.7k and
