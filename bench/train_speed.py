@@ -151,6 +151,94 @@ def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int
     return measured
 
 
+class HostGpuLag:
+    """How far the GPU runs behind the launching thread through one training step, without a profiler: a sync
+    before the step's first forward, then at each mark (every decoder layer's forward and backward, the loss's
+    return, the optimizer step, the next forward) the host's clock and a CUDA event. The event's time minus the
+    host's is the work the GPU still had queued when the host passed that point: where it falls to ~0 the GPU
+    waited for the host (launch-bound), where it grows the host ran ahead (kernel-bound)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.steps_done, self.armed, self.marks = step, 0, False, []
+
+    def mark(self, label: str) -> None:
+        if self.armed:
+            event = torch.cuda.Event(enable_timing=True) if on_gpu() else None
+            if event is not None:
+                event.record()
+            self.marks.append((label, time.perf_counter(), event))
+
+    def attach(self, model) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        from weitiao.train.methods import decoder_layers
+
+        def model_start(module, args, kwargs):
+            if self.armed and self.marks:  # the next step's forward closes the recorded one
+                self.mark("next step: forward starts")
+                self.armed = False
+            elif self.steps_done == self.step - 1 and not self.marks:
+                if on_gpu():
+                    torch.cuda.synchronize()
+                self.armed = True
+                self.mark("forward starts (after a sync)")
+
+        def layer_start(index):
+            def hook(module, args, kwargs):
+                self.mark(f"layer {index} forward")
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if self.armed and hidden is not None and hidden.requires_grad:
+                    hidden.register_hook(lambda grad: self.mark(f"layer {index} backward done"))
+            return hook
+
+        model.register_forward_pre_hook(model_start, with_kwargs=True)
+        model.register_forward_hook(lambda module, args, output: self.mark("forward returned (loss included)"))
+        for index, layer in enumerate(decoder_layers(model)[1]):
+            layer.register_forward_pre_hook(layer_start(index), with_kwargs=True)
+        register_optimizer_step_pre_hook(
+            lambda optimizer, args, kwargs: self.mark("backward done: optimizer step starts"))
+
+        def stepped(optimizer, args, kwargs):
+            self.mark("optimizer step launched")
+            self.steps_done += 1
+        register_optimizer_step_post_hook(stepped)
+
+    def table(self) -> str:
+        if len(self.marks) < 2:
+            return "no step recorded\n"
+        _, host0, event0 = self.marks[0]
+        lines = [f"{'mark':42s} {'host ms':>9s} {'GPU ms':>9s} {'GPU behind by':>14s}"]
+        for label, host, event in self.marks:
+            gpu = event0.elapsed_time(event) if event is not None else float("nan")
+            lines.append(f"{label:42s} {(host - host0) * 1e3:9.2f} {gpu:9.2f} {gpu - (host - host0) * 1e3:14.2f}")
+        return "\n".join(lines) + "\n"
+
+
+def lag_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path, name: str,
+                extra: dict | None) -> dict:
+    """Option `lag`: HostGpuLag's table for step 7 of a 10-step run (its tokens/s are not comparable: one sync)."""
+    from weitiao.train import sft
+
+    lag = HostGpuLag(step=7)
+    original = sft.apply_method_and_kernels
+
+    def with_marks(*args, **kwargs):
+        model, fused = original(*args, **kwargs)
+        lag.attach(model)
+        return model, fused
+
+    sft.apply_method_and_kernels = with_marks
+    try:
+        measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra)
+    finally:
+        sft.apply_method_and_kernels = original
+    table = lag.table()
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"lag-{name}.txt").write_text(table)
+    print(table)
+    return measured
+
+
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
@@ -184,6 +272,9 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
             extra["train.dataloader_num_workers"] = workers[0]
         if "flex" in options:
             extra["model.attn_implementation"] = "flex_attention"
+        if "lag" in options:  # where the GPU waits for the host, without a profiler
+            return lag_weitiao(model_dir, data, method, packing_length, Path(args.results),
+                               f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra)
         if "prof" in options or "kprof" in options:  # where the GPU time goes: the top kernels of a short run
             return profile_weitiao(model_dir, data, method, packing_length, Path(args.results),
                                    f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra,
@@ -207,7 +298,7 @@ def main() -> None:
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), ceN "
                              "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
                              "worker processes), prof (a profile, with the host's idle gaps), kprof (kernel times "
-                             "only: quicker)")
+                             "only: quicker), lag (how far the GPU runs behind the host through step 7, no profiler)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)
