@@ -159,7 +159,7 @@ class HostGpuLag:
     waited for the host (launch-bound), where it grows the host ran ahead (kernel-bound)."""
 
     def __init__(self, step: int) -> None:
-        self.step, self.steps_done, self.armed, self.marks = step, 0, False, []
+        self.step, self.steps_done, self.armed, self.marks, self.handles = step, 0, False, [], []
 
     def mark(self, label: str) -> None:
         if self.armed:
@@ -191,17 +191,20 @@ class HostGpuLag:
                     hidden.register_hook(lambda grad: self.mark(f"layer {index} backward done"))
             return hook
 
-        model.register_forward_pre_hook(model_start, with_kwargs=True)
-        model.register_forward_hook(lambda module, args, output: self.mark("forward returned (loss included)"))
-        for index, layer in enumerate(decoder_layers(model)[1]):
-            layer.register_forward_pre_hook(layer_start(index), with_kwargs=True)
-        register_optimizer_step_pre_hook(
-            lambda optimizer, args, kwargs: self.mark("backward done: optimizer step starts"))
+        self.handles = [model.register_forward_pre_hook(model_start, with_kwargs=True),
+                        model.register_forward_hook(lambda *_: self.mark("forward returned (loss included)")),
+                        *(layer.register_forward_pre_hook(layer_start(index), with_kwargs=True)
+                          for index, layer in enumerate(decoder_layers(model)[1])),
+                        register_optimizer_step_pre_hook(lambda *_: self.mark("backward done: optimizer step starts"))]
 
         def stepped(optimizer, args, kwargs):
             self.mark("optimizer step launched")
             self.steps_done += 1
-        register_optimizer_step_post_hook(stepped)
+        self.handles.append(register_optimizer_step_post_hook(stepped))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def table(self) -> str:
         if len(self.marks) < 2:
@@ -232,6 +235,7 @@ def lag_weitiao(model_dir: str, data: Path, method: str, packing_length: int, re
         measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra)
     finally:
         sft.apply_method_and_kernels = original
+        lag.detach()
     table = lag.table()
     results.mkdir(parents=True, exist_ok=True)
     (results / f"lag-{name}.txt").write_text(table)

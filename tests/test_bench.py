@@ -63,3 +63,33 @@ def test_each_peer_is_paired_with_the_fastest_weitiao_row_inside_its_memory(caps
     assert "not installed" in lines["axolotl:lora"]
     assert "weitiao 2.00x (weitiao:lora at 12.8 GiB vs trl:lora)" in lines["weitiao:lora"]
     assert lines["weitiao:full"].rstrip().endswith("%")  # no full fine-tuning peer in the table
+
+
+def test_lag_marks_each_layer_of_the_chosen_step_in_order(tiny_model_dir):
+    """bench/train_speed.py's `lag` option: marks only in the chosen optimizer step, each decoder layer's forward in
+    order, their backward in reverse, the optimizer step, then the next step's start; hooks gone afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    import train_speed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lag = train_speed.HostGpuLag(step=2)
+    lag.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(5, 100, (1, 8))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert [label for label, _, _ in lag.marks] == [
+        "forward starts (after a sync)", "layer 0 forward", "layer 1 forward", "forward returned (loss included)",
+        "layer 1 backward done", "layer 0 backward done", "backward done: optimizer step starts",
+        "optimizer step launched", "next step: forward starts"]
+    hosts = [host for _, host, _ in lag.marks]
+    assert hosts == sorted(hosts)
+    assert lag.steps_done == 3
+    lag.detach()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert lag.steps_done == 3 and len(lag.marks) == 9
+    assert "layer 1 backward done" in lag.table()
