@@ -364,3 +364,39 @@ def test_scored_positions_give_the_loss_and_gradients_of_every_position(tmp_path
     without = run(make_config(tmp_path / "b", model_dir, train__scored_positions=False, **settings))
     print(f"eval loss: scored positions {with_scored.eval_loss:.5f}, every position {without.eval_loss:.5f}")
     assert abs(with_scored.eval_loss - without.eval_loss) < 1e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+@pytest.mark.parametrize("columns", [2048, 576])
+def test_row_parallel_norm_backward_gives_liger_gradients(columns):
+    """A frozen norm weight: Liger's backward kernel launched one program per row gives the input gradient of
+    Liger's own launch; a trainable weight keeps Liger's backward (its gradient too)."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    from weitiao.train.kernels import use_row_parallel_norm_backward
+
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 1031, columns, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(inputs)
+    norm = LigerRMSNorm(columns, eps=1e-5).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    wrapper = torch.nn.Sequential(norm)
+    reference = {}
+    for trainable in (False, True):
+        norm.weight.requires_grad_(trainable)
+        x = inputs.clone().requires_grad_(True)
+        LigerRMSNormFunction.apply(x, norm.weight, 1e-5, 0.0, "llama", True, None).backward(grad.clone())
+        reference[trainable] = (x.grad, norm.weight.grad)
+        norm.weight.grad = None
+    assert use_row_parallel_norm_backward(wrapper) == 1
+    for trainable in (False, True):
+        norm.weight.requires_grad_(trainable)
+        x = inputs.clone().requires_grad_(True)
+        norm(x).backward(grad.clone())
+        torch.testing.assert_close(x.grad, reference[trainable][0], rtol=0, atol=0)
+        if trainable:
+            torch.testing.assert_close(norm.weight.grad, reference[True][1], rtol=0, atol=0)
+        else:
+            assert norm.weight.grad is None and reference[False][1] is None
