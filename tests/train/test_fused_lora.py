@@ -1,6 +1,7 @@
 """The fused LoRA update (a subclass of PEFT's LoRA Linear) gives PEFT's losses and gradients, follows adapter
 switches, leaves other variants to PEFT, and is gone from the trained model."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def test_layers_reading_one_input_are_computed_together(monkeypatch, tiny_model_
     fuse_lora_updates(model, enabled=True)
     calls = []
     products = fused_lora._LoraProducts.apply
-    monkeypatch.setattr(fused_lora._LoraProducts, "apply", lambda *a: calls.append(len(a) - 6) or products(*a))
+    monkeypatch.setattr(fused_lora._LoraProducts, "apply",  # after 6 arguments, each layer's A and B
+                        lambda *a: calls.append((len(a) - 6) // 2) or products(*a))
     _loss_and_gradients(model)
     assert sorted(calls) == [1, 1, 1, 1, 2, 2, 3, 3]  # per decoder layer: q/k/v, o, gate/up, down
 
@@ -99,6 +101,70 @@ def test_layers_reading_one_input_are_computed_together(monkeypatch, tiny_model_
     torch.testing.assert_close(own, LoraLinear.forward(k, x), rtol=1e-5, atol=1e-6)
     fuse_lora_updates(model, enabled=False)
     assert all("shared_input" not in layer.__dict__ for layer in (q, k, v))
+
+
+def test_adapter_copies_are_written_together_once_per_optimizer_step(tiny_model_dir):
+    """Under bf16 autocast the adapter weights are read from bf16 copies: no cast per call, every copy of the model
+    rewritten in one multi-tensor copy after an optimizer step (also one that writes the weights without moving their
+    version counters, as bitsandbytes' does) or after an in-place write that moves them; the outputs are PEFT's for
+    the new weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from weitiao.train.fused_lora import watch_optimizer
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.cast = [], set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            if func.overloadpacket.__name__ == "_to_copy":
+                self.cast.add(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    class DataWriter(torch.optim.SGD):  # writes through .data: the parameters' version counters stay
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for parameter in group["params"]:
+                    parameter.data.add_(parameter.grad, alpha=-group["lr"])
+
+    model = _lora_model(tiny_model_dir).train()
+    ids = torch.randint(0, 500, (2, 12))
+
+    def loss_and_ops():
+        with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        return loss, ops
+
+    peft_loss, peft_ops = loss_and_ops()
+    fuse_lora_updates(model, enabled=True)
+    loss, ops = loss_and_ops()
+    assert ops.names.count("_foreach_copy_") == 8  # each group's copies written at first use
+    assert ops.names.count("cat") == peft_ops.names.count("cat")  # (RoPE's): the A of q/k/v or gate/up are not stacked per call
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-2, atol=0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert {p.data_ptr() for p in trained} <= peft_ops.cast  # PEFT casts A and B in each call
+    loss, ops = loss_and_ops()
+    assert ops.names.count("_foreach_copy_") == 0 and not {p.data_ptr() for p in trained} & ops.cast
+
+    optimizer = DataWriter(trained, lr=0.5)
+    watch_optimizer(model, optimizer)
+    for writer in (optimizer.step, lambda: torch._foreach_add_(trained, 0.05)):
+        loss.backward()
+        with torch.no_grad():
+            writer()
+        optimizer.zero_grad()
+        before = loss.detach()
+        loss, ops = loss_and_ops()
+        assert abs(loss.item() - before.item()) > 0.05  # the weights moved enough for stale copies to show
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # PEFT's forward on a copy of the weights
+            reference = copy.deepcopy(model)
+            fuse_lora_updates(reference, enabled=False)
+            peft_loss = reference(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(loss, peft_loss, rtol=1e-2, atol=0)
+        assert ops.names.count("_foreach_copy_") == 1
 
 
 def test_grouped_layers_with_base_biases_and_ranks_of_their_own():

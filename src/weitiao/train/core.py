@@ -29,7 +29,7 @@ from weitiao.runs import RunFolder
 from weitiao.train import kernels
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, packed_rows_block_mask
 from weitiao.train.distributed import engine_plugins
-from weitiao.train.fused_lora import fuse_lora_updates
+from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
 from weitiao.train.methods import (apply_method, decoder_layers, parameter_counts, quantization_config,
                                    set_adapter_input_casting)
 from weitiao.train.neftune import add_noisy_embeddings
@@ -289,6 +289,7 @@ class Trainer:
             # (bitsandbytes models cannot be moved); ZeRO and FSDP place and shard the model themselves.
             model.to(accelerator.device)
         optimizer = make_optimizer(model, self.config)
+        watch_optimizer(model, optimizer)  # fused LoRA layers rewrite their bf16 adapter copies after each step
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.steps_total)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps_total)

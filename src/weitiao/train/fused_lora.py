@@ -31,17 +31,19 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 class _LoraProducts(torch.autograd.Function):
     """x W_i^T + bias_i + scaling_i (x' A_i^T) B_i^T for the LoRA layers i that read one input x, where x' is x
-    itself (lora_input None) or, for a single layer, its dropped-out copy; the A_i stacked in lora_a; all operands
-    already in the compute dtype, the base weights and biases frozen."""
+    itself (lora_input None) or, for a single layer, its dropped-out copy. The A_i and B_i arrive as parameters (their
+    gradients are returned in the parameters' dtype) and are read from `copies` (AdapterCopies), in the compute
+    dtype with the A_i stacked; x, the base weights and biases already in that dtype, the base frozen."""
 
     @staticmethod
-    def forward(ctx, x, lora_input, lora_a, scalings, weights, biases, *lora_bs):
+    def forward(ctx, x, lora_input, copies, scalings, weights, biases, *lora_weights):
         source = x if lora_input is None else lora_input
+        lora_a, lora_bs = copies.lora_a, copies.lora_bs
         with torch.autocast(x.device.type, enabled=False):  # operands are cast by the caller
             low = F.linear(source, lora_a)  # every layer's rank-r product in one pass over the input
             outs = []
-            for low_i, lora_b, scaling, weight, bias in zip(low.split([b.shape[1] for b in lora_bs], dim=1),
-                                                            lora_bs, scalings, weights, biases):
+            for low_i, lora_b, scaling, weight, bias in zip(low.split(copies.ranks, dim=1), lora_bs, scalings,
+                                                            weights, biases):
                 # The rank-r product is written first and the base product adds itself to it in its epilogue
                 # (beta=1), where the large product's arithmetic hides that read; adding the update afterwards
                 # took another read and write of the whole output. beta=0 ignores the empty tensor's contents.
@@ -51,7 +53,8 @@ class _LoraProducts(torch.autograd.Function):
                 else:
                     out = torch.addmm(bias, low_i, lora_b.t(), alpha=scaling)
                 outs.append(out.addmm_(x, weight.t()))
-        ctx.scalings, ctx.separate_input = scalings, lora_input is not None
+        ctx.scalings, ctx.ranks, ctx.separate_input = scalings, copies.ranks, lora_input is not None
+        ctx.weight_dtype = lora_weights[0].dtype
         ctx.save_for_backward(source, lora_a, low, *weights, *lora_bs)
         return tuple(outs)
 
@@ -61,13 +64,12 @@ class _LoraProducts(torch.autograd.Function):
         weights, lora_bs = rest[:len(grad_outs)], rest[len(grad_outs):]
         with torch.autocast(source.device.type, enabled=False):
             grad_lows, grad_bs = [], []
-            for grad_out, lora_b, low_i, scaling in zip(grad_outs, lora_bs,
-                                                        low.split([b.shape[1] for b in lora_bs], dim=1),
+            for grad_out, lora_b, low_i, scaling in zip(grad_outs, lora_bs, low.split(ctx.ranks, dim=1),
                                                         ctx.scalings):
                 grad_lows.append(torch.mm(grad_out, lora_b).mul_(scaling))
-                grad_bs.append(torch.mm(grad_out.t(), low_i).mul_(scaling))
+                grad_bs.append(torch.mm(grad_out.t(), low_i).mul_(scaling).to(ctx.weight_dtype))
             grad_low = grad_lows[0] if len(grad_lows) == 1 else torch.cat(grad_lows, dim=1)
-            grad_a = torch.mm(grad_low.t(), source)
+            grad_as = torch.mm(grad_low.t(), source).to(ctx.weight_dtype).split(ctx.ranks)  # one cast for all A
             grad_x = grad_input = None
             if ctx.needs_input_grad[0]:
                 # Every path's input gradient in one buffer, the large products last (as in the forward): no
@@ -80,7 +82,62 @@ class _LoraProducts(torch.autograd.Function):
                         grad_x.addmm_(grad_out, weight)
             if ctx.separate_input and ctx.needs_input_grad[1]:
                 grad_input = torch.mm(grad_low, lora_a)
-        return grad_x, grad_input, grad_a, None, None, None, *grad_bs
+        return grad_x, grad_input, None, None, None, None, *grad_as, *grad_bs
+
+
+class _Copies:
+    """One group's A weights stacked and its B weights, in the compute dtype, and the versions they were written at."""
+
+    def __init__(self, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], dtype: torch.dtype) -> None:
+        self.weights = [*lora_as, *lora_bs]
+        self.ranks = [a.shape[0] for a in lora_as]
+        self.lora_a = lora_as[0].new_empty(sum(self.ranks), lora_as[0].shape[1], dtype=dtype)
+        self.lora_bs = [b.new_empty(b.shape, dtype=dtype) for b in lora_bs]
+        self.targets = [*self.lora_a.split(self.ranks), *self.lora_bs]
+        self.written_at: list | None = None
+
+    def versions(self) -> list:
+        # The data pointer too: `param.data = ...` swaps the storage and keeps the counter.
+        return [(weight._version, weight.data_ptr()) for weight in self.weights]
+
+
+class AdapterCopies:
+    """The fused layers' LoRA weights in the compute dtype (bf16 under autocast), kept between calls: A stacked for
+    each group of layers that read one input, B per layer. A call that finds its copies out of date rewrites every
+    out-of-date copy of the model in one multi-tensor copy, where a cast per weight per call took 13 kernel launches
+    in each decoder layer's forward. Out of date: written before the last optimizer step (`watch`: some optimizers
+    write weights without moving their version counters: bitsandbytes' and DeepSpeed's), or a weight's version counter
+    has moved since (any other in-place write: a resumed run's loaded state)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple, _Copies] = {}
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_post_hook(lambda *_: self.invalidate())
+
+    def invalidate(self) -> None:
+        for copies in self._groups.values():
+            copies.written_at = None
+
+    def current(self, owner: object, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor],
+                dtype: torch.dtype) -> _Copies:
+        """The copies of `owner`'s (a layer's or a SharedInput's) weights, up to date."""
+        copies = self._groups.get((owner, dtype))
+        if copies is None or any(mine is not weight for mine, weight in zip(copies.weights, [*lora_as, *lora_bs])):
+            copies = self._groups[owner, dtype] = _Copies(lora_as, lora_bs, dtype)  # new, or another adapter's
+        if copies.written_at != copies.versions():
+            stale = [group for group in self._groups.values() if group.written_at != group.versions()]
+            by_kind: dict[tuple, tuple[list, list]] = {}  # one multi-tensor copy per device and pair of dtypes
+            for group in stale:
+                for target, weight in zip(group.targets, group.weights):
+                    targets, weights = by_kind.setdefault((weight.device, weight.dtype, target.dtype), ([], []))
+                    targets.append(target)
+                    weights.append(weight.detach())
+            for targets, weights in by_kind.values():
+                torch._foreach_copy_(targets, weights)
+            for group in stale:
+                group.written_at = group.versions()
+        return copies
 
 
 class SharedInput:
@@ -110,11 +167,12 @@ class SharedInput:
                                 for member, name in zip(self.layers, names)):
             return None
         flat, dtype = _compute_input(x)
-        lora_a = torch.cat([member.lora_A[name].weight for member, name in zip(self.layers, names)]).to(dtype)
+        lora_as = [member.lora_A[name].weight for member, name in zip(self.layers, names)]
+        lora_bs = [member.lora_B[name].weight for member, name in zip(self.layers, names)]
         outs = _LoraProducts.apply(
-            flat, None, lora_a, tuple(member.scaling[name] for member, name in zip(self.layers, names)),
-            *_base_operands(self.layers, dtype),
-            *(member.lora_B[name].weight.to(dtype) for member, name in zip(self.layers, names)))
+            flat, None, layer.adapter_copies.current(self, lora_as, lora_bs, dtype),
+            tuple(member.scaling[name] for member, name in zip(self.layers, names)),
+            *_base_operands(self.layers, dtype), *lora_as, *lora_bs)
         outs = {member: out.view(*x.shape[:-1], out.shape[-1]) for member, out in zip(self.layers, outs)}
         own = outs.pop(layer)
         self._input, self._version, self._pending = x, x._version, outs
@@ -123,7 +181,7 @@ class SharedInput:
 
 def _compute_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """The input as a matrix in the compute dtype: autocast's where it is on (bf16 on a GPU), else the input's. A and
-    B are rank-r and cast per call as autocast would; the base weights are normally in that dtype already."""
+    B are read from copies in that dtype (AdapterCopies); the base weights are normally in that dtype already."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     return x.reshape(-1, x.shape[-1]).to(dtype), dtype
 
@@ -136,6 +194,7 @@ def _base_operands(layers: list[FusedLoraLinear], dtype: torch.dtype) -> tuple[t
 
 class FusedLoraLinear(LoraLinear):
     shared_input: SharedInput | None = None
+    adapter_copies: AdapterCopies  # the model's, set by fuse_lora_updates
 
     def fused_adapter(self, *args, **kwargs) -> str | None:
         """The active adapter when this layer's call can take the fused path, else None."""
@@ -149,20 +208,23 @@ class FusedLoraLinear(LoraLinear):
         return name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.shared_input is not None and not args and not kwargs:
+            out = self.shared_input.take(self, x)  # computed by the group's first call, which checked this layer
+            if out is not None:
+                return out
         name = self.fused_adapter(*args, **kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
         if self.shared_input is not None:
-            out = self.shared_input.take(self, x)
-            if out is None:
-                out = self.shared_input.compute(self, x)
+            out = self.shared_input.compute(self, x)
             if out is not None:
                 return out
         flat, dtype = _compute_input(x)
         dropout = self.lora_dropout[name]
         lora_input = None if isinstance(dropout, torch.nn.Identity) else dropout(flat)
-        out, = _LoraProducts.apply(flat, lora_input, self.lora_A[name].weight.to(dtype), (self.scaling[name],),
-                                   *_base_operands([self], dtype), self.lora_B[name].weight.to(dtype))
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        out, = _LoraProducts.apply(flat, lora_input, self.adapter_copies.current(self, [lora_a], [lora_b], dtype),
+                                   (self.scaling[name],), *_base_operands([self], dtype), lora_a, lora_b)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -173,13 +235,18 @@ SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), 
 
 def fuse_lora_updates(model: torch.nn.Module, enabled: bool) -> int:
     """Turn each plain LoRA `Linear` (quantized and other LoRA layers keep their own class) into a FusedLoraLinear
-    (enabled), grouping those that read one input (SHARED_INPUT_NAMES), or back; returns how many layers changed."""
+    (enabled), grouping those that read one input (SHARED_INPUT_NAMES), or back; returns how many layers changed.
+    A training loop hands its optimizer to `watch_optimizer`."""
     source, target = (LoraLinear, FusedLoraLinear) if enabled else (FusedLoraLinear, LoraLinear)
+    copies = AdapterCopies()
     switched = 0
     for module in model.modules():
         if type(module) is source:
             module.__class__ = target
             module.__dict__.pop("shared_input", None)
+            module.__dict__.pop("adapter_copies", None)
+            if enabled:
+                module.adapter_copies = copies
             switched += 1
     if enabled:
         for module in model.modules():
@@ -191,3 +258,11 @@ def fuse_lora_updates(model: torch.nn.Module, enabled: bool) -> int:
                     for layer in layers:
                         layer.shared_input = group
     return switched
+
+
+def watch_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Rewrite the fused layers' adapter copies after each step of `optimizer` (AdapterCopies)."""
+    for module in model.modules():
+        if isinstance(module, FusedLoraLinear):
+            module.adapter_copies.watch(optimizer)
+            return
