@@ -142,7 +142,7 @@ def test_adapter_copies_are_written_together_once_per_optimizer_step(tiny_model_
     fuse_lora_updates(model, enabled=True)
     loss, ops = loss_and_ops()
     assert ops.names.count("_foreach_copy_") == 8  # each group's copies written at first use
-    assert ops.names.count("cat") == peft_ops.names.count("cat")  # (RoPE's): the A of q/k/v or gate/up are not stacked per call
+    assert ops.names.count("cat") == peft_ops.names.count("cat")  # RoPE's only: no A stacked per call
     torch.testing.assert_close(loss, peft_loss, rtol=1e-2, atol=0)
     trained = [p for p in model.parameters() if p.requires_grad]
     assert {p.data_ptr() for p in trained} <= peft_ops.cast  # PEFT casts A and B in each call
