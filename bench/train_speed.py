@@ -276,6 +276,8 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
             extra["train.dataloader_num_workers"] = workers[0]
         if "flex" in options:
             extra["model.attn_implementation"] = "flex_attention"
+        if "fp32model" in options:  # full fine-tuning's fp32 weights in the model (autocast), not the optimizer
+            extra["train.master_weights"] = "model"
         if "lag" in options:  # where the GPU waits for the host, without a profiler
             return lag_weitiao(model_dir, data, method, packing_length, Path(args.results),
                                f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra)
@@ -301,8 +303,9 @@ def main() -> None:
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), ceN "
                              "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
-                             "worker processes), prof (a profile, with the host's idle gaps), kprof (kernel times "
-                             "only: quicker), lag (how far the GPU runs behind the host through step 7, no profiler)")
+                             "worker processes), fp32model (full fine-tuning's fp32 weights in the model), prof (a "
+                             "profile, with the host's idle gaps), kprof (kernel times only: quicker), lag (how far "
+                             "the GPU runs behind the host through step 7, no profiler)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)

@@ -195,6 +195,31 @@ def test_fused_lora_update_trains_as_peft(tmp_path, tokenizer):
     assert abs(losses["compiled"] - losses["eager peft"]) < 2e-2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_full_fine_tuning_with_master_weights_in_the_optimizer_trains_as_with_them_in_the_model(tmp_path, tokenizer):
+    """Full fine-tuning on the GPU defaults (bf16 weights in the model, fp32 copies in the optimizer) trains to the
+    loss of fp32 weights in the model under autocast, eager and compiled, with two rows per optimizer step."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import run
+
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(method="full", train__max_steps=8, train__learning_rate=1e-3, train__per_device_train_batch_size=1,
+                    train__gradient_accumulation_steps=2, data__packing=True, data__packing_length=512)
+    runs = {"fp32 in the model": dict(train__master_weights="model"), "fp32 in the optimizer": {},
+            "compiled, in the optimizer": dict(train__torch_compile=True)}
+    results = {name: run(make_config(tmp_path / name.replace(" ", "-").replace(",", ""), model_dir, **options,
+                                     **settings)) for name, options in runs.items()}
+    print("eval loss: " + ", ".join(f"{name} {result.eval_loss:.5f} (from {result.eval_loss_before:.5f})"
+                                     for name, result in results.items()))
+    in_model = results["fp32 in the model"]
+    for name in ("fp32 in the optimizer", "compiled, in the optimizer"):
+        folder = results[name].output_dir
+        assert json.loads((Path(folder) / "settings.json").read_text())["master_weights"] == "optimizer"
+        assert results[name].eval_loss < results[name].eval_loss_before - 1.0
+        assert abs(results[name].eval_loss - in_model.eval_loss) < 0.02 * in_model.eval_loss
+
+
 def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(tmp_path, tokenizer):
     """train.offload_checkpoints: after the forward pass the checkpointed layers' inputs are in CPU memory (GPU memory
     lower than plain checkpointing by at least layers x tokens x hidden x 2 bytes) with the same gradients; a run

@@ -105,9 +105,9 @@ def test_weights_built_partitioned_by_zero3_keep_their_groups_and_counts():
         parameter.ds_shape, parameter.ds_numel = parameter.shape, parameter.numel()
         parameter.data = torch.empty(0)
     config = load_config(None, ["--weight_decay", "0.1"])
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model.named_parameters(), config)
     decayed = [group for group in optimizer.param_groups if group["weight_decay"] == 0.1]
     assert len(decayed) == 1 and decayed[0]["params"] == [model["proj"].weight]
     assert parameter_counts(model) == (36, 36)
     model["norm"].weight.requires_grad_(False)  # a group with nothing to train is left out, not kept empty
-    assert [len(group["params"]) for group in make_optimizer(model, config).param_groups] == [1]
+    assert [len(group["params"]) for group in make_optimizer(model.named_parameters(), config).param_groups] == [1]

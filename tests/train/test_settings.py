@@ -29,7 +29,29 @@ def test_a_gpu_packs_rows_on_varlen_in_bf16_with_loader_workers():
     assert (chosen.packing, chosen.attention, chosen.eval_attention) == (True, "varlen_packed_rows", "varlen")
     assert (chosen.precision, chosen.weights_dtype, chosen.loader_workers, chosen.tf32) == ("bf16", "bfloat16", 2, True)
     assert (chosen.row_length, chosen.pad_to_multiple_of, chosen.fused_lora) == (8192, 8, True)
-    assert settings(method="full").weights_dtype == "float32"  # master weights when the base trains
+    assert (settings().master_weights, settings(method="full").master_weights) == (None, "optimizer")
+
+
+def test_fp32_master_weights_go_to_the_optimizer_on_one_gpu_and_stay_in_the_model_elsewhere():
+    """A bf16 model with fp32 copies in the optimizer on one GPU without a sharded engine; fp32 weights in the model
+    where DeepSpeed or FSDP keep their own, where several processes would reduce the gradients, or without bf16."""
+    def chosen(machine=H200, **overrides):
+        picked = settings(machine, **{"method": "full", **overrides})
+        return picked.master_weights, picked.weights_dtype
+
+    assert chosen() == ("optimizer", "bfloat16")
+    assert chosen(method="freeze") == ("optimizer", "bfloat16")
+    assert chosen(train={"master_weights": "model"}) == ("model", "float32")
+    assert chosen(model={"dtype": "float32"}) == ("model", "float32")
+    assert chosen(train={"distributed": "zero2"}) == ("model", "float32")
+    assert chosen(replace(H200, processes=2)) == ("model", "float32")
+    assert chosen(train={"bf16": False}) == (None, "float32")
+    assert chosen(CPU) == (None, "float32")
+    assert chosen(CPU, train={"bf16": True}) == ("model", "float32")  # asked for explicitly on a CPU (tests do)
+    with pytest.raises(ConfigError, match="optimizer runs on one process without DeepSpeed or FSDP"):
+        chosen(replace(H200, processes=2), train={"master_weights": "optimizer"})
+    with pytest.raises(ConfigError, match="model.dtype is float32: set it to auto or bfloat16"):
+        chosen(train={"master_weights": "optimizer"}, model={"dtype": "float32"})
 
 
 @pytest.mark.parametrize("overrides, architecture, attention", [

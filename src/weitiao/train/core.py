@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -30,6 +30,7 @@ from weitiao.train import kernels
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, packed_rows_block_mask
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
+from weitiao.train.master_weights import MasterWeights
 from weitiao.train.methods import (apply_method, decoder_layers, parameter_counts, quantization_config,
                                    set_adapter_input_casting)
 from weitiao.train.neftune import add_noisy_embeddings
@@ -123,9 +124,9 @@ def make_accelerator(config: Config, settings: Settings, run: RunFolder):
 
 
 def load_model_for_training(config: Config, settings: Settings, accelerator) -> tuple[Any, Any, str]:
-    """(model, tokenizer, resolved base path). Methods that update base weights keep fp32 master weights (mixed
-    precision does the speed); adapters train next to a base in the model's dtype (bf16 on a GPU), or a 4-/8-bit
-    one for qlora."""
+    """(model, tokenizer, resolved base path). Methods that update base weights keep fp32 master weights: in the
+    optimizer beside a bf16 model, or in the model (settings.master_weights); adapters train next to a base in the
+    model's dtype (bf16 on a GPU), or a 4-/8-bit one for qlora."""
     kernels.undo_liger_patches()  # an earlier run in this process may have patched transformers' classes
     loaded_with = VARLEN if settings.attention == PACKED_VARLEN else settings.attention
     model, tokenizer, base_path = load_model(
@@ -154,13 +155,15 @@ def apply_method_and_kernels(model, config: Config, settings: Settings, seed: in
     return model, fuse_lora_updates(model, enabled=True) if settings.fused_lora else 0
 
 
-def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], config: Config
+                   ) -> torch.optim.Optimizer:
+    """The optimizer of `named_parameters` (a model's, or its fp32 master weights'); those not trained are skipped."""
     args = config.train
     ratio = config.lora.loraplus_lr_ratio  # LoRA+: the B matrices learn `ratio` times faster
     # (decayed, a LoRA+ B matrix) -> parameters; the groups keep this order (plain runs: decayed, then not)
     buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
         (True, False): [], (False, False): [], (True, True): [], (False, True): []}
-    for name, parameter in model.named_parameters():
+    for name, parameter in named_parameters:
         if parameter.requires_grad:
             # Biases and norm weights are not decayed (as in transformers' Trainer). A weight that DeepSpeed ZeRO-3
             # built partitioned is an empty local tensor; ds_shape is its real shape.
@@ -266,7 +269,9 @@ class Trainer:
         self.model, self.optimizer, self.scheduler, self.eval_loader = self._prepare(model)
         # Listed once: walking a PEFT model's modules for them took ~1 ms of host time per step, time a GPU waits.
         # All of them, not only the trained ones: accelerate recognises an FSDP model's clipping by the full list.
-        self.model_parameters = list(self.model.parameters())
+        # With master weights in the optimizer the gradients are theirs.
+        self.clipped_parameters = (self.master_weights.masters if self.master_weights is not None
+                                   else list(self.model.parameters()))
         self.block_masks = settings.packing and settings.attention == "flex_attention"  # see packed_rows_block_mask
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
@@ -288,8 +293,13 @@ class Trainer:
             # Before the optimizer, so fused AdamW sees device tensors. Quantized weights were placed at load
             # (bitsandbytes models cannot be moved); ZeRO and FSDP place and shard the model themselves.
             model.to(accelerator.device)
-        optimizer = make_optimizer(model, self.config)
+        # The optimizer updates the fp32 master weights where the model holds bf16 ones (weitiao.train.master_weights).
+        masters = self.master_weights = MasterWeights(model) if self.settings.master_weights == "optimizer" else None
+        optimizer = make_optimizer(model.named_parameters() if masters is None else masters.named_parameters(),
+                                   self.config)
         watch_optimizer(model, optimizer)  # fused LoRA layers rewrite their bf16 adapter copies after each step
+        if masters is not None:
+            masters.watch(optimizer)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.steps_total)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.steps_total)
@@ -297,6 +307,8 @@ class Trainer:
         eval_loader = accelerator.prepare(self.loaders.eval) if self.loaders.eval is not None else None
         # Not prepared (accelerate would step it once per process); still saved and restored with checkpoints.
         accelerator.register_for_checkpointing(scheduler)
+        if masters is not None:  # the checkpoint's model weights are bf16: a resumed run needs the fp32 ones
+            accelerator.register_for_checkpointing(masters)
         accelerator.register_save_state_pre_hook(_only_trainable_weights)
         return model, optimizer, scheduler, eval_loader
 
@@ -370,7 +382,7 @@ class Trainer:
                 accelerator.backward(loss * scale)
                 self.interval.add(loss, stats)
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:
-                    self.grad_norm = accelerator.clip_grad_norm_(self.model_parameters, self.args.max_grad_norm)
+                    self.grad_norm = accelerator.clip_grad_norm_(self.clipped_parameters, self.args.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -67,7 +67,11 @@ class Settings:
     precision: str
     """Mixed precision: bf16, fp16 or fp32 (none)."""
     weights_dtype: str
-    """dtype the model is loaded in: float32 master weights when the base trains, else model.dtype resolved."""
+    """dtype the model is loaded in: bfloat16 with master_weights optimizer, float32 when the base trains with its
+    master weights in the model, else model.dtype resolved."""
+    master_weights: str | None
+    """Where the fp32 weights of a method that trains base weights live under bf16: optimizer (fp32 copies beside
+    bf16 model weights, weitiao.train.master_weights) or model; None for adapter methods and without bf16."""
     packing: bool
     attention: str
     """Attention of the training forward (varlen_packed_rows: varlen on the collator's example boundaries)."""
@@ -128,12 +132,14 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
     fused_cross_entropy = distributed not in ("zero3", "zero3_offload") and config.stage in ("sft", "pt")
     liger = (_liger(args.liger, machine, getattr(model_config, "model_type", None))
              and (fused_cross_entropy or not args.torch_compile))  # else nothing of Liger's would be used
-    weights = "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype
+    master_weights = _master_weights(config, machine, precision, distributed)
+    weights = ("bfloat16" if master_weights == "optimizer"
+               else "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype)
     if weights == "auto":
         weights = "bfloat16" if machine.bf16 else "float32"
     return Settings(
         device=machine.device_name, processes=machine.processes, distributed=distributed, precision=precision,
-        weights_dtype=weights, packing=packing, attention=attention,
+        weights_dtype=weights, master_weights=master_weights, packing=packing, attention=attention,
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
@@ -188,6 +194,25 @@ def _check_reply_scoring(config: Config, model_config: Any) -> None:
             raise ConfigError(f"stage {config.stage} cannot score replies of this model yet: its config applies "
                               f"{name}={value} to the logits after the output head, which weitiao's chunked reply "
                               "scoring leaves out; use a model without it, or stage sft / rm")
+
+
+def _master_weights(config: Config, machine: Machine, precision: str, distributed: str) -> str | None:
+    asked = config.train.master_weights
+    if config.method_spec.trains != "base" or precision != "bf16":
+        if asked == "optimizer":
+            raise ConfigError(f"train.master_weights: optimizer is for bf16 mixed precision, and this run's "
+                              f"precision is {precision}: set train.bf16: true (a GPU from Ampere on, or a CPU) or "
+                              "master_weights: model")
+        return None
+    # Gradients go to the fp32 copies as the backward pass produces them: DDP would have nothing left to reduce, and
+    # DeepSpeed and FSDP keep fp32 master weights their own way.
+    fits = distributed == "ddp" and machine.processes == 1
+    if asked == "optimizer" and not fits:
+        raise ConfigError("train.master_weights: optimizer runs on one process without DeepSpeed or FSDP (those keep "
+                          "their own fp32 master weights); set master_weights: model")
+    if asked is not None:
+        return asked
+    return "optimizer" if fits and machine.cuda and config.model.dtype in ("auto", "bfloat16") else "model"
 
 
 def _precision(config: Config, machine: Machine) -> str:
