@@ -97,3 +97,13 @@ def test_master_weights_in_the_optimizer_need_bf16_and_a_method_that_trains_the_
         run(make_config(tmp_path / "fp32", tiny_model_dir, method="full", train__master_weights="optimizer"))
     with pytest.raises(ConfigError, match="for methods that train the base weights"):
         make_config(tmp_path / "lora", tiny_model_dir, train__master_weights="optimizer")
+
+
+def test_recomputed_layers_hand_their_gradients_to_the_fp32_weights_too(tmp_path, tiny_model_dir):
+    """With gradient checkpointing the layers' weight gradients are completed inside the recomputation's own
+    backward pass: they must still reach the fp32 copies, for the same training as without it."""
+    plain = run(full_bf16(tmp_path / "plain", tiny_model_dir, "optimizer", train__max_steps=4))
+    recomputed = run(full_bf16(tmp_path / "recomputed", tiny_model_dir, "optimizer", train__max_steps=4,
+                               train__gradient_checkpointing=True))
+    assert recomputed.eval_loss < recomputed.eval_loss_before - 0.5
+    assert recomputed.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
