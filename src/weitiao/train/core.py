@@ -192,6 +192,32 @@ def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], c
     return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
 
 
+def clipping_in_the_step(optimizer, settings: Settings) -> torch.Tensor | None:
+    """A clipping factor that `optimizer`'s own step divides the gradients by, or None where it cannot. torch's fused
+    Adam and AdamW read a `grad_scale` attribute (the protocol torch's GradScaler uses) inside their kernel, which
+    saves clipping's own pass over every gradient (1B full fine-tuning: 3.6 ms of a 134 ms H100 step). Not under a
+    sharded engine (DeepSpeed and FSDP clip their own shards), with fp16's loss scaler (it sets grad_scale itself),
+    or before torch 2.6 (no get_total_norm)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    fused = (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+             and all(group.get("fused") for group in inner.param_groups))
+    if not (fused and settings.distributed == "ddp" and settings.precision != "fp16"
+            and hasattr(torch.nn.utils, "get_total_norm")):
+        return None
+    device = inner.param_groups[0]["params"][0].device
+    inner.grad_scale = torch.ones((), device=device)
+    return inner.grad_scale
+
+
+def set_clipping_factor(factor: torch.Tensor, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Write into `factor` what the gradients of `parameters` are to be divided by to clip their total norm to
+    `max_norm` (as torch's clip_grad_norm_, which multiplies by max_norm / (norm + 1e-6) where that is below 1);
+    returns the norm. No host sync."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    torch.clamp((norm + 1e-6) / max_norm, min=1.0, out=factor)
+    return norm
+
+
 @contextmanager
 def padded_batch_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` on padded batches inside the block, with the attention for packed rows back afterwards."""
@@ -275,6 +301,7 @@ class Trainer:
         self.block_masks = settings.packing and settings.attention == "flex_attention"  # see packed_rows_block_mask
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
+        self.clipping_factor = clipping_in_the_step(self.optimizer, settings) if self.args.max_grad_norm > 0 else None
 
     def _schedule(self) -> tuple[int, int | None]:
         """Optimizer steps in all, and batches per epoch on this process (None for a stream)."""
@@ -382,7 +409,7 @@ class Trainer:
                 accelerator.backward(loss * scale)
                 self.interval.add(loss, stats)
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:
-                    self.grad_norm = accelerator.clip_grad_norm_(self.clipped_parameters, self.args.max_grad_norm)
+                    self.grad_norm = self._clip_gradients()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -390,6 +417,13 @@ class Trainer:
         self.state.batches_done_in_epoch += len(window)
         self.interval.steps += 1
         self.progress.update(1)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The gradients' total norm, and the gradients scaled to at most max_grad_norm: by the optimizer's own step
+        where it takes a clipping factor (clipping_in_the_step), else by accelerate."""
+        if self.clipping_factor is None:
+            return self.accelerator.clip_grad_norm_(self.clipped_parameters, self.args.max_grad_norm)
+        return set_clipping_factor(self.clipping_factor, self.clipped_parameters, self.args.max_grad_norm)
 
     def _after_step(self) -> None:
         """Log, evaluate and checkpoint on their schedules."""
