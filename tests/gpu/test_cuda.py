@@ -220,17 +220,21 @@ def test_full_fine_tuning_with_master_weights_in_the_optimizer_trains_as_with_th
         assert abs(results[name].eval_loss - in_model.eval_loss) < 0.02 * in_model.eval_loss
 
 
-def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(tmp_path, tokenizer):
+def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(monkeypatch, tmp_path, tokenizer):
     """train.offload_checkpoints: after the forward pass the checkpointed layers' inputs are in CPU memory (GPU memory
-    lower than plain checkpointing by at least layers x tokens x hidden x 2 bytes) with the same gradients; a run
-    trains to the loss of one without checkpointing."""
+    lower than plain checkpointing by at least layers x tokens x hidden x 2 bytes) with the same gradients; in the
+    backward pass every layer's input but the last one's was copied back ahead of its use; a run trains to the loss of
+    one without checkpointing."""
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
     from weitiao.train import run
-    from weitiao.train.offload import offload_checkpointed_layers
+    from weitiao.train.offload import HostCopy, offload_checkpointed_layers
 
+    taken_ahead = []
+    take = HostCopy.take
+    monkeypatch.setattr(HostCopy, "take", lambda self: taken_ahead.append(self.fetched is not None) or take(self))
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     ids = torch.randint(5, 1000, (8, 512), device="cuda")
 
@@ -251,8 +255,10 @@ def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(tmp_path, to
     offload_kept, offload_grads = forward_and_backward(offload=True)
     layer_inputs = 2 * ids.numel() * 256 * 2  # layers x tokens x hidden x bf16 bytes
     print(f"GPU memory kept by the forward pass: plain {plain_kept / 2**20:.1f} MiB, offloaded "
-          f"{offload_kept / 2**20:.1f} MiB (layer inputs: {layer_inputs / 2**20:.1f} MiB)")
+          f"{offload_kept / 2**20:.1f} MiB (layer inputs: {layer_inputs / 2**20:.1f} MiB); "
+          f"copied back ahead: {taken_ahead}")
     assert plain_kept - offload_kept >= layer_inputs
+    assert taken_ahead == [False, True]  # the last layer first
     for name, grad in plain_grads.items():
         torch.testing.assert_close(offload_grads[name], grad, msg=name)
 
@@ -278,7 +284,7 @@ def test_offloaded_checkpoints_around_compiled_layers(monkeypatch, tmp_path, tok
 
     def spy(self, tensor):
         packed = pack(self, tensor)
-        moved.append(isinstance(packed, tuple) and packed[1].is_pinned())
+        moved.append(isinstance(packed, offload.HostCopy) and packed.host.is_pinned())
         return packed
 
     monkeypatch.setattr(offload.OffloadedSavedTensors, "_pack", spy)
