@@ -420,7 +420,8 @@ class TrainConfig(_Section):
     offload_checkpoints: bool | None = None
     """With gradient_checkpointing on a GPU: keep each checkpointed layer's input in pinned CPU memory until its
     backward pass (unsloth's "unsloth" checkpointing): 2 bytes x hidden size per token per layer less GPU memory
-    (0.5 GiB for a 1B model at 8k tokens, 2 GiB for 8B), copied out on a side stream. One GPU; with torch_compile
+    (0.5 GiB for a 1B model at 8k tokens, 2 GiB for 8B), copied out on a side stream and back one layer ahead of
+    the backward pass. One GPU; with torch_compile
     each layer's forward is compiled and the checkpoint around it stays eager. None: on with gradient_checkpointing
     in eager layers on one CUDA GPU (H200: as fast as plain checkpointing or faster on average in four calls, e.g.
     1B LoRA 46.1k vs 40.3k tokens/s at 3.6 vs 4.1 GiB, 8B QLoRA 6.5 vs 7.0 GiB), off otherwise (compiled layers ran
