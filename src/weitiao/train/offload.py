@@ -11,7 +11,7 @@ layer's own computation runs without saving anything (it is recomputed in the ba
 The copies out run on a side stream, so the GPU does not wait for them. The copies back run on that stream too, one
 layer ahead: taking back a layer's input starts copying back the input of the layer before it, which the backward
 pass needs next, so the copy overlaps a layer's recomputation and backward (copied back on the compute stream when
-the layer needs it, 32 MiB at 8k tokens of a 1B model stalled the GPU for about a millisecond at each layer).
+the layer needed it, each input, 32 MiB at 8k tokens of a 1B model, held the GPU until it had arrived).
 
 With compiled layers (train.torch_compile) each layer's own forward is compiled in place and the checkpoint call
 around it stays eager: saved-tensor hooks do not run inside compiled code, and accelerate's regional compilation
