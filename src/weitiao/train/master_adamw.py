@@ -90,22 +90,22 @@ class MasterAdamW(torch.optim.Optimizer):
                 if grad is not None:  # read as one run of elements (autograd's gradients normally are)
                     by_grad_dtype.setdefault(grad.dtype, []).append((master, weight, grad.contiguous()))
             for grad_dtype, entries in by_grad_dtype.items():
-                self._step_group(group, entries, grad_dtype == torch.float32)
+                by_step: dict[float, list] = {}  # a weight that had no gradient in some step counts fewer steps
+                for entry in entries:
+                    state = self.state[entry[0]]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = torch.zeros_like(entry[0], memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(entry[0], memory_format=torch.preserve_format)
+                    state["step"] += 1  # a CPU tensor, as in torch's AdamW: no wait for the GPU
+                    by_step.setdefault(state["step"].item(), []).append(entry)
+                for step, same_step in by_step.items():
+                    self._step_group(group, same_step, step, grad_dtype == torch.float32)
         return loss
 
     def _step_group(self, group: dict[str, Any], entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                    grad_fp32: bool) -> None:
-        states = []
-        for master, _, _ in entries:
-            state = self.state[master]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            states.append(state)
-        steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1.0)
-        step = steps[0].item()  # CPU tensors: no wait for the GPU
+                    step: float, grad_fp32: bool) -> None:
+        states = [self.state[master] for master, _, _ in entries]
         beta1, beta2 = group["betas"]
         device = entries[0][0].device
         addresses = torch.tensor(
