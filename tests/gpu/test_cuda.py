@@ -199,8 +199,9 @@ def test_fused_lora_update_trains_as_peft(tmp_path, tokenizer):
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
 def test_full_fine_tuning_with_master_weights_in_the_optimizer_trains_as_with_them_in_the_model(tmp_path, tokenizer):
     """Full fine-tuning on the GPU defaults (bf16 weights in the model, fp32 copies stepped by MasterAdamW's kernel)
-    trains to the loss of fp32 weights in the model under autocast, eager and compiled, with two rows per optimizer
-    step: two micro-batches (fp32 gradient sums) or one batch of two rows (the bf16 gradients read on the model)."""
+    trains to the loss of fp32 weights in the model under autocast, eager and compiled: with two packed rows per
+    optimizer step (two micro-batches, whose gradients are summed in fp32) and with one (one backward pass, whose
+    bf16 gradients the kernel reads on the model)."""
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
     from weitiao.train import run
@@ -208,20 +209,22 @@ def test_full_fine_tuning_with_master_weights_in_the_optimizer_trains_as_with_th
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     settings = dict(method="full", train__max_steps=8, train__learning_rate=1e-3, train__per_device_train_batch_size=1,
                     train__gradient_accumulation_steps=2, data__packing=True, data__packing_length=512)
+    one_row = dict(train__gradient_accumulation_steps=1)  # a packed micro-batch is one row: one backward pass a step
     runs = {"fp32 in the model": dict(train__master_weights="model"), "fp32 in the optimizer": {},
             "compiled, in the optimizer": dict(train__torch_compile=True),
-            "bf16 gradients, in the optimizer": dict(train__per_device_train_batch_size=2,
-                                                     train__gradient_accumulation_steps=1)}
+            "fp32 in the model, one row a step": dict(train__master_weights="model", **one_row),
+            "bf16 gradients, in the optimizer": one_row}
     results = {name: run(make_config(tmp_path / name.replace(" ", "-").replace(",", ""), model_dir,
                                      **{**settings, **options})) for name, options in runs.items()}
     print("eval loss: " + ", ".join(f"{name} {result.eval_loss:.5f} (from {result.eval_loss_before:.5f})"
                                      for name, result in results.items()))
-    in_model = results["fp32 in the model"]
-    for name in ("fp32 in the optimizer", "compiled, in the optimizer", "bf16 gradients, in the optimizer"):
+    references = {"fp32 in the optimizer": "fp32 in the model", "compiled, in the optimizer": "fp32 in the model",
+                  "bf16 gradients, in the optimizer": "fp32 in the model, one row a step"}
+    for name, reference in references.items():
         chosen = json.loads((Path(results[name].output_dir) / "settings.json").read_text())
         assert (chosen["master_weights"], chosen["fused_master_step"]) == ("optimizer", True)
         assert results[name].eval_loss < results[name].eval_loss_before - 1.0
-        assert abs(results[name].eval_loss - in_model.eval_loss) < 0.02 * in_model.eval_loss
+        assert abs(results[name].eval_loss - results[reference].eval_loss) < 0.02 * results[reference].eval_loss
 
 
 @pytest.mark.parametrize("fp32_gradients", [False, True])

@@ -201,16 +201,15 @@ def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], c
 def clipping_in_the_step(optimizer, settings: Settings) -> torch.Tensor | None:
     """A clipping factor that `optimizer`'s own step divides the gradients by, or None where it cannot. torch's fused
     Adam and AdamW (and MasterAdamW) read a `grad_scale` attribute (the protocol torch's GradScaler uses) inside
-    their kernel, which
-    saves clipping's own pass over every gradient (1B full fine-tuning: 3.6 ms of a 134 ms H100 step). Not under a
-    sharded engine (DeepSpeed and FSDP clip their own shards), with fp16's loss scaler (it sets grad_scale itself),
-    or before torch 2.6 (no get_total_norm)."""
+    their kernel, which saves clipping's own pass over every gradient (1B full fine-tuning: 3.6 ms of a 134 ms H100
+    step). Not under a
+    sharded engine (DeepSpeed and FSDP clip their own shards) or with fp16's loss scaler (it sets grad_scale
+    itself)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     fused = (getattr(inner, "divides_by_grad_scale", False)  # weitiao.train.master_adamw's
              or (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
                  and all(group.get("fused") for group in inner.param_groups)))
-    if not (fused and settings.distributed == "ddp" and settings.precision != "fp16"
-            and hasattr(torch.nn.utils, "get_total_norm")):
+    if not (fused and settings.distributed == "ddp" and settings.precision != "fp16"):
         return None
     device = inner.param_groups[0]["params"][0].device
     inner.grad_scale = torch.ones((), device=device)
@@ -221,7 +220,9 @@ def set_clipping_factor(factor: torch.Tensor, parameters: list[torch.Tensor], ma
     """Write into `factor` what the gradients of `parameters` are to be divided by to clip their total norm to
     `max_norm` (as torch's clip_grad_norm_, which multiplies by max_norm / (norm + 1e-6) where that is below 1);
     returns the norm. No host sync."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    # Each tensor's norm in fp32: get_total_norm rounds those of bf16 gradients (MasterAdamW reads them) to bf16.
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gradients, 2.0, dtype=torch.float32)))
     torch.clamp((norm + 1e-6) / max_norm, min=1.0, out=factor)
     return norm
 
