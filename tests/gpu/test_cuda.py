@@ -6,6 +6,7 @@ in an earlier form that also fused in compiled layers; run31-offload-h200.log: t
 run35-gpu-preference-h200.log: the preference stages, after run32's had found a stride-0 sequence index that the
 loader could not pin) and quoted in docs/performance.md and docs/alignment.md."""
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -197,8 +198,10 @@ def test_fused_lora_update_trains_as_peft(tmp_path, tokenizer):
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
 def test_full_fine_tuning_with_master_weights_in_the_optimizer_trains_as_with_them_in_the_model(tmp_path, tokenizer):
-    """Full fine-tuning on the GPU defaults (bf16 weights in the model, fp32 copies in the optimizer) trains to the
-    loss of fp32 weights in the model under autocast, eager and compiled, with two rows per optimizer step."""
+    """Full fine-tuning on the GPU defaults (bf16 weights in the model, fp32 copies stepped by MasterAdamW's kernel)
+    trains to the loss of fp32 weights in the model under autocast, eager and compiled: with two packed rows per
+    optimizer step (two micro-batches, whose gradients are summed in fp32) and with one (one backward pass, whose
+    bf16 gradients the kernel reads on the model)."""
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
     from weitiao.train import run
@@ -206,18 +209,83 @@ def test_full_fine_tuning_with_master_weights_in_the_optimizer_trains_as_with_th
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     settings = dict(method="full", train__max_steps=8, train__learning_rate=1e-3, train__per_device_train_batch_size=1,
                     train__gradient_accumulation_steps=2, data__packing=True, data__packing_length=512)
+    one_row = dict(train__gradient_accumulation_steps=1)  # a packed micro-batch is one row: one backward pass a step
     runs = {"fp32 in the model": dict(train__master_weights="model"), "fp32 in the optimizer": {},
-            "compiled, in the optimizer": dict(train__torch_compile=True)}
-    results = {name: run(make_config(tmp_path / name.replace(" ", "-").replace(",", ""), model_dir, **options,
-                                     **settings)) for name, options in runs.items()}
+            "compiled, in the optimizer": dict(train__torch_compile=True),
+            "fp32 in the model, one row a step": dict(train__master_weights="model", **one_row),
+            "bf16 gradients, in the optimizer": one_row}
+    results = {name: run(make_config(tmp_path / name.replace(" ", "-").replace(",", ""), model_dir,
+                                     **{**settings, **options})) for name, options in runs.items()}
     print("eval loss: " + ", ".join(f"{name} {result.eval_loss:.5f} (from {result.eval_loss_before:.5f})"
                                      for name, result in results.items()))
-    in_model = results["fp32 in the model"]
-    for name in ("fp32 in the optimizer", "compiled, in the optimizer"):
-        folder = results[name].output_dir
-        assert json.loads((Path(folder) / "settings.json").read_text())["master_weights"] == "optimizer"
+    references = {"fp32 in the optimizer": "fp32 in the model", "compiled, in the optimizer": "fp32 in the model",
+                  "bf16 gradients, in the optimizer": "fp32 in the model, one row a step"}
+    for name, reference in references.items():
+        chosen = json.loads((Path(results[name].output_dir) / "settings.json").read_text())
+        assert (chosen["master_weights"], chosen["fused_master_step"]) == ("optimizer", True)
         assert results[name].eval_loss < results[name].eval_loss_before - 1.0
-        assert abs(results[name].eval_loss - in_model.eval_loss) < 0.02 * in_model.eval_loss
+        assert abs(results[name].eval_loss - results[reference].eval_loss) < 0.02 * results[reference].eval_loss
+
+
+@pytest.mark.parametrize("fp32_gradients", [False, True])
+def test_master_adamw_steps_as_torch_fused_adamw_and_writes_the_bf16_weights(fp32_gradients):
+    """MasterAdamW's kernel against torch's fused AdamW on fp32 weights given the same gradients and clipping factor:
+    tensors larger and smaller than a block, two groups (one decayed), three steps (one weight without a gradient in
+    the first); the model's bf16 weights are the fp32 ones rounded to nearest. Gradients read in bf16 on the model
+    or as fp32 sums of two micro-batches."""
+    from weitiao.train.master_adamw import MasterAdamW
+    from weitiao.train.master_weights import MasterWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 70), torch.nn.LayerNorm(70), torch.nn.Linear(70, 4099)
+                                ).cuda().to(torch.bfloat16)
+    masters = MasterWeights(model, fp32_gradients=fp32_gradients)
+    reference = [master.detach().clone().requires_grad_() for master in masters.masters]
+
+    def groups(weights):
+        decayed = [weight.dim() == 2 for weight in masters.masters]
+        return [{"params": [w for w, d in zip(weights, decayed) if d], "weight_decay": 0.1},
+                {"params": [w for w, d in zip(weights, decayed) if not d], "weight_decay": 0.0}]
+
+    adam = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = MasterAdamW(groups(masters.masters), masters, **adam)
+    torch_adamw = torch.optim.AdamW(groups(reference), fused=True, **adam)
+    optimizer.grad_scale = torch.tensor(2.0, device="cuda")
+    torch_adamw.grad_scale = optimizer.grad_scale
+    for step in range(3):
+        for _ in range(2 if fp32_gradients else 1):
+            model(torch.randn(8, 300, device="cuda", dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        holders = masters.gradient_holders
+        assert all(holder.grad is not None for holder in holders)
+        if step == 0:  # a weight without a gradient is skipped and counts one step fewer (the norm's bias)
+            holders[3].grad = None
+        for fp32, holder in zip(reference, holders):
+            fp32.grad = None if holder.grad is None else holder.grad.float()
+        optimizer.step()
+        torch_adamw.step()
+        optimizer.zero_grad()
+        torch_adamw.zero_grad()
+        assert all(weight.grad is None for weight in masters.weights)
+    for master, fp32, weight in zip(masters.masters, reference, masters.weights):
+        torch.testing.assert_close(master, fp32.detach(), rtol=1e-5, atol=1e-7)
+        assert torch.equal(weight, master.to(torch.bfloat16))
+        assert optimizer.state[master]["step"].item() == torch_adamw.state[fp32]["step"].item()
+        torch.testing.assert_close(optimizer.state[master]["exp_avg_sq"], torch_adamw.state[fp32]["exp_avg_sq"])
+
+    # A checkpoint's state (the optimizer's and the copies') continues the same: one more step, resumed and not.
+    resumed_model = torch.nn.Sequential(torch.nn.Linear(300, 70), torch.nn.LayerNorm(70), torch.nn.Linear(70, 4099)
+                                        ).cuda().to(torch.bfloat16)
+    resumed_masters = MasterWeights(resumed_model, fp32_gradients=fp32_gradients)
+    resumed_masters.load_state_dict(masters.state_dict())
+    resumed = MasterAdamW(groups(resumed_masters.masters), resumed_masters, **adam)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as if from a file: no shared tensors
+    resumed.grad_scale = optimizer.grad_scale
+    x = torch.randn(8, 300, device="cuda", dtype=torch.bfloat16)
+    for net, opt in ((model, optimizer), (resumed_model, resumed)):
+        net(x).float().pow(2).mean().backward()
+        opt.step()
+    for weight, again in zip(masters.weights + masters.masters, resumed_masters.weights + resumed_masters.masters):
+        assert torch.equal(weight, again)
 
 
 def test_offloaded_checkpoints_leave_the_layer_inputs_in_cpu_memory(monkeypatch, tmp_path, tokenizer):

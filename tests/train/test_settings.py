@@ -16,7 +16,7 @@ from weitiao.train.settings import Machine, resolve_settings
 
 CPU = Machine(cuda=False, device_name="cpu", bf16=False, varlen_flash=False, liger_installed=False, processes=1)
 H200 = Machine(cuda=True, device_name="NVIDIA H200", bf16=True, varlen_flash=True, liger_installed=False,
-               processes=1)
+               processes=1, triton_installed=True)
 LLAMA = LlamaConfig(num_hidden_layers=2)
 
 
@@ -48,6 +48,12 @@ def test_fp32_master_weights_go_to_the_optimizer_on_one_gpu_and_stay_in_the_mode
     assert chosen(train={"bf16": False}) == (None, "float32")
     assert chosen(CPU) == (None, "float32")
     assert chosen(CPU, train={"bf16": True}) == ("model", "float32")  # asked for explicitly on a CPU (tests do)
+    # One Triton kernel steps the fp32 copies and writes the bf16 weights: where torch's AdamW would, with Triton.
+    assert settings(method="full").fused_master_step
+    assert not settings(method="full", train={"optim": "sgd"}).fused_master_step
+    assert not settings(replace(H200, triton_installed=False), method="full").fused_master_step
+    assert not settings(method="full", train={"master_weights": "model"}).fused_master_step
+    assert not settings().fused_master_step  # LoRA: no master weights
     with pytest.raises(ConfigError, match="optimizer runs on one process without DeepSpeed or FSDP"):
         chosen(replace(H200, processes=2), train={"master_weights": "optimizer"})
     with pytest.raises(ConfigError, match="model.dtype is float32: set it to auto or bfloat16"):

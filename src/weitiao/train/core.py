@@ -155,9 +155,11 @@ def apply_method_and_kernels(model, config: Config, settings: Settings, seed: in
     return model, fuse_lora_updates(model, enabled=True) if settings.fused_lora else 0
 
 
-def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], config: Config
-                   ) -> torch.optim.Optimizer:
-    """The optimizer of `named_parameters` (a model's, or its fp32 master weights'); those not trained are skipped."""
+def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], config: Config,
+                   fused_masters: MasterWeights | None = None) -> torch.optim.Optimizer:
+    """The optimizer of `named_parameters` (a model's, or its fp32 master weights'); those not trained are skipped.
+    `fused_masters`: the master weights named, for AdamW in one Triton kernel that writes their bf16 weights too
+    (settings.fused_master_step)."""
     args = config.train
     ratio = config.lora.loraplus_lr_ratio  # LoRA+: the B matrices learn `ratio` times faster
     # (decayed, a LoRA+ B matrix) -> parameters; the groups keep this order (plain runs: decayed, then not)
@@ -187,6 +189,10 @@ def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], c
 
         optimizer_class = bnb.optim.PagedAdamW8bit if args.optim.startswith("paged") else bnb.optim.AdamW8bit
         return optimizer_class(groups, **adam)
+    if fused_masters is not None:
+        from weitiao.train.master_adamw import MasterAdamW  # Triton: CUDA machines only
+
+        return MasterAdamW(groups, fused_masters, **adam)
     # Fused AdamW for weights on the GPU; ZeRO-3 offload steps the optimizer on CPU copies instead.
     on_cuda = all(p.is_cuda for group in groups for p in group["params"]) and args.distributed != "zero3_offload"
     return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
@@ -194,15 +200,16 @@ def make_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], c
 
 def clipping_in_the_step(optimizer, settings: Settings) -> torch.Tensor | None:
     """A clipping factor that `optimizer`'s own step divides the gradients by, or None where it cannot. torch's fused
-    Adam and AdamW read a `grad_scale` attribute (the protocol torch's GradScaler uses) inside their kernel, which
-    saves clipping's own pass over every gradient (1B full fine-tuning: 3.6 ms of a 134 ms H100 step). Not under a
-    sharded engine (DeepSpeed and FSDP clip their own shards), with fp16's loss scaler (it sets grad_scale itself),
-    or before torch 2.6 (no get_total_norm)."""
+    Adam and AdamW (and MasterAdamW) read a `grad_scale` attribute (the protocol torch's GradScaler uses) inside
+    their kernel, which saves clipping's own pass over every gradient (1B full fine-tuning: 3.6 ms of a 134 ms H100
+    step). Not under a
+    sharded engine (DeepSpeed and FSDP clip their own shards) or with fp16's loss scaler (it sets grad_scale
+    itself)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    fused = (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
-             and all(group.get("fused") for group in inner.param_groups))
-    if not (fused and settings.distributed == "ddp" and settings.precision != "fp16"
-            and hasattr(torch.nn.utils, "get_total_norm")):
+    fused = (getattr(inner, "divides_by_grad_scale", False)  # weitiao.train.master_adamw's
+             or (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+                 and all(group.get("fused") for group in inner.param_groups)))
+    if not (fused and settings.distributed == "ddp" and settings.precision != "fp16"):
         return None
     device = inner.param_groups[0]["params"][0].device
     inner.grad_scale = torch.ones((), device=device)
@@ -213,7 +220,9 @@ def set_clipping_factor(factor: torch.Tensor, parameters: list[torch.Tensor], ma
     """Write into `factor` what the gradients of `parameters` are to be divided by to clip their total norm to
     `max_norm` (as torch's clip_grad_norm_, which multiplies by max_norm / (norm + 1e-6) where that is below 1);
     returns the norm. No host sync."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    # Each tensor's norm in fp32: get_total_norm rounds those of bf16 gradients (MasterAdamW reads them) to bf16.
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gradients, 2.0, dtype=torch.float32)))
     torch.clamp((norm + 1e-6) / max_norm, min=1.0, out=factor)
     return norm
 
@@ -296,7 +305,7 @@ class Trainer:
         # Listed once: walking a PEFT model's modules for them took ~1 ms of host time per step, time a GPU waits.
         # All of them, not only the trained ones: accelerate recognises an FSDP model's clipping by the full list.
         # With master weights in the optimizer the gradients are theirs.
-        self.clipped_parameters = (self.master_weights.masters if self.master_weights is not None
+        self.clipped_parameters = (self.master_weights.gradient_holders if self.master_weights is not None
                                    else list(self.model.parameters()))
         self.block_masks = settings.packing and settings.attention == "flex_attention"  # see packed_rows_block_mask
         self.last_train_loss: float | None = None
@@ -321,11 +330,16 @@ class Trainer:
             # (bitsandbytes models cannot be moved); ZeRO and FSDP place and shard the model themselves.
             model.to(accelerator.device)
         # The optimizer updates the fp32 master weights where the model holds bf16 ones (weitiao.train.master_weights).
-        masters = self.master_weights = MasterWeights(model) if self.settings.master_weights == "optimizer" else None
+        # On a GPU one kernel steps them and writes the bf16 weights; with one backward pass per step it reads the
+        # bf16 gradients on the model (weitiao.train.master_adamw).
+        fused_step = self.settings.fused_master_step
+        masters = self.master_weights = MasterWeights(
+            model, fp32_gradients=not fused_step or args.gradient_accumulation_steps > 1,
+        ) if self.settings.master_weights == "optimizer" else None
         optimizer = make_optimizer(model.named_parameters() if masters is None else masters.named_parameters(),
-                                   self.config)
+                                   self.config, masters if fused_step else None)
         watch_optimizer(model, optimizer)  # fused LoRA layers rewrite their bf16 adapter copies after each step
-        if masters is not None:
+        if masters is not None and not fused_step:
             masters.watch(optimizer)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.steps_total)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,

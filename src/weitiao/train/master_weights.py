@@ -12,6 +12,9 @@ training do), and fp32 copies of the trained weights sit beside it for the optim
   it stays in the copy until the updates add up to one bf16 can);
 - after each optimizer step one multi-tensor copy writes the fp32 weights back into the model's bf16 ones.
 
+On a CUDA GPU the optimizer is weitiao.train.master_adamw's one-kernel AdamW instead, which writes the bf16 weights
+itself and, when each step is one backward pass, reads the bf16 gradients where the backward pass left them.
+
 1B full fine-tuning, eager, 8k-token rows (docs/performance.md): 61.0k instead of 55.8k tokens/s at 27.0 instead of
 30.1 GiB on an H100; with fp32 weights in the model 12.8 ms of a step's 132 ms of H200 kernels were dtype casts.
 """
@@ -27,15 +30,22 @@ import torch
 
 class MasterWeights:
     """The fp32 copies of a model's trained bf16 weights; the optimizer is built on `named_parameters()`, and `watch`
-    connects it. Registered for checkpointing, so that a resumed run continues from the fp32 values."""
+    connects it. Registered for checkpointing, so that a resumed run continues from the fp32 values.
 
-    def __init__(self, model: torch.nn.Module):
+    `fp32_gradients`: each gradient goes to its copy in fp32 as soon as it is complete (needed to sum micro-batches
+    in fp32, and by an optimizer that reads the copies' gradients); otherwise it stays on the model in bf16, for an
+    optimizer that reads it there (weitiao.train.master_adamw, with one backward pass per step)."""
+
+    def __init__(self, model: torch.nn.Module, fp32_gradients: bool = True):
         trained = [(name, weight) for name, weight in model.named_parameters() if weight.requires_grad]
         self.names = [name for name, _ in trained]
         self.weights = [weight for _, weight in trained]
         self.masters = [torch.nn.Parameter(weight.detach().to(torch.float32, copy=True)) for weight in self.weights]
-        for weight, master in zip(self.weights, self.masters):
-            weight.register_post_accumulate_grad_hook(partial(_add_gradient_to, master))
+        if fp32_gradients:
+            for weight, master in zip(self.weights, self.masters):
+                weight.register_post_accumulate_grad_hook(partial(_add_gradient_to, master))
+        # Where the gradients are: what gradient clipping measures and scales.
+        self.gradient_holders = self.masters if fp32_gradients else self.weights
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return zip(self.names, self.masters)

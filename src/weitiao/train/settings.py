@@ -42,6 +42,7 @@ class Machine:
     """Processes of this run (torchrun / accelerate launch set WORLD_SIZE)."""
     cpu_threads: tuple[int, str] | None = None
     """On a CPU: the fastest torch thread count here and why (weitiao.cpu.pick_cpu_threads); None on a GPU."""
+    triton_installed: bool = False
 
     @classmethod
     def detect(cls, cpu_threads: int | None = None) -> Machine:
@@ -54,7 +55,7 @@ class Machine:
         return cls(cuda=cuda, device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
                    bf16=cuda and torch.cuda.is_bf16_supported(), varlen_flash=has_varlen_flash_attention(device),
                    liger_installed=importlib.util.find_spec("liger_kernel") is not None, processes=processes,
-                   cpu_threads=threads)
+                   cpu_threads=threads, triton_installed=importlib.util.find_spec("triton") is not None)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class Settings:
     master_weights: str | None
     """Where the fp32 weights of a method that trains base weights live under bf16: optimizer (fp32 copies beside
     bf16 model weights, weitiao.train.master_weights) or model; None for adapter methods and without bf16."""
+    fused_master_step: bool
+    """With master_weights optimizer and optim adamw_torch on a CUDA GPU with Triton: AdamW on the fp32 copies in one
+    kernel that writes the bf16 weights too, reading the bf16 gradients with one backward pass per step
+    (weitiao.train.master_adamw)."""
     packing: bool
     attention: str
     """Attention of the training forward (varlen_packed_rows: varlen on the collator's example boundaries)."""
@@ -139,7 +144,10 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         weights = "bfloat16" if machine.bf16 else "float32"
     return Settings(
         device=machine.device_name, processes=machine.processes, distributed=distributed, precision=precision,
-        weights_dtype=weights, master_weights=master_weights, packing=packing, attention=attention,
+        weights_dtype=weights, master_weights=master_weights,
+        fused_master_step=(master_weights == "optimizer" and machine.cuda and machine.triton_installed
+                           and args.optim == "adamw_torch"),
+        packing=packing, attention=attention,
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
