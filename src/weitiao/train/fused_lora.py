@@ -24,6 +24,9 @@ the code before it 55.6k-78.3k (median 60.8k), on one sandboxed H200 (docs/perfo
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -39,10 +42,10 @@ class _LoraProducts(torch.autograd.Function):
     def forward(ctx, x, lora_input, copies, scalings, weights, biases, *lora_weights):
         source = x if lora_input is None else lora_input
         lora_a, lora_bs = copies.lora_a, copies.lora_bs
-        with torch.autocast(x.device.type, enabled=False):  # operands are cast by the caller
+        with _autocast_off(x.device.type):  # operands are cast by the caller
             low = F.linear(source, lora_a)  # every layer's rank-r product in one pass over the input
             outs = []
-            for low_i, lora_b, scaling, weight, bias in zip(low.split(copies.ranks, dim=1), lora_bs, scalings,
+            for low_i, lora_b, scaling, weight, bias in zip(_columns(low, copies.ranks), lora_bs, scalings,
                                                             weights, biases):
                 # The rank-r product is written first and the base product adds itself to it in its epilogue
                 # (beta=1), where the large product's arithmetic hides that read; adding the update afterwards
@@ -62,14 +65,17 @@ class _LoraProducts(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         source, lora_a, low, *rest = ctx.saved_tensors
         weights, lora_bs = rest[:len(grad_outs)], rest[len(grad_outs):]
-        with torch.autocast(source.device.type, enabled=False):
-            grad_lows, grad_bs = [], []
-            for grad_out, lora_b, low_i, scaling in zip(grad_outs, lora_bs, low.split(ctx.ranks, dim=1),
-                                                        ctx.scalings):
-                grad_lows.append(torch.mm(grad_out, lora_b).mul_(scaling))
-                grad_bs.append(torch.mm(grad_out.t(), low_i).mul_(scaling).to(ctx.weight_dtype))
-            grad_low = grad_lows[0] if len(grad_lows) == 1 else torch.cat(grad_lows, dim=1)
-            grad_as = torch.mm(grad_low.t(), source).to(ctx.weight_dtype).split(ctx.ranks)  # one cast for all A
+        with _autocast_off(source.device.type):
+            # Each layer's scaled gradient of its rank-r product written into its columns of one buffer, and the
+            # gradients of B scaled in the product (alpha): no separate scaling or concatenation kernels.
+            grad_low = low.new_empty(low.shape)
+            grad_bs = []
+            for grad_out, lora_b, low_i, grad_low_i, scaling in zip(
+                    grad_outs, lora_bs, _columns(low, ctx.ranks), _columns(grad_low, ctx.ranks), ctx.scalings):
+                grad_low_i.addmm_(grad_out, lora_b, beta=0, alpha=scaling)
+                grad_bs.append(lora_b.new_empty(lora_b.shape).addmm_(grad_out.t(), low_i, beta=0, alpha=scaling)
+                               .to(ctx.weight_dtype))
+            grad_as = _rows(torch.mm(grad_low.t(), source).to(ctx.weight_dtype), ctx.ranks)  # one cast for all A
             grad_x = grad_input = None
             if ctx.needs_input_grad[0]:
                 # Every path's input gradient in one buffer, the large products last (as in the forward): no
@@ -83,6 +89,23 @@ class _LoraProducts(torch.autograd.Function):
             if ctx.separate_input and ctx.needs_input_grad[1]:
                 grad_input = torch.mm(grad_low, lora_a)
         return grad_x, grad_input, None, None, None, None, *grad_as, *grad_bs
+
+
+# Host time matters here: these run for every LoRA layer, and on a host-bound machine the step waits for them.
+_NO_CONTEXT = nullcontext()
+
+
+def _autocast_off(device_type: str) -> AbstractContextManager:
+    """Autocast switched off where it is on (entering and leaving a disabled autocast costs host time too)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT
+
+
+def _columns(matrix: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, ...]:
+    return (matrix,) if len(widths) == 1 else matrix.split_with_sizes(widths, dim=1)
+
+
+def _rows(matrix: torch.Tensor, heights: list[int]) -> tuple[torch.Tensor, ...]:
+    return (matrix,) if len(heights) == 1 else matrix.split_with_sizes(heights)
 
 
 class _Copies:
@@ -162,17 +185,15 @@ class SharedInput:
     def compute(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output, the others' kept for their calls; None where one of them cannot be fused or uses
         dropout (each layer then computes its own)."""
-        names = [member.fused_adapter() for member in self.layers]
-        if None in names or any(not isinstance(member.lora_dropout[name], torch.nn.Identity)
-                                for member, name in zip(self.layers, names)):
+        members = [member.fused_operands() for member in self.layers]
+        if any(operands is None or operands.dropout is not None for operands in members):
             return None
         flat, dtype = _compute_input(x)
-        lora_as = [member.lora_A[name].weight for member, name in zip(self.layers, names)]
-        lora_bs = [member.lora_B[name].weight for member, name in zip(self.layers, names)]
+        lora_as = [operands.lora_a for operands in members]
+        lora_bs = [operands.lora_b for operands in members]
         outs = _LoraProducts.apply(
             flat, None, layer.adapter_copies.current(self, lora_as, lora_bs, dtype),
-            tuple(member.scaling[name] for member, name in zip(self.layers, names)),
-            *_base_operands(self.layers, dtype), *lora_as, *lora_bs)
+            tuple(operands.scaling for operands in members), *_base_operands(members, dtype), *lora_as, *lora_bs)
         outs = {member: out.view(*x.shape[:-1], out.shape[-1]) for member, out in zip(self.layers, outs)}
         own = outs.pop(layer)
         self._input, self._version, self._pending = x, x._version, outs
@@ -186,45 +207,69 @@ def _compute_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     return x.reshape(-1, x.shape[-1]).to(dtype), dtype
 
 
-def _base_operands(layers: list[FusedLoraLinear], dtype: torch.dtype) -> tuple[tuple, tuple]:
-    bases = [layer.base_layer for layer in layers]
-    return (tuple(base.weight.to(dtype) for base in bases),
-            tuple(None if base.bias is None else base.bias.to(dtype) for base in bases))
+def _base_operands(members: list[_Operands], dtype: torch.dtype) -> tuple[tuple, tuple]:
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    return tuple(cast(operands.weight) for operands in members), tuple(cast(operands.bias) for operands in members)
+
+
+class _Operands(NamedTuple):
+    """What a layer's fused call reads: its adapter's A and B weights and scaling, the dropout on the update's input
+    (None: none), the frozen base weight and bias."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    dropout: torch.nn.Module | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class FusedLoraLinear(LoraLinear):
     shared_input: SharedInput | None = None
     adapter_copies: AdapterCopies  # the model's, set by fuse_lora_updates
 
-    def fused_adapter(self, *args, **kwargs) -> str | None:
-        """The active adapter when this layer's call can take the fused path, else None."""
-        adapters = self.active_adapters
-        name = adapters[0] if len(adapters) == 1 else None
-        base = self.base_layer
-        if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
-                or name in self.lora_variant or self.lora_B[name].bias is not None or self.fan_in_fan_out
-                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+    def fused_operands(self) -> _Operands | None:
+        """What this layer's call reads on the fused path, or None where the call must take PEFT's."""
+        # Submodules and parameters are read from _modules and _parameters, and PEFT's state from its attributes
+        # behind the properties: through nn.Module's __getattr__ this check, made on every call, cost as much host
+        # time as PEFT's whole forward over the same layers.
+        adapters = self._active_adapter
+        name = adapters if isinstance(adapters, str) else adapters[0] if len(adapters) == 1 else None
+        modules = self._modules
+        lora_a = modules["lora_A"]._modules.get(name)
+        if (lora_a is None or self._disable_adapters or self.merged_adapters or name in self.lora_variant
+                or self.fan_in_fan_out):
             return None
-        return name
+        lora_b = modules["lora_B"]._modules[name]._parameters
+        base = modules["base_layer"]._parameters
+        weight, bias = base["weight"], base.get("bias")
+        if lora_b.get("bias") is not None or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        dropout = modules["lora_dropout"]._modules[name]
+        return _Operands(lora_a._parameters["weight"], lora_b["weight"], self.scaling[name],
+                         None if isinstance(dropout, torch.nn.Identity) else dropout, weight, bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.shared_input is not None and not args and not kwargs:
-            out = self.shared_input.take(self, x)  # computed by the group's first call, which checked this layer
-            if out is not None:
-                return out
-        name = self.fused_adapter(*args, **kwargs)
-        if name is None:
+        if args or kwargs:  # per-call arguments (PEFT's adapter_names, ...)
             return super().forward(x, *args, **kwargs)
-        if self.shared_input is not None:
-            out = self.shared_input.compute(self, x)
+        group = self.shared_input
+        if group is not None:
+            # Computed by the group's first call, which checked this layer; or computed now for the group.
+            out = group.take(self, x)
+            if out is None:
+                out = group.compute(self, x)
             if out is not None:
                 return out
+        operands = self.fused_operands()
+        if operands is None:
+            return super().forward(x)
         flat, dtype = _compute_input(x)
-        dropout = self.lora_dropout[name]
-        lora_input = None if isinstance(dropout, torch.nn.Identity) else dropout(flat)
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        lora_input = None if operands.dropout is None else operands.dropout(flat)
+        lora_a, lora_b = operands.lora_a, operands.lora_b
         out, = _LoraProducts.apply(flat, lora_input, self.adapter_copies.current(self, [lora_a], [lora_b], dtype),
-                                   (self.scaling[name],), *_base_operands([self], dtype), lora_a, lora_b)
+                                   (operands.scaling,), *_base_operands([operands], dtype), lora_a, lora_b)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
