@@ -119,6 +119,20 @@ def reset_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def timed(fn, iterations: int = 30, warmup: int = 5) -> float:
+    """Milliseconds per call of `fn` on the GPU: CUDA events around `iterations` calls after `warmup` ones."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iterations
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 

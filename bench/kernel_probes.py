@@ -18,21 +18,9 @@ import argparse
 import inspect
 
 import torch
+from common import timed
 
 TOKENS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, RANK = 8192, 2048, 8192, 32, 8, 64, 16
-
-
-def timed(fn, iterations: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iterations):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iterations
 
 
 def example_boundaries(longest: int) -> tuple[torch.Tensor, int]:

@@ -1,13 +1,14 @@
 """One optimizer step of full fine-tuning on Llama-3.2-1B-shaped weights (1.24B, bf16 in the model, fp32 masters;
 CUDA): MasterAdamW's one kernel, reading the bf16 gradients on the model, against the passes it replaces (bf16
 gradients copied into fp32 buffers as the per-weight hook does, the clipping norm, torch's fused AdamW on the fp32
-copies, the bf16 write-back). Times are CUDA-event means over 10 steps after one warm-up.
+copies, the bf16 write-back). Times: bench/common.timed (CUDA events, 30 steps after 5 warm-up ones).
 
   python bench/master_adamw_step.py
 """
 
 import torch
 
+from common import timed
 from weitiao.train.core import set_clipping_factor
 from weitiao.train.master_adamw import MasterAdamW
 from weitiao.train.master_weights import MasterWeights
@@ -24,18 +25,6 @@ def masters_of(fp32_gradients: bool) -> tuple[torch.nn.ParameterList, MasterWeig
     return weights, MasterWeights(weights, fp32_gradients=fp32_gradients)
 
 
-def milliseconds(step, repeats: int = 10) -> float:
-    step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def main() -> None:
     factor = torch.ones((), device="cuda")
     rows = []
@@ -44,9 +33,9 @@ def main() -> None:
     optimizer.grad_scale = factor
     for weight in weights:
         weight.grad = torch.randn_like(weight) * 1e-3
-    rows.append(("MasterAdamW: norm + step", milliseconds(
+    rows.append(("MasterAdamW: norm + step", timed(
         lambda: (set_clipping_factor(factor, masters.gradient_holders, 1.0), optimizer.step()))))
-    rows.append(("MasterAdamW: step", milliseconds(optimizer.step)))
+    rows.append(("MasterAdamW: step", timed(optimizer.step)))
     del weights, masters, optimizer
     torch.cuda.empty_cache()
 
@@ -64,11 +53,11 @@ def main() -> None:
     def norm() -> None:
         set_clipping_factor(factor, masters.gradient_holders, 1.0)
 
-    rows.append(("fp32 path: all four", milliseconds(
+    rows.append(("fp32 path: all four", timed(
         lambda: (copy_gradients(), norm(), optimizer.step(), masters.write_back()))))
     for name, step in (("gradient copies", copy_gradients), ("clipping norm", norm),
                        ("torch fused AdamW", optimizer.step), ("bf16 write-back", masters.write_back)):
-        rows.append((f"fp32 path: {name}", milliseconds(step)))
+        rows.append((f"fp32 path: {name}", timed(step)))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"| {'what':<32} | ms |\n|{'-' * 34}|---:|")
     for name, ms in rows:
