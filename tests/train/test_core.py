@@ -43,3 +43,18 @@ def test_clipping_stays_outside_the_step_where_the_step_cannot_take_it():
     assert clipping_in_the_step(fused, settings(train={"distributed": "zero2"})) is None
     assert clipping_in_the_step(fused, settings(replace(H200, bf16=False), train={"fp16": True})) is None
     assert clipping_in_the_step(fused, settings()) is fused.grad_scale
+
+
+def test_the_clipping_norm_of_bf16_gradients_is_taken_in_fp32():
+    """MasterAdamW reads the bf16 gradients on the model: their norm is summed in fp32 (each tensor's norm rounded to
+    bf16 would be off by up to 0.4%) and written into the fp32 factor."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in (1000, 3000, 7)]
+    for weight in weights:
+        weight.grad = torch.randn(weight.shape, dtype=torch.bfloat16) * 3
+    factor = torch.ones(())
+    norm = set_clipping_factor(factor, weights, max_norm=1.0)
+    expected = torch.cat([weight.grad.double() for weight in weights]).norm()
+    assert norm.dtype == factor.dtype == torch.float32
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert factor.item() == pytest.approx(expected.item() + 1e-6, rel=1e-6)
