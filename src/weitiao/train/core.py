@@ -202,9 +202,8 @@ def clipping_in_the_step(optimizer, settings: Settings) -> torch.Tensor | None:
     """A clipping factor that `optimizer`'s own step divides the gradients by, or None where it cannot. torch's fused
     Adam and AdamW (and MasterAdamW) read a `grad_scale` attribute (the protocol torch's GradScaler uses) inside
     their kernel, which saves clipping's own pass over every gradient (1B full fine-tuning: 3.6 ms of a 134 ms H100
-    step). Not under a
-    sharded engine (DeepSpeed and FSDP clip their own shards) or with fp16's loss scaler (it sets grad_scale
-    itself)."""
+    step). Not under a sharded engine (DeepSpeed and FSDP clip their own shards) or with fp16's loss scaler (it sets
+    grad_scale itself)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     fused = (getattr(inner, "divides_by_grad_scale", False)  # weitiao.train.master_adamw's
              or (isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))

@@ -43,6 +43,7 @@ class Machine:
     cpu_threads: tuple[int, str] | None = None
     """On a CPU: the fastest torch thread count here and why (weitiao.cpu.pick_cpu_threads); None on a GPU."""
     triton_installed: bool = False
+    """Triton importable (weitiao.train.master_adamw's kernel)."""
 
     @classmethod
     def detect(cls, cpu_threads: int | None = None) -> Machine:
