@@ -33,20 +33,44 @@ BLOCK = 4096
 @triton.jit
 def _adamw_step(addresses, tensors, block_tensor, block_start, numels, grad_scale, lr, beta1, beta2, eps,
                 weight_decay, bias_correction1, bias_correction2_sqrt, GRAD_FP32: tl.constexpr,
-                SCALED: tl.constexpr, BLOCK: tl.constexpr):
+                SCALED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0)
     index = tl.load(block_tensor + block)
-    offsets = tl.load(block_start + block) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(numels + index)
-    # addresses holds, for each tensor: the bf16 model weight, the gradient, the fp32 weight, the two moments.
-    weight_at = tl.load(addresses + index).to(tl.pointer_type(tl.bfloat16))
-    if GRAD_FP32:
-        grad_at = tl.load(addresses + tensors + index).to(tl.pointer_type(tl.float32))
+    start = tl.multiple_of(tl.load(block_start + block), BLOCK)
+    numel = tl.load(numels + index)
+    # Every block but a tensor's last is full: without a mask (whose bound the compiler cannot know) and with
+    # 16-byte-aligned addresses, loads and stores are vectorised (the masked form ran at about half the bandwidth).
+    if start + BLOCK <= numel:
+        _adamw_block(addresses, tensors, index, start, numel, grad_scale, lr, beta1, beta2, eps, weight_decay,
+                     bias_correction1, bias_correction2_sqrt, GRAD_FP32, SCALED, ALIGNED, False, BLOCK)
     else:
-        grad_at = tl.load(addresses + tensors + index).to(tl.pointer_type(tl.bfloat16))
-    master_at = tl.load(addresses + 2 * tensors + index).to(tl.pointer_type(tl.float32))
-    exp_avg_at = tl.load(addresses + 3 * tensors + index).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_at = tl.load(addresses + 4 * tensors + index).to(tl.pointer_type(tl.float32))
+        _adamw_block(addresses, tensors, index, start, numel, grad_scale, lr, beta1, beta2, eps, weight_decay,
+                     bias_correction1, bias_correction2_sqrt, GRAD_FP32, SCALED, ALIGNED, True, BLOCK)
+
+
+@triton.jit
+def _address(addresses, at, ALIGNED: tl.constexpr):
+    address = tl.load(addresses + at)
+    if ALIGNED:
+        address = tl.multiple_of(address, 16)
+    return address
+
+
+@triton.jit
+def _adamw_block(addresses, tensors, index, start, numel, grad_scale, lr, beta1, beta2, eps, weight_decay,
+                 bias_correction1, bias_correction2_sqrt, GRAD_FP32: tl.constexpr, SCALED: tl.constexpr,
+                 ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = start + tl.arange(0, BLOCK)
+    mask = offsets < numel if MASKED else None
+    # addresses holds, for each tensor: the bf16 model weight, the gradient, the fp32 weight, the two moments.
+    weight_at = _address(addresses, index, ALIGNED).to(tl.pointer_type(tl.bfloat16))
+    if GRAD_FP32:
+        grad_at = _address(addresses, tensors + index, ALIGNED).to(tl.pointer_type(tl.float32))
+    else:
+        grad_at = _address(addresses, tensors + index, ALIGNED).to(tl.pointer_type(tl.bfloat16))
+    master_at = _address(addresses, 2 * tensors + index, ALIGNED).to(tl.pointer_type(tl.float32))
+    exp_avg_at = _address(addresses, 3 * tensors + index, ALIGNED).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_at = _address(addresses, 4 * tensors + index, ALIGNED).to(tl.pointer_type(tl.float32))
 
     grad = tl.load(grad_at + offsets, mask=mask).to(tl.float32)
     if SCALED:
@@ -115,6 +139,7 @@ class MasterAdamW(torch.optim.Optimizer):
             [weight.data_ptr() for _, weight, _ in entries] + [grad.data_ptr() for _, _, grad in entries]
             + [master.data_ptr() for master, _, _ in entries] + [state["exp_avg"].data_ptr() for state in states]
             + [state["exp_avg_sq"].data_ptr() for state in states], dtype=torch.int64)
+        aligned = bool((addresses % 16 == 0).all())  # torch's allocations are; views into a buffer may not be
         if device.type == "cuda":
             addresses = addresses.pin_memory()  # copied without waiting; the caching host allocator keeps it till then
         block_tensor, block_start, numels = self._block_tables([master.numel() for master, _, _ in entries], device)
@@ -123,7 +148,7 @@ class MasterAdamW(torch.optim.Optimizer):
             addresses.to(device, non_blocking=True), len(entries), block_tensor, block_start, numels,
             scale if scale is not None else numels, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, GRAD_FP32=grad_fp32, SCALED=scale is not None,
-            BLOCK=BLOCK, num_warps=8)
+            ALIGNED=aligned, BLOCK=BLOCK, num_warps=8)
 
     def _block_tables(self, numels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor]:
