@@ -155,9 +155,10 @@ class AdapterCopies:
                 for target, weight in zip(group.targets, group.weights):
                     targets, weights = by_kind.setdefault((weight.device, weight.dtype, target.dtype), ([], []))
                     targets.append(target)
-                    weights.append(weight.detach())
-            for targets, weights in by_kind.values():
-                torch._foreach_copy_(targets, weights)
+                    weights.append(weight)
+            with torch.no_grad():  # not recorded, without a detached view per weight (host time, every step)
+                for targets, weights in by_kind.values():
+                    torch._foreach_copy_(targets, weights)
             for group in stale:
                 group.written_at = group.versions()
         return copies
