@@ -28,7 +28,8 @@ import triton.language as tl
 
 from weitiao.train.master_weights import MasterWeights
 
-BLOCK = 4096
+BLOCK = 4096  # elements a program steps
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -149,7 +150,7 @@ class MasterAdamW(torch.optim.Optimizer):
             addresses.to(device, non_blocking=True), len(entries), block_tensor, block_start, numels,
             scale if scale is not None else numels, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, GRAD_FP32=grad_fp32, SCALED=scale is not None,
-            ALIGNED=aligned, BLOCK=BLOCK, num_warps=8)
+            ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     def _block_tables(self, numels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor]:
