@@ -293,10 +293,12 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
     entropy and layer kernels, the LoRA update in the base product's epilogue); `compile` adds train.torch_compile,
     `ckpt` train.gradient_checkpointing, `offload` train.offload_checkpoints; `scored` / `noscored` set
     train.scored_positions on / off (default: on in eager layers, off in compiled ones); `fp32model` sets
-    train.master_weights: model (full fine-tuning's fp32 weights in the model, cast by autocast)."""
+    train.master_weights: model (full fine-tuning's fp32 weights in the model, cast by autocast); `graphs` /
+    `nographs` set train.cuda_graphs on / off (default: on where it runs: eager LoRA without checkpointing)."""
     scored = True if "scored" in options else False if "noscored" in options else None
+    graphs = True if "graphs" in options else False if "nographs" in options else None
     extra = {"train.torch_compile": "compile" in options, "train.offload_checkpoints": "offload" in options,
-             "train.scored_positions": scored}
+             "train.scored_positions": scored, "train.cuda_graphs": graphs}
     if "fp32model" in options:  # full fine-tuning's fp32 weights in the model (autocast), not in the optimizer
         extra["train.master_weights"] = "model"
     if method == "dpo":  # whole pairs packed into the rows; the same LoRA, loss and reference as TRL's row
@@ -305,6 +307,7 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
     settings = {"packing_length": args.row_tokens, "torch_compile": "compile" in options,
                 "gradient_checkpointing": "ckpt" in options, "offload_checkpoints": "offload" in options,
                 "scored_positions": "default" if scored is None else scored,
+                "cuda_graphs": "default" if graphs is None else graphs,
                 **({"master_weights": "model" if "fp32model" in options else "default"} if method == "full" else {}),
                 "versions": versions("liger-kernel", *(["bitsandbytes"] if method == "qlora" else [])),
                 "source": "weitiao defaults (docs/config.md)"}
@@ -331,8 +334,8 @@ def main() -> None:
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", required=True,
                         help="peer:method[:option,...]; peers: " + ", ".join(PEERS) + "; methods: lora, qlora, full; "
-                             "options: ckpt (activation checkpointing), compile, offload, scored and noscored, "
-                             "fp32model (weitiao), flex / varlen (TRL's attention)")
+                             "options: ckpt (activation checkpointing), compile, offload, scored and noscored, graphs "
+                             "and nographs, fp32model (weitiao), flex / varlen (TRL's attention)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)

@@ -264,7 +264,8 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
             run_baseline(model_dir, data, method, 5, 5, checkpointing, 2048)
             reset_memory()
             return run_baseline(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048)
-        extra = {"train.torch_compile": "compile" in options, "train.fused_lora": "peftlora" not in options}
+        extra = {"train.torch_compile": "compile" in options, "train.fused_lora": "peftlora" not in options,
+                 "train.cuda_graphs": True if "graphs" in options else False if "nographs" in options else None}
         budgets = [int(option[2:]) for option in options if option.startswith("ce") and option[2:].isdigit()]
         if budgets:
             kernels.LOGITS_CHUNK_BUDGET = budgets[0]
@@ -301,7 +302,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
                         help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 12k/16k/... (rows of "
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
-                             "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), ceN "
+                             "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), graphs/"
+                             "nographs (train.cuda_graphs on / off; default: where it runs), ceN "
                              "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
                              "worker processes), fp32model (full fine-tuning's fp32 weights in the model), prof (a "
                              "profile, with the host's idle gaps), kprof (kernel times only: quicker), lag (how far "

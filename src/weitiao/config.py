@@ -450,6 +450,15 @@ class TrainConfig(_Section):
     copies rewritten together once per optimizer step, not cast per call. Same parameters and adapter files.
     Applies to plain LoRA (not DoRA, not quantized bases) in eager layers (with torch_compile, inductor fuses PEFT's
     own forward as well) under ddp and zero2 (zero3 and fsdp gather weights per module and keep PEFT's forward)."""
+    cuda_graphs: bool | None = None
+    """Replay each decoder layer's kernels from CUDA graphs, two per layer around eager attention
+    (weitiao.train.cuda_graphs), so the GPU does not wait for the host to launch them one by one. Runs on fused LoRA
+    layers (method lora with fused_lora; no DoRA, lora.dropout 0), stage sft or pt, packed rows on varlen attention,
+    eager layers without gradient checkpointing, one CUDA GPU, Llama, Qwen2 and Qwen3 models. The same losses and
+    gradients as without (tests/gpu/test_cuda.py). None: on where it runs (1B LoRA on two H200s: 90.9k and 91.5k
+    tokens/s at 12.52 GiB, where the eager layers ran 92.6k on one machine and 66.4k and 87.3k on another, at 12.86
+    GiB; docs/performance.md); true where it cannot run is an error that says why. If the capture fails, training
+    goes on with eager layers and says so."""
     distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp"] = "ddp"
     """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
     full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3

@@ -499,3 +499,116 @@ def test_row_parallel_norm_backward_gives_liger_gradients(columns):
             torch.testing.assert_close(norm.weight.grad, reference[True][1], rtol=0, atol=0)
         else:
             assert norm.weight.grad is None and reference[False][1] is None
+
+
+def _graph_spy(monkeypatch) -> list[tuple[bool, bool]]:
+    """(replayed, failed) of each run's LayerGraphs, read when the run gives the layers back."""
+    from weitiao.train.cuda_graphs import LayerGraphs
+
+    seen = []
+    remove = LayerGraphs.remove
+    monkeypatch.setattr(LayerGraphs, "remove",
+                        lambda self: seen.append((self.graphed is not None, self.failed)) or remove(self))
+    return seen
+
+
+def test_cuda_graphs_give_the_eager_gradients_of_fused_lora_after_optimizer_steps(tokenizer, tmp_path):
+    """Layers replayed from CUDA graphs (weitiao.train.cuda_graphs) give the eager layers' loss and LoRA gradients
+    at the capture and at replays after SGD steps, where the adapter copies the graphs read must have been rewritten
+    (a stale copy would give the first step's gradients again)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_model
+    from weitiao.train.attention import PACKED_VARLEN, VARLEN, register_varlen_attention
+    from weitiao.train.cuda_graphs import LayerGraphs
+    from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
+
+    register_varlen_attention()
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256)
+
+    def lora_model():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=VARLEN)
+        base.set_attn_implementation(PACKED_VARLEN)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                init_lora_weights=False)).cuda().train()
+        fuse_lora_updates(model, enabled=True)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        watch_optimizer(model, optimizer)
+        return model, optimizer
+
+    lengths = [37, 120, 65, 200, 90]
+    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ids = torch.randint(5, 1000, (1, sum(lengths)), device="cuda")
+    row = dict(input_ids=ids, labels=ids, cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
+               max_length_q=max(lengths), max_length_k=max(lengths),
+               position_ids=torch.cat([torch.arange(n, device="cuda") for n in lengths])[None])
+    eager, eager_optimizer = lora_model()
+    graphed, graphed_optimizer = lora_model()
+    graphs = LayerGraphs(graphed.base_model.model.model.layers)
+    for step in range(3):
+        results = []
+        for model, optimizer in ((eager, eager_optimizer), (graphed, graphed_optimizer)):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**row, use_cache=False).loss
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert graphs.replaying and graphs.graphed is not None and not graphs.failed
+        (eager_loss, eager_grads), (graphed_loss, graphed_grads) = results
+        print(f"step {step}: loss eager {eager_loss:.5f}, graphs {graphed_loss:.5f}")
+        assert abs(graphed_loss - eager_loss) < 1e-3 * eager_loss
+        for name, grad in eager_grads.items():
+            error = ((graphed_grads[name].float() - grad.float()).norm() / grad.float().norm()).item()
+            assert error < 2e-2, f"step {step}, {name}: relative error {error:.2e}"
+    graphs.remove()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_cuda_graphs_train_lora_to_the_eager_losses_with_gradient_accumulation(monkeypatch, tmp_path, tokenizer):
+    """The default GPU run of LoRA on packed rows replays its layers from CUDA graphs and logs the losses of eager
+    layers step by step, with two micro-batches a step (whose gradients must add up, not the second twice)."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import run
+
+    seen = _graph_spy(monkeypatch)
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(train__max_steps=6, train__optim="sgd", train__learning_rate=0.5,
+                    train__gradient_accumulation_steps=2, data__packing=True, data__packing_length=512)
+    losses, chosen = {}, {}
+    for name, graphs in (("eager", False), ("graphs", None)):
+        result = run(make_config(tmp_path / name, model_dir, train__cuda_graphs=graphs, **settings))
+        records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [record["loss"] for record in records if "loss" in record]
+        chosen[name] = json.loads((Path(result.output_dir) / "settings.json").read_text())["cuda_graphs"]
+    print(f"losses: {losses}")
+    assert chosen == {"eager": False, "graphs": True} and seen == [(True, False)]
+    assert len(losses["graphs"]) == 6 and losses["graphs"][-1] < losses["graphs"][0] - 0.5
+    for eager_loss, graphs_loss in zip(losses["eager"], losses["graphs"]):
+        assert abs(graphs_loss - eager_loss) < 5e-3 * eager_loss
+
+
+def test_a_failed_cuda_graph_capture_leaves_an_eager_run_and_a_working_generator(monkeypatch, tmp_path, tokenizer,
+                                                                                 capsys):
+    """A capture that fails (here a host sync inside it) is reported by its first error, the run trains on eager
+    layers, and the process's random draws on the GPU still work."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import run
+    from weitiao.train.cuda_graphs import BeforeAttention
+
+    seen = _graph_spy(monkeypatch)
+    forward = BeforeAttention.forward
+    monkeypatch.setattr(BeforeAttention, "forward",  # .item() waits for the GPU: not allowed while capturing
+                        lambda self, hidden, cos, sin: (hidden.sum().item(), forward(self, hidden, cos, sin))[1])
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    result = run(make_config(tmp_path / "run", model_dir, train__max_steps=3, data__packing=True,
+                             data__packing_length=512, train__cuda_graphs=True))
+    printed = capsys.readouterr().out
+    assert seen == [(False, True)] and result.eval_loss < result.eval_loss_before
+    assert "train.cuda_graphs: capturing the layers failed (" in printed and "eager layers" in printed
+    assert torch.rand(4, device="cuda").isfinite().all()
+    assert torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5).sum() > 0

@@ -145,3 +145,27 @@ def test_scored_positions_are_asked_for_and_apply_to_packed_sft_rows_with_liger(
     assert settings(train={"scored_positions": True}, data={"packing": False}).scored_positions is False
     assert settings(train={"scored_positions": True, "distributed": "zero3"}).scored_positions is False
     assert settings(architecture=MistralConfig(), train={"scored_positions": True}).scored_positions is False
+
+
+def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_asked_and_they_cannot():
+    """On by default for fused LoRA on packed varlen rows on one GPU; each missing condition turns it off, and named
+    in the error where it was asked for."""
+    from transformers import Qwen3Config
+
+    assert settings().cuda_graphs
+    assert settings(architecture=Qwen3Config(num_hidden_layers=2), stage="pt").cuda_graphs
+    assert not settings(train={"cuda_graphs": False}).cuda_graphs
+    blocked = {"a CUDA GPU": dict(machine=CPU), "one process": dict(machine=replace(H200, processes=2)),
+               "packed rows on varlen attention": dict(model={"attn_implementation": "flex_attention"}),
+               "eager layers": dict(train={"torch_compile": True}),
+               "no gradient checkpointing": dict(train={"gradient_checkpointing": True}),
+               "fused LoRA layers": dict(lora={"use_dora": True}),
+               "lora.dropout 0": dict(lora={"dropout": 0.05}),
+               "stage sft or pt": dict(stage="dpo"),
+               "this one is mistral": dict(architecture=MistralConfig(num_hidden_layers=2))}
+    for missing, overrides in blocked.items():
+        assert not settings(**overrides).cuda_graphs, missing
+        asked = {**overrides, "train": {**overrides.get("train", {}), "cuda_graphs": True}}
+        with pytest.raises(ConfigError, match=f"train.cuda_graphs needs .*{missing}"):
+            settings(**asked)
+    assert not settings(method="full").cuda_graphs and not settings(method="ia3").cuda_graphs

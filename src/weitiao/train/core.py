@@ -28,6 +28,7 @@ from weitiao.models import load_model
 from weitiao.runs import RunFolder
 from weitiao.train import kernels
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, packed_rows_block_mask
+from weitiao.train.cuda_graphs import LayerGraphs
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
 from weitiao.train.master_weights import MasterWeights
@@ -310,6 +311,16 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
         self.clipping_factor = clipping_in_the_step(self.optimizer, settings) if self.args.max_grad_norm > 0 else None
+        self.layer_graphs = (LayerGraphs(decoder_layers(accelerator.unwrap_model(self.model))[1])
+                             if settings.cuda_graphs else None)
+        # A replayed layer returns its weights' gradients in its graph's buffers, which the first backward pass after
+        # zero_grad(set_to_none) takes as the weights' .grad, and the next replay overwrites: a window of several
+        # micro-batches would sum the last one's twice. Gradients that stay allocated are added to instead.
+        self.gradients_kept = settings.cuda_graphs and self.args.gradient_accumulation_steps > 1
+        if self.gradients_kept:
+            for parameter in self.clipped_parameters:
+                if parameter.requires_grad:
+                    parameter.grad = torch.zeros_like(parameter)
 
     def _schedule(self) -> tuple[int, int | None]:
         """Optimizer steps in all, and batches per epoch on this process (None for a stream)."""
@@ -424,7 +435,7 @@ class Trainer:
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:
                     self.grad_norm = self._clip_gradients()
                 self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=not self.gradients_kept)
         self.scheduler.step()
         self.state.global_step += 1
         self.state.batches_done_in_epoch += len(window)
@@ -510,6 +521,8 @@ class Trainer:
         the run's summary; return the trained model, on PEFT's own code and the attention for padded batches."""
         accelerator, on_gpu = self.accelerator, self.settings.on_gpu
         accelerator.wait_for_everyone()
+        if self.layer_graphs is not None:
+            self.layer_graphs.remove()
         fuse_lora_updates(self.model, enabled=False)
         unwrapped = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if self.settings.torch_compile and self.settings.offload_checkpoints:  # layers compiled in place (offload.py)

@@ -149,19 +149,24 @@ class AdapterCopies:
         if copies is None or any(mine is not weight for mine, weight in zip(copies.weights, [*lora_as, *lora_bs])):
             copies = self._groups[owner, dtype] = _Copies(lora_as, lora_bs, dtype)  # new, or another adapter's
         if copies.written_at != copies.versions():
-            stale = [group for group in self._groups.values() if group.written_at != group.versions()]
-            by_kind: dict[tuple, tuple[list, list]] = {}  # one multi-tensor copy per device and pair of dtypes
-            for group in stale:
-                for target, weight in zip(group.targets, group.weights):
-                    targets, weights = by_kind.setdefault((weight.device, weight.dtype, target.dtype), ([], []))
-                    targets.append(target)
-                    weights.append(weight)
-            with torch.no_grad():  # not recorded, without a detached view per weight (host time, every step)
-                for targets, weights in by_kind.values():
-                    torch._foreach_copy_(targets, weights)
-            for group in stale:
-                group.written_at = group.versions()
+            self.refresh()
         return copies
+
+    def refresh(self) -> None:
+        """Rewrite every out-of-date copy. A layer replayed from a CUDA graph (weitiao.train.cuda_graphs) reads the
+        copies its capture saw and never calls `current`: its caller refreshes them before each replay."""
+        stale = [group for group in self._groups.values() if group.written_at != group.versions()]
+        by_kind: dict[tuple, tuple[list, list]] = {}  # one multi-tensor copy per device and pair of dtypes
+        for group in stale:
+            for target, weight in zip(group.targets, group.weights):
+                targets, weights = by_kind.setdefault((weight.device, weight.dtype, target.dtype), ([], []))
+                targets.append(target)
+                weights.append(weight)
+        with torch.no_grad():  # not recorded, without a detached view per weight (host time, every step)
+            for targets, weights in by_kind.values():
+                torch._foreach_copy_(targets, weights)
+        for group in stale:
+            group.written_at = group.versions()
 
 
 class SharedInput:

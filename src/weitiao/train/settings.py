@@ -20,6 +20,7 @@ from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import ConfigError
 from weitiao.train import kernels
 from weitiao.train.attention import PACKED_VARLEN, VARLEN, has_varlen_flash_attention, packed_row_attention
+from weitiao.train.cuda_graphs import GRAPHED_MODEL_TYPES
 
 # The attention that padded batches (evaluation, the returned model) get instead of the one for packed training rows.
 # Inductor's flex kernels found no configuration for some padded shapes (8 rows of 96 tokens, 64-dimension heads,
@@ -94,6 +95,8 @@ class Settings:
     through the output layer and the fused loss (weitiao.train.kernels.SCORED_POSITIONS_MODEL_TYPES)."""
     fused_lora: bool
     """The LoRA update inside the base layer's product (weitiao.train.fused_lora)."""
+    cuda_graphs: bool
+    """Decoder layers replayed from CUDA graphs (weitiao.train.cuda_graphs)."""
     torch_compile: bool
     offload_checkpoints: bool
     """Checkpointed layer inputs kept in pinned CPU memory (weitiao.train.offload)."""
@@ -139,6 +142,10 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
     liger = (_liger(args.liger, machine, getattr(model_config, "model_type", None))
              and (fused_cross_entropy or not args.torch_compile))  # else nothing of Liger's would be used
     master_weights = _master_weights(config, machine, precision, distributed)
+    # Eager layers only: inductor already fuses PEFT's scale and add into the neighbouring kernels (compiled 1B
+    # LoRA: 75.8k tokens/s with PEFT's forward, 73.7k with this one); zero3 and fsdp gather B only in its own forward.
+    fused_lora = (args.fused_lora and method.fused_lora and not config.lora.use_dora and not args.torch_compile
+                  and distributed in ("ddp", "zero2"))
     weights = ("bfloat16" if master_weights == "optimizer"
                else "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype)
     if weights == "auto":
@@ -158,11 +165,8 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
                           and liger and fused_cross_entropy and packing
                           and config.stage == "sft"
                           and kernels.liger_scores_positions(getattr(model_config, "model_type", None))),
-        # Eager layers only: inductor already fuses PEFT's scale and add into the neighbouring kernels (compiled 1B
-        # LoRA: 75.8k tokens/s with PEFT's forward, 73.7k with this one); zero3 and fsdp gather B only in its own
-        # forward.
-        fused_lora=(args.fused_lora and method.fused_lora and not config.lora.use_dora and not args.torch_compile
-                    and distributed in ("ddp", "zero2")),
+        fused_lora=fused_lora,
+        cuda_graphs=_cuda_graphs(config, machine, model_config, attention, fused_lora),
         torch_compile=args.torch_compile,
         offload_checkpoints=(args.offload_checkpoints if args.offload_checkpoints is not None else
                              args.gradient_checkpointing and machine.cuda and machine.processes == 1
@@ -248,6 +252,32 @@ def _attention(config: Config, machine: Machine, model_config: Any, packing: boo
                      if packing and machine.cuda else "sdpa")
     # The rows carry their example boundaries: no mask, no search for them (attention.py).
     return PACKED_VARLEN if packing and attention == VARLEN else attention
+
+
+def _cuda_graphs(config: Config, machine: Machine, model_config: Any, attention: str, fused_lora: bool) -> bool:
+    """Layers replayed from CUDA graphs where they run (weitiao.train.cuda_graphs); asked for where they cannot, an
+    error naming what is missing."""
+    args = config.train
+    if args.cuda_graphs is False:
+        return False
+    model_type = getattr(model_config, "model_type", None)
+    missing = [needed for needed, absent in (
+        ("a CUDA GPU", not machine.cuda),
+        ("one process", machine.processes > 1),
+        ("packed rows on varlen attention", attention != PACKED_VARLEN),
+        ("eager layers (no torch_compile)", args.torch_compile),
+        ("no gradient checkpointing", args.gradient_checkpointing),
+        ("fused LoRA layers (method lora with train.fused_lora, no DoRA)", not fused_lora),
+        ("lora.dropout 0 (a graph replays the same random draws)", config.lora.dropout > 0),
+        ("no attention dropout", bool(getattr(model_config, "attention_dropout", 0.0))),
+        ("stage sft or pt", config.stage not in ("sft", "pt")),
+        (f"a {', '.join(GRAPHED_MODEL_TYPES)} model (this one is {model_type})",
+         model_type not in GRAPHED_MODEL_TYPES),
+    ) if absent]
+    if missing and args.cuda_graphs:
+        raise ConfigError("train.cuda_graphs needs " + "; ".join(missing) + ": set it to false, or leave it unset to "
+                          "use graphs where they run")
+    return not missing
 
 
 def _liger(wanted: bool | None, machine: Machine, model_type: str | None) -> bool:
