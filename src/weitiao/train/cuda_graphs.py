@@ -177,8 +177,8 @@ class LayerGraphs:
         """Each piece's capture arguments: of this forward's shapes and dtypes, requiring gradients where the real
         ones will (make_graphed_callables captures a gradient for exactly those). A piece's arguments become the
         graph's input buffers, which each replay copies its inputs into."""
-        # One eager call of the first piece: the shapes and dtype of attention's input, and the adapter copies made
-        # before the capture (a copy allocated inside it would live in the graphs' pool).
+        # One eager call of the first piece: the shapes and dtype of attention's input. (The fused layers make their
+        # adapter copies in make_graphed_callables' warm-up calls, before its capture.)
         with torch.no_grad():
             query, _, value = self.pieces[0][0](hidden_states, *position_embeddings)
         batch, heads, length, head_dim = query.shape
