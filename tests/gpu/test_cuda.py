@@ -4,7 +4,8 @@ through the device tool; their output is kept in bench/results/logs (run9-gpu-te
 run14-varlen-gpu-tests-h200.log: the varlen ones; the end of run15-fused-lora-and-chunks-1b.log: the fused LoRA one,
 in an earlier form that also fused in compiled layers; run31-offload-h200.log: the offload one;
 run35-gpu-preference-h200.log: the preference stages, after run32's had found a stride-0 sequence index that the
-loader could not pin) and quoted in docs/performance.md and docs/alignment.md."""
+loader could not pin; cuda-graphs/run77-gputest.log and run78-gputest.log: the CUDA graph tests and the runs that
+have graphs on by default) and quoted in docs/performance.md and docs/alignment.md."""
 
 import copy
 import importlib.util
