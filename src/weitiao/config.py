@@ -455,10 +455,10 @@ class TrainConfig(_Section):
     (weitiao.train.cuda_graphs), so the GPU does not wait for the host to launch them one by one. Runs on fused LoRA
     layers (method lora with fused_lora; no DoRA, lora.dropout 0), stage sft or pt, packed rows on varlen attention,
     eager layers without gradient checkpointing, one CUDA GPU, Llama, Qwen2 and Qwen3 models. The same losses and
-    gradients as without (tests/gpu/test_cuda.py). None: on where it runs (1B LoRA on two H200s: 90.9k and 91.5k
-    tokens/s at 12.52 GiB, where the eager layers ran 92.6k on one machine and 66.4k and 87.3k on another, at 12.86
-    GiB; docs/performance.md); true where it cannot run is an error that says why. If the capture fails, training
-    goes on with eager layers and says so."""
+    gradients as without (tests/gpu/test_cuda.py). None: on where it runs: the same speed in every process (1B LoRA
+    on H200s: 90.9k-91.5k tokens/s at 12.52 GiB), where eager layers ran 91.8k-92.6k at 12.86 GiB on fast hosts and
+    65.6k-87.3k on hosts that pace them (docs/performance.md); true where it cannot run is an error that says why.
+    If the capture fails, training goes on with eager layers and says so."""
     distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp"] = "ddp"
     """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
     full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3
