@@ -171,6 +171,9 @@ class LayerGraphs:
                   "training goes on with eager layers", flush=True)
             return
         self.graphed = list(zip(graphed[0::2], graphed[1::2]))
+        # The capture made the trained weights' gradient accumulators on its own stream, and autograd warns at the
+        # first replay that they differ from the default stream's (a wait between the streams, in the speeds measured).
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
 
     def _sample_arguments(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
                           ) -> tuple[tuple[torch.Tensor, ...], ...]:
