@@ -1,8 +1,7 @@
 """Kernel-level probes on one GPU, for choices inside the 1B LoRA step (docs/performance.md, run53):
 
-- attention: FlashAttention 2 varlen (what training uses) against cuDNN's ragged attention
-  (`aten._cudnn_attention_forward/backward` with example boundaries; k/v heads repeated, cuDNN has no GQA there),
-  forward and forward+backward time and the largest difference from FlashAttention;
+- attention: FlashAttention 2 varlen (what training uses by default) against FlashAttention 4's varlen kernels
+  (package flash-attn-4) where installed, forward and forward+backward time and the largest difference;
 - wide: the gate/up (or q/k/v) LoRA layers of one input as the fused path computes them (the rank-r product written
   first, the base product adding itself in its epilogue) against one product per output over [x | x A^T] and
   [W | scaling B] (branch wide-gate-up);
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 
 import torch
 from common import timed
@@ -23,66 +23,73 @@ from common import timed
 TOKENS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, RANK = 8192, 2048, 8192, 32, 8, 64, 16
 
 
-def example_boundaries(longest: int) -> tuple[torch.Tensor, int]:
+def example_boundaries(lengths_from: str) -> tuple[torch.Tensor, int]:
+    """Boundaries of examples filling one row of TOKENS: `uniform-N` draws lengths uniformly from 64..N, `data`
+    as bench/common.py's synthetic SFT data (lognormal, median 300, sigma 0.8, clipped to 32..2048)."""
     generator = torch.Generator().manual_seed(1)
     lengths: list[int] = []
     while sum(lengths) < TOKENS:
-        lengths.append(int(torch.randint(64, longest, (1,), generator=generator)))
+        if lengths_from == "data":
+            draw = float(torch.randn((1,), generator=generator)) * 0.8 + math.log(300)
+            lengths.append(int(min(2048, max(32, math.exp(draw)))))
+        else:
+            lengths.append(int(torch.randint(64, int(lengths_from.split("-")[1]), (1,), generator=generator)))
     lengths[-1] -= sum(lengths) - TOKENS
     return torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32), max(lengths)
 
 
 def probe_attention() -> None:
+    """FlashAttention 2 varlen (torch's, what training uses by default) against FlashAttention 4's varlen kernels
+    (`flash_attn.cute`, package flash-attn-4, Hopper and Blackwell) where it is installed. run53 measured cuDNN's
+    ragged attention here: unusable in torch 2.11 (docs/performance.md)."""
     from torch.nn.attention.varlen import varlen_attn
 
     parameters = inspect.signature(varlen_attn).parameters
     options = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
     if "enable_gqa" in parameters:
         options["enable_gqa"] = True
-    print(f"attention ({TOKENS} tokens, {HEADS} q / {KV_HEADS} kv heads of {HEAD_DIM}; cuDNN "
-          f"{torch.backends.cudnn.version()})")
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+        from importlib.metadata import version
+        fa4 = f"flash-attn-4 {version('flash-attn-4')}"
+    except ImportError as error:
+        flash_attn_varlen_func, fa4 = None, f"flash-attn-4 not importable ({error})"
+    print(f"attention ({TOKENS} tokens, {HEADS} q / {KV_HEADS} kv heads of {HEAD_DIM}; {fa4})")
     print(f"{'examples':28s} {'kernel':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}  largest difference (out, dq, dk, dv)")
-    for longest in (1500, 4096):
-        _attention_case(varlen_attn, options, *example_boundaries(longest))
+    for lengths_from in ("data", "uniform-1500", "uniform-4096"):
+        _attention_case(varlen_attn, options, flash_attn_varlen_func, *example_boundaries(lengths_from))
 
 
-def _attention_case(varlen_attn, options: dict, boundaries: torch.Tensor, longest_example: int) -> None:
+def _attention_case(varlen_attn, options: dict, fa4_varlen, boundaries: torch.Tensor, longest_example: int) -> None:
     q = torch.randn(TOKENS, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(TOKENS, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     grad = torch.randn_like(q)
 
-    def flash(backward: bool = True):
+    def gradients(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    def flash2(backward: bool = True):
         out = varlen_attn(q, k, v, boundaries, boundaries, longest_example, longest_example, **options)
-        if backward:
-            out.backward(grad)
-        return out
+        return gradients(out) if backward else out
 
-    reference = flash().detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()
+    def flash4(backward: bool = True):
+        out = fa4_varlen(q, k, v, cu_seqlens_q=boundaries, cu_seqlens_k=boundaries, max_seqlen_q=longest_example,
+                         max_seqlen_k=longest_example, causal=True)[0]
+        return gradients(out) if backward else out
+
     label = f"{len(boundaries) - 1} up to {longest_example} tokens"
-    print(f"{label:28s} {'FA2 varlen':14s} {timed(lambda: flash(False)):8.3f} {timed(flash):11.3f}")
-    repeat = HEADS // KV_HEADS
-
-    def cudnn(backward: bool = True):
-        keys, values = (t.detach().repeat_interleave(repeat, dim=1) for t in (k, v))
-        result = torch.ops.aten._cudnn_attention_forward(
-            q.detach(), keys, values, None, boundaries, boundaries, longest_example, longest_example, True, 0.0,
-            True, False, scale=HEAD_DIM ** -0.5)
-        if not backward:
-            return result[0]
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad, q.detach(), keys, values, result[0], result[1], result[6], result[7], None, boundaries,
-            boundaries, longest_example, longest_example, 0.0, True, scale=HEAD_DIM ** -0.5)
-        return (result[0], dq, dk.view(TOKENS, KV_HEADS, repeat, HEAD_DIM).sum(2),
-                dv.view(TOKENS, KV_HEADS, repeat, HEAD_DIM).sum(2))
-
+    reference = flash2()
+    print(f"{label:28s} {'FA2 varlen':14s} {timed(lambda: flash2(False)):8.3f} {timed(flash2):11.3f}")
+    if fa4_varlen is None:
+        return
     try:
         differences = ", ".join(f"{(a.float() - b.float()).abs().max().item():.3g}"
-                                for a, b in zip(cudnn(), reference))
-        print(f"{'':28s} {'cuDNN ragged':14s} {timed(lambda: cudnn(False)):8.3f} {timed(cudnn):11.3f}  "
+                                for a, b in zip(flash4(), reference))
+        print(f"{'':28s} {'FA4 varlen':14s} {timed(lambda: flash4(False)):8.3f} {timed(flash4):11.3f}  "
               f"{differences}")
-    except RuntimeError as error:
-        print(f"{'':28s} {'cuDNN ragged':14s} failed: {str(error).splitlines()[0][:120]}")
+    except Exception as error:  # a probe reports any failure of the new kernel and goes on
+        print(f"{'':28s} {'FA4 varlen':14s} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
 
 
 def probe_wide() -> None:

@@ -42,6 +42,10 @@ class ModelConfig(_Section):
     """e.g. sdpa, eager, flex_attention, varlen (packed rows on PyTorch's variable-length FlashAttention: CUDA
     compute capability 8.0+, bf16/fp16). None: for packed training rows on a GPU varlen, or flex_attention with
     train.torch_compile (or where varlen cannot run); otherwise transformers' choice."""
+    varlen_kernel: Literal["torch", "flash_attn_4"] | None = None
+    """Kernels of varlen attention on packed training rows: torch (PyTorch's FlashAttention 2) or flash_attn_4
+    (FlashAttention 4's CuTe kernels: pip install flash-attn-4; compute capability 9.0+, e.g. H100, H200, B200).
+    None: flash_attn_4 where it is installed and runs, else torch."""
     adapter: str | None = None
     """A LoRA adapter (a weitiao run folder) trained on name_or_path to keep training, e.g. SFT after continued
     pre-training. Its rank, targets and modules_to_save are the adapter's own (the lora section is not used)."""

@@ -72,6 +72,66 @@ def test_varlen_flash_attention_packing_equals_padded_batches(tiny_model_dir):
     assert worst < 3e-2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn-4")
+def test_flash_attention_4_gives_the_outputs_and_gradients_of_torch_varlen():
+    """model.varlen_kernel flash_attn_4 on one packed row (examples of 1 to 700 tokens, grouped-query heads): each
+    kernel's bf16 output and q/k/v gradients lie as close to an fp32 per-example reference as the other's."""
+    from weitiao.train.attention import FLASH_ATTN_4, TORCH_FLASH, has_flash_attn_4, varlen_attention_forward
+
+    if not has_flash_attn_4(torch.device("cuda")):
+        pytest.skip("flash-attn-4's backward needs compute capability 9.0 or later")
+    generator = torch.Generator("cuda").manual_seed(0)
+    lengths = [700, 1, 129, 64, 300, 2, 500, 352]
+    boundaries = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    total, heads, kv_heads, dim = sum(lengths), 8, 2, 64
+    q, k, v = (torch.randn(1, h, total, dim, device="cuda", generator=generator) for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(1, total, heads, dim, device="cuda", generator=generator)
+
+    def attention(kernel: str | None, dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        if kernel is None:  # fp32 reference, example by example
+            flat = [t.transpose(1, 2).reshape(total, t.shape[1], dim) for t in inputs]
+            out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in flat), is_causal=True, enable_gqa=True).transpose(0, 1)
+                for a, b in zip(boundaries[:-1].tolist(), boundaries[1:].tolist())]).view(1, total, heads, dim)
+        else:
+            out, _ = varlen_attention_forward(torch.nn.Module(), *inputs, None, scaling=dim ** -0.5, kernel=kernel,
+                                              cu_seq_lens_q=boundaries, max_length_q=max(lengths))
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))]
+
+    reference = attention(None, torch.float32)
+    errors = {kernel: [((a - b).norm() / b.norm()).item() for a, b in zip(attention(kernel, torch.bfloat16), reference)]
+              for kernel in (TORCH_FLASH, FLASH_ATTN_4)}
+    print("relative error against fp32 (out, dq, dk, dv): " +
+          "; ".join(f"{kernel} " + ", ".join(f"{e:.2e}" for e in errs) for kernel, errs in errors.items()))
+    for fa2, fa4 in zip(errors[TORCH_FLASH], errors[FLASH_ATTN_4]):
+        assert fa4 < max(2 * fa2, 1e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn-4")
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_flash_attention_4_trains_lora_to_the_losses_of_torch_varlen(tmp_path, tokenizer):
+    """The same LoRA run on packed rows (CUDA graphs on, the default) with each varlen kernel: the same losses."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.runs import RunFolder
+    from weitiao.train import run
+    from weitiao.train.attention import has_flash_attn_4
+
+    if not has_flash_attn_4(torch.device("cuda")):
+        pytest.skip("flash-attn-4's backward needs compute capability 9.0 or later")
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    options = dict(train__max_steps=6, train__bf16=True, train__optim="sgd", train__learning_rate=0.5,
+                   data__packing=True, data__packing_length=512)
+    results = {kernel: run(make_config(tmp_path / kernel, model_dir, model__varlen_kernel=kernel, **options))
+               for kernel in ("torch", "flash_attn_4")}
+    for kernel, result in results.items():
+        assert RunFolder(result.output_dir).settings()["varlen_kernel"] == kernel
+    losses = {kernel: result.eval_loss for kernel, result in results.items()}
+    print("eval loss: " + ", ".join(f"{kernel} {loss:.5f}" for kernel, loss in losses.items()))
+    assert abs(losses["flash_attn_4"] - losses["torch"]) < 1e-2
+
+
 def test_varlen_model_keeps_the_rows_of_an_unpadded_batch_apart(tiny_model_dir):
     """Evaluation batches of rows cut at max_length carry no mask: FlashAttention must see one sequence per row."""
     from weitiao.data.collate import PadCollator

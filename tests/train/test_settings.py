@@ -169,3 +169,16 @@ def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_a
         with pytest.raises(ConfigError, match=f"train.cuda_graphs needs .*{missing}"):
             settings(**asked)
     assert not settings(method="full").cuda_graphs and not settings(method="ia3").cuda_graphs
+
+
+def test_varlen_attention_runs_on_flash_attention_4_where_it_is_installed_and_refuses_it_where_not():
+    """model.varlen_kernel: flash_attn_4 where the package runs on this GPU, else torch's FlashAttention; asked for
+    where it cannot run, an error saying what to install; no kernel where the rows are not on varlen."""
+    with_fa4 = replace(H200, flash_attn_4=True)
+    assert settings(with_fa4).varlen_kernel == "flash_attn_4"
+    assert settings().varlen_kernel == "torch"
+    assert settings(with_fa4, model={"varlen_kernel": "torch"}).varlen_kernel == "torch"
+    assert settings(with_fa4, model={"attn_implementation": "flex_attention"}).varlen_kernel is None
+    assert settings(CPU).varlen_kernel is None
+    with pytest.raises(ConfigError, match="flash_attn_4 needs the flash-attn-4 package"):
+        settings(model={"varlen_kernel": "flash_attn_4"})

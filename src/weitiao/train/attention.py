@@ -18,6 +18,7 @@ reason (`packed_rows_block_mask`)."""
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 
 VARLEN = "varlen"
 PACKED_VARLEN = "varlen_packed_rows"  # packed training rows only: never a padded batch (see the module docstring)
+# Kernels of varlen attention on a GPU: PyTorch's FlashAttention 2, or FlashAttention 4's CuTe kernels (package
+# flash-attn-4; their backward runs on Hopper and Blackwell).
+TORCH_FLASH, FLASH_ATTN_4 = "torch", "flash_attn_4"
 # Keyword arguments that make torch's varlen_attn causal and grouped-query, found once: torch 2.10 took
 # is_causal=True, later versions take window_size=(-1, 0) and need enable_gqa=True for fewer key/value heads.
 _flash_options: dict[str, Any] = {}
@@ -40,6 +44,18 @@ def has_varlen_flash_attention(device: torch.device | None = None) -> bool:
     return device is None or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
+def has_flash_attn_4(device: torch.device | None = None) -> bool:
+    """Whether flash-attn-4 is installed and, given a device, whether its forward and backward run there (compute
+    capability 9.0 or later: H100, H200, B200)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except ModuleNotFoundError:  # no flash_attn package at all
+        found = False
+    return found and (device is None or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9))
+
+
 def packed_row_attention(config: Any, varlen_runs: bool, compiled: bool) -> str:
     """The attention for packed training rows when the config names none: varlen where it runs (`varlen_runs`: a
     recent GPU, bf16/fp16) and the model uses plain causal attention; flex attention in compiled layers, whose code
@@ -52,8 +68,9 @@ def packed_row_attention(config: Any, varlen_runs: bool, compiled: bool) -> str:
     return "flex_attention"
 
 
-def register_varlen_attention() -> None:
-    """Make `attn_implementation="varlen"` known to transformers (idempotent)."""
+def register_varlen_attention(packed_row_kernel: str = TORCH_FLASH) -> None:
+    """Make `attn_implementation="varlen"` known to transformers (idempotent); packed training rows
+    (`PACKED_VARLEN`) run on `packed_row_kernel` (TORCH_FLASH or FLASH_ATTN_4)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -65,7 +82,7 @@ def register_varlen_attention() -> None:
         if "enable_gqa" in parameters:
             _flash_options["enable_gqa"] = True
     AttentionInterface.register(VARLEN, varlen_attention_forward)
-    AttentionInterface.register(PACKED_VARLEN, varlen_attention_forward)
+    AttentionInterface.register(PACKED_VARLEN, partial(varlen_attention_forward, kernel=packed_row_kernel))
     AttentionMaskInterface.register(VARLEN, _padding_mask_only)
 
 
@@ -90,9 +107,11 @@ def _padding_mask_only(**kwargs) -> torch.Tensor | None:
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                             scaling: float | None = None, kernel: str = TORCH_FLASH,
+                             **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (B, Hq, T, D), key/value (B, Hkv, T, D); returns the
-    output as (B, T, Hq, D). `cu_seq_lens_q` holds the example boundaries over the B*T tokens of the batch."""
+    output as (B, T, Hq, D). `cu_seq_lens_q` holds the example boundaries over the B*T tokens of the batch; on a GPU
+    `kernel` computes it (TORCH_FLASH or FLASH_ATTN_4)."""
     batch, heads, length, dim = query.shape
     boundaries = kwargs.get("cu_seq_lens_q")
     positions = kwargs.get("position_ids")
@@ -116,13 +135,20 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                          "or logit soft-capping; set model.attn_implementation: flex_attention for this model")
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
     if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
         # Under autocast with fp32 weights (full fine-tuning), RoPE leaves q and k in fp32 while v comes out of a
         # bf16 matmul: FlashAttention takes one 16-bit dtype.
         q, k, v = (t.to(value.dtype) for t in flat)
         longest = kwargs.get("max_length_q") or int(boundaries.diff().max())
-        output = varlen_attn(q, k, v, boundaries, boundaries, longest, longest, scale=scaling, **_flash_options)
+        if kernel == FLASH_ATTN_4:
+            from flash_attn.cute import flash_attn_varlen_func
+
+            output = flash_attn_varlen_func(q, k, v, cu_seqlens_q=boundaries, cu_seqlens_k=boundaries,
+                                            max_seqlen_q=longest, max_seqlen_k=longest, softmax_scale=scaling,
+                                            causal=True)[0]
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+
+            output = varlen_attn(q, k, v, boundaries, boundaries, longest, longest, scale=scaling, **_flash_options)
     else:
         output = _per_example_sdpa(*flat, boundaries.tolist(), scaling)
     return output.view(batch, length, heads, dim), None

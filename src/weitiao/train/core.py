@@ -27,7 +27,8 @@ from weitiao.eval.loss import evaluate_loss
 from weitiao.models import load_model
 from weitiao.runs import RunFolder
 from weitiao.train import kernels
-from weitiao.train.attention import PACKED_VARLEN, VARLEN, packed_rows_block_mask
+from weitiao.train.attention import (PACKED_VARLEN, TORCH_FLASH, VARLEN, packed_rows_block_mask,
+                                     register_varlen_attention)
 from weitiao.train.cuda_graphs import LayerGraphs
 from weitiao.train.distributed import engine_plugins
 from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
@@ -135,6 +136,7 @@ def load_model_for_training(config: Config, settings: Settings, accelerator) -> 
         dtype=getattr(torch, settings.weights_dtype), quantization=quantization_config(config),
         device_map={"": accelerator.device}, reward_head=config.stage == "rm")
     if settings.attention != loaded_with:
+        register_varlen_attention(settings.varlen_kernel or TORCH_FLASH)
         model.set_attn_implementation(settings.attention)
     return model, tokenizer, base_path
 

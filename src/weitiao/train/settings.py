@@ -19,7 +19,8 @@ from weitiao.config import Config
 from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import ConfigError
 from weitiao.train import kernels
-from weitiao.train.attention import PACKED_VARLEN, VARLEN, has_varlen_flash_attention, packed_row_attention
+from weitiao.train.attention import (FLASH_ATTN_4, PACKED_VARLEN, TORCH_FLASH, VARLEN, has_flash_attn_4,
+                                     has_varlen_flash_attention, packed_row_attention)
 from weitiao.train.cuda_graphs import GRAPHED_MODEL_TYPES
 
 # The attention that padded batches (evaluation, the returned model) get instead of the one for packed training rows.
@@ -45,6 +46,8 @@ class Machine:
     """On a CPU: the fastest torch thread count here and why (weitiao.cpu.pick_cpu_threads); None on a GPU."""
     triton_installed: bool = False
     """Triton importable (weitiao.train.master_adamw's kernel)."""
+    flash_attn_4: bool = False
+    """flash-attn-4 installed and its kernels run here (attention.has_flash_attn_4)."""
 
     @classmethod
     def detect(cls, cpu_threads: int | None = None) -> Machine:
@@ -57,7 +60,8 @@ class Machine:
         return cls(cuda=cuda, device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
                    bf16=cuda and torch.cuda.is_bf16_supported(), varlen_flash=has_varlen_flash_attention(device),
                    liger_installed=importlib.util.find_spec("liger_kernel") is not None, processes=processes,
-                   cpu_threads=threads, triton_installed=importlib.util.find_spec("triton") is not None)
+                   cpu_threads=threads, triton_installed=importlib.util.find_spec("triton") is not None,
+                   flash_attn_4=cuda and has_flash_attn_4(device))
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Settings:
     packing: bool
     attention: str
     """Attention of the training forward (varlen_packed_rows: varlen on the collator's example boundaries)."""
+    varlen_kernel: str | None
+    """Kernels of varlen attention on packed rows on a GPU: torch or flash_attn_4; None without them."""
     eval_attention: str
     """Attention of padded batches: evaluation and the returned model."""
     liger: bool
@@ -155,7 +161,7 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         weights_dtype=weights, master_weights=master_weights,
         fused_master_step=(master_weights == "optimizer" and machine.cuda and machine.triton_installed
                            and args.optim == "adamw_torch"),
-        packing=packing, attention=attention,
+        packing=packing, attention=attention, varlen_kernel=_varlen_kernel(config, machine, attention),
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
@@ -252,6 +258,19 @@ def _attention(config: Config, machine: Machine, model_config: Any, packing: boo
                      if packing and machine.cuda else "sdpa")
     # The rows carry their example boundaries: no mask, no search for them (attention.py).
     return PACKED_VARLEN if packing and attention == VARLEN else attention
+
+
+def _varlen_kernel(config: Config, machine: Machine, attention: str) -> str | None:
+    """The kernels of varlen attention on packed rows (model.varlen_kernel): flash_attn_4 where it runs unless set to
+    torch; asked for where it cannot run, an error."""
+    wanted = config.model.varlen_kernel
+    if wanted == FLASH_ATTN_4 and not machine.flash_attn_4:
+        raise ConfigError("model.varlen_kernel: flash_attn_4 needs the flash-attn-4 package (pip install "
+                          "flash-attn-4) and a GPU of compute capability 9.0 or later; set it to torch or leave it "
+                          "unset")
+    if attention != PACKED_VARLEN or not machine.cuda:
+        return None
+    return wanted or (FLASH_ATTN_4 if machine.flash_attn_4 else TORCH_FLASH)
 
 
 def _cuda_graphs(config: Config, machine: Machine, model_config: Any, attention: str, fused_lora: bool) -> bool:
