@@ -51,7 +51,7 @@ def has_flash_attn_4(device: torch.device | None = None) -> bool:
 
     try:
         found = importlib.util.find_spec("flash_attn.cute") is not None
-    except ModuleNotFoundError:  # no flash_attn package at all
+    except ImportError:  # no flash_attn package, or FlashAttention 2's that does not load here
         found = False
     return found and (device is None or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9))
 
