@@ -44,7 +44,7 @@ class ModelConfig(_Section):
     train.torch_compile (or where varlen cannot run); otherwise transformers' choice."""
     varlen_kernel: Literal["torch", "flash_attn_4"] | None = None
     """Kernels of varlen attention on packed training rows: torch (PyTorch's FlashAttention 2) or flash_attn_4
-    (FlashAttention 4's CuTe kernels: pip install flash-attn-4; compute capability 9.0+, e.g. H100, H200, B200).
+    (FlashAttention 4's CuTe kernels: pip install 'weitiao[flash]'; compute capability 9.0+, e.g. H100, H200, B200).
     None: flash_attn_4 where it is installed and runs, else torch."""
     adapter: str | None = None
     """A LoRA adapter (a weitiao run folder) trained on name_or_path to keep training, e.g. SFT after continued

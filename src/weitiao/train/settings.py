@@ -266,7 +266,7 @@ def _varlen_kernel(config: Config, machine: Machine, attention: str) -> str | No
     wanted = config.model.varlen_kernel
     if wanted == FLASH_ATTN_4 and not machine.flash_attn_4:
         raise ConfigError("model.varlen_kernel: flash_attn_4 needs the flash-attn-4 package (pip install "
-                          "flash-attn-4) and a GPU of compute capability 9.0 or later; set it to torch or leave it "
+                          "'weitiao[flash]') and a GPU of compute capability 9.0 or later; set it to torch or leave it "
                           "unset")
     if attention != PACKED_VARLEN or not machine.cuda:
         return None
