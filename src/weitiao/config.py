@@ -456,9 +456,10 @@ class TrainConfig(_Section):
     own forward as well) under ddp and zero2 (zero3 and fsdp gather weights per module and keep PEFT's forward)."""
     cuda_graphs: bool | None = None
     """Replay each decoder layer's kernels from CUDA graphs, two per layer around eager attention
-    (weitiao.train.cuda_graphs), so the GPU does not wait for the host to launch them one by one. Runs on fused LoRA
-    layers (method lora with fused_lora; no DoRA, lora.dropout 0), stage sft or pt, packed rows on varlen attention,
-    eager layers without gradient checkpointing, one CUDA GPU, Llama, Qwen2 and Qwen3 models. The same losses and
+    (weitiao.train.cuda_graphs), so the GPU does not wait for the host to launch them one by one; with
+    gradient_checkpointing, the checkpointed layers' forward and backward, all layers sharing one layer's graph memory
+    (weitiao.train.checkpoint_graphs). Runs on fused LoRA layers (method lora with fused_lora; no DoRA, lora.dropout
+    0), stage sft or pt, packed rows on varlen attention, eager layers, one CUDA GPU, Llama, Qwen2 and Qwen3 models. The same losses and
     gradients as without (tests/gpu/test_cuda.py). None: on where it runs: the same speed in every process (1B LoRA
     on H200s: 90.9k-91.5k tokens/s at 12.52 GiB), where eager layers ran 91.8k-92.6k at 12.86 GiB on fast hosts and
     65.6k-87.3k on hosts that pace them (docs/performance.md); true where it cannot run is an error that says why.

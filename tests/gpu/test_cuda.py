@@ -564,13 +564,14 @@ def test_row_parallel_norm_backward_gives_liger_gradients(columns):
 
 
 def _graph_spy(monkeypatch) -> list[tuple[bool, bool]]:
-    """(replayed, failed) of each run's LayerGraphs, read when the run gives the layers back."""
+    """(replayed, failed) of each run's LayerGraphs or CheckpointGraphs, read when the run gives the layers back."""
+    from weitiao.train.checkpoint_graphs import CheckpointGraphs
     from weitiao.train.cuda_graphs import LayerGraphs
 
     seen = []
-    remove = LayerGraphs.remove
-    monkeypatch.setattr(LayerGraphs, "remove",
-                        lambda self: seen.append((self.graphed is not None, self.failed)) or remove(self))
+    for graphs, captured in ((LayerGraphs, "graphed"), (CheckpointGraphs, "units")):
+        monkeypatch.setattr(graphs, "remove", lambda self, remove=graphs.remove, captured=captured: seen.append(
+            (getattr(self, captured) is not None, self.failed)) or remove(self))
     return seen
 
 
@@ -629,9 +630,12 @@ def test_cuda_graphs_give_the_eager_gradients_of_fused_lora_after_optimizer_step
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
-def test_cuda_graphs_train_lora_to_the_eager_losses_with_gradient_accumulation(monkeypatch, tmp_path, tokenizer):
-    """The default GPU run of LoRA on packed rows replays its layers from CUDA graphs and logs the losses of eager
-    layers step by step, with two micro-batches a step (whose gradients must add up, not the second twice)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cuda_graphs_train_lora_to_the_eager_losses_with_gradient_accumulation(monkeypatch, tmp_path, tokenizer,
+                                                                              checkpointing):
+    """The default GPU run of LoRA on packed rows replays its layers from CUDA graphs (with gradient checkpointing:
+    weitiao.train.checkpoint_graphs) and logs the losses of eager layers step by step, with two micro-batches a
+    step (whose gradients must add up, not the second twice)."""
     from tests.conftest import make_tiny_model
     from tests.train.test_sft import make_config
     from weitiao.train import run
@@ -639,7 +643,8 @@ def test_cuda_graphs_train_lora_to_the_eager_losses_with_gradient_accumulation(m
     seen = _graph_spy(monkeypatch)
     model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
     settings = dict(train__max_steps=6, train__optim="sgd", train__learning_rate=0.5,
-                    train__gradient_accumulation_steps=2, data__packing=True, data__packing_length=512)
+                    train__gradient_accumulation_steps=2, data__packing=True, data__packing_length=512,
+                    train__gradient_checkpointing=checkpointing)
     losses, chosen = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # the capture's own filter goes in front of this one
@@ -649,13 +654,95 @@ def test_cuda_graphs_train_lora_to_the_eager_losses_with_gradient_accumulation(m
                        for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
             losses[name] = [record["loss"] for record in records if "loss" in record]
             chosen[name] = json.loads((Path(result.output_dir) / "settings.json").read_text())["cuda_graphs"]
-    # The graphs' gradient accumulators live on the capture's stream, as measured: no warning about it.
-    assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
     print(f"losses: {losses}")
+    # The graphs' gradient accumulators live on the capture's stream, as measured: no warning about it.
+    stream_warnings = [f"{w.filename}:{w.lineno}" for w in caught if "AccumulateGrad node's stream" in str(w.message)]
+    assert not stream_warnings, stream_warnings
     assert chosen == {"eager": False, "graphs": True} and seen == [(True, False)]
     assert len(losses["graphs"]) == 6 and losses["graphs"][-1] < losses["graphs"][0] - 0.5
     for eager_loss, graphs_loss in zip(losses["eager"], losses["graphs"]):
         assert abs(graphs_loss - eager_loss) < 5e-3 * eager_loss
+
+
+def test_checkpointed_layers_on_cuda_graphs_give_the_eager_gradients_in_checkpointing_memory(tokenizer, tmp_path):
+    """Checkpointed layers replayed from CUDA graphs (weitiao.train.checkpoint_graphs) give the loss and LoRA
+    gradients of eager checkpointed layers at the capture and after SGD steps (the adapter copies the graphs read
+    rewritten), with their inputs offloaded; all
+    layers share one layer's graph memory: the step's peak stays below that of graphs without checkpointing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from weitiao.train.attention import PACKED_VARLEN, VARLEN, register_varlen_attention
+    from weitiao.train.checkpoint_graphs import CheckpointGraphs
+    from weitiao.train.cuda_graphs import LayerGraphs
+    from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
+    from weitiao.train.offload import offload_checkpointed_layers
+
+    register_varlen_attention()
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+    def lora_model(checkpointing: bool):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=VARLEN)
+        base.set_attn_implementation(PACKED_VARLEN)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+            offload_checkpointed_layers(base.model.layers)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                init_lora_weights=False)).cuda().train()
+        fuse_lora_updates(model, enabled=True)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        watch_optimizer(model, optimizer)
+        return model, optimizer
+
+    lengths = [370, 1200, 650, 1000, 876]
+    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ids = torch.randint(5, 1000, (1, sum(lengths)), device="cuda")
+    row = dict(input_ids=ids, labels=ids, cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
+               max_length_q=max(lengths), max_length_k=max(lengths),
+               position_ids=torch.cat([torch.arange(n, device="cuda") for n in lengths])[None])
+
+    def step(model, optimizer) -> tuple[float, dict[str, torch.Tensor], float]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**row, use_cache=False).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grads, peak
+
+    eager = lora_model(checkpointing=True)
+    graphed = lora_model(checkpointing=True)
+    graphs = CheckpointGraphs(graphed[0].base_model.model.model.layers)
+    peaks = {}
+    for index in range(3):
+        with torch.no_grad():  # each step from the same weights: bf16 differences do not add up over the steps
+            for weight, graphed_weight in zip(eager[0].parameters(), graphed[0].parameters()):
+                if weight.requires_grad:
+                    graphed_weight.copy_(weight)
+        (eager_loss, eager_grads, peaks["eager checkpointed"]), (graphed_loss, graphed_grads, peaks["graphed"]) = (
+            step(*eager), step(*graphed))
+        assert graphs.replaying and graphs.units is not None and not graphs.failed
+        print(f"step {index}: loss eager {eager_loss:.5f}, graphs {graphed_loss:.5f}")
+        assert abs(graphed_loss - eager_loss) < 1e-3 * eager_loss
+        for name, grad in eager_grads.items():
+            error = ((graphed_grads[name].float() - grad.float()).norm() / grad.float().norm()).item()
+            assert error < 2e-2, f"step {index}, {name}: relative error {error:.2e}"
+    graphs.remove()
+    del eager, graphed, graphs
+    unchecked = lora_model(checkpointing=False)
+    no_checkpoint_graphs = LayerGraphs(unchecked[0].base_model.model.model.layers)
+    for _ in range(2):
+        peaks["graphs without checkpointing"] = step(*unchecked)[2]
+    no_checkpoint_graphs.remove()
+    print("peak MiB of a step after the capture: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    assert peaks["graphed"] < peaks["graphs without checkpointing"] - 100
 
 
 def test_a_failed_cuda_graph_capture_leaves_an_eager_run_and_a_working_generator(monkeypatch, tmp_path, tokenizer,

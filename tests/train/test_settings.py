@@ -148,17 +148,17 @@ def test_scored_positions_are_asked_for_and_apply_to_packed_sft_rows_with_liger(
 
 
 def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_asked_and_they_cannot():
-    """On by default for fused LoRA on packed varlen rows on one GPU; each missing condition turns it off, and named
-    in the error where it was asked for."""
+    """On by default for fused LoRA on packed varlen rows on one GPU, with gradient checkpointing too; each missing
+    condition turns it off, and named in the error where it was asked for."""
     from transformers import Qwen3Config
 
     assert settings().cuda_graphs
+    assert settings(train={"gradient_checkpointing": True}).cuda_graphs  # weitiao.train.checkpoint_graphs
     assert settings(architecture=Qwen3Config(num_hidden_layers=2), stage="pt").cuda_graphs
     assert not settings(train={"cuda_graphs": False}).cuda_graphs
     blocked = {"a CUDA GPU": dict(machine=CPU), "one process": dict(machine=replace(H200, processes=2)),
                "packed rows on varlen attention": dict(model={"attn_implementation": "flex_attention"}),
                "eager layers": dict(train={"torch_compile": True}),
-               "no gradient checkpointing": dict(train={"gradient_checkpointing": True}),
                "fused LoRA layers": dict(lora={"use_dora": True}),
                "lora.dropout 0": dict(lora={"dropout": 0.05}),
                "stage sft or pt": dict(stage="dpo"),

@@ -101,24 +101,31 @@ class OffloadedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         return tensor
 
 
+class OffloadedCheckpoint:
+    """A checkpointed layer's `_gradient_checkpointing_func`: torch's reentrant checkpoint inside the hooks (shared
+    by all layers, and by weitiao.train.checkpoint_graphs, whose layers save their input the same way)."""
+
+    def __init__(self) -> None:
+        self.hooks = OffloadedSavedTensors()
+
+    def __call__(self, function: Any, *inputs: Any) -> Any:
+        with self.hooks:
+            return checkpoint(function, *inputs, use_reentrant=True)
+
+
 def offload_checkpointed_layers(layers: Iterable[torch.nn.Module], compile_layers: bool = False
                                 ) -> OffloadedSavedTensors:
     """Make each layer whose gradient checkpointing is on keep its input in CPU memory (transformers calls
     `layer._gradient_checkpointing_func(layer_call, *positional_inputs)`; the other arguments are bound in
     `layer_call`, so only the hidden states are saved); with `compile_layers`, compile every layer's forward (one
     compiled graph serves all layers of a model)."""
-    hooks = OffloadedSavedTensors()
-
-    def offloaded_checkpoint(function, *inputs):
-        with hooks:
-            return checkpoint(function, *inputs, use_reentrant=True)
-
+    offloaded_checkpoint = OffloadedCheckpoint()
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False):
             layer._gradient_checkpointing_func = offloaded_checkpoint
         if compile_layers:
             layer.forward = torch.compile(layer.forward, backend="inductor")
-    return hooks
+    return offloaded_checkpoint.hooks
 
 
 def uncompile_layers(layers: Iterable[torch.nn.Module]) -> None:

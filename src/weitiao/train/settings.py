@@ -285,7 +285,6 @@ def _cuda_graphs(config: Config, machine: Machine, model_config: Any, attention:
         ("one process", machine.processes > 1),
         ("packed rows on varlen attention", attention != PACKED_VARLEN),
         ("eager layers (no torch_compile)", args.torch_compile),
-        ("no gradient checkpointing", args.gradient_checkpointing),
         ("fused LoRA layers (method lora with train.fused_lora, no DoRA)", not fused_lora),
         ("lora.dropout 0 (a graph replays the same random draws)", config.lora.dropout > 0),
         ("no attention dropout", bool(getattr(model_config, "attention_dropout", 0.0))),

@@ -1,0 +1,290 @@
+"""Checkpointed decoder layers replayed from CUDA graphs (`train.cuda_graphs` with `train.gradient_checkpointing`).
+
+With gradient checkpointing each layer runs its forward twice, once keeping nothing and again in the backward pass,
+just before its backward. Eager, the host launches every small kernel of a layer three times a step, and where it
+launches slowly the GPU waits for it. Here each checkpointed layer's pieces replay from CUDA graphs: the two pieces
+of weitiao.train.cuda_graphs, with attention eager between them.
+
+Without checkpointing, every layer's graphs keep that layer's activations until its backward pass, each layer in
+memory of its own. With checkpointing, a layer's recomputed forward is followed at once by its backward. So all
+layers' graphs can share one layer's worth of memory:
+- Each layer is captured as one unit, in one memory pool: forward before attention, forward after it, backward
+  after it, backward before it.
+- After a unit's capture, all it keeps allocated is its weights' gradients. The next unit's capture reuses the rest.
+- The tensors that pass between the pieces and attention are copied in and out of buffers that all layers share:
+  the layer's input, query/key/value, attention's output, the layer's output, and the gradients coming back.
+- Replays of different layers never overlap. The forward pass replays each layer's two forward pieces in turn (the
+  activations they save go unused). The backward pass replays one layer's whole unit at a time.
+
+The layer's input is the only thing kept for the backward pass. With train.offload_checkpoints it is kept in CPU
+memory, by the saved-tensor hooks of weitiao.train.offload. After each layer's backward replay its weights'
+gradients are added to their .grad. Calls that cannot replay run the layer's own checkpoint function: evaluation,
+another row shape, no example boundaries. So do all calls after a failed capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+
+from weitiao.train.cuda_graphs import (AfterAttention, BeforeAttention, _first_error, _restore_generator, attend)
+from weitiao.train.fused_lora import AdapterCopies, FusedLoraLinear
+
+Replay = Callable[[], None]
+LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "past_key_values", "use_cache")
+"""The decoder layer's own keyword arguments; the others go to attention."""
+
+
+class _Buffers:
+    """The tensors that the pieces' graphs read and write, one set for all layers. A gradient is written over the
+    tensor it belongs to once nothing reads that tensor any more (the memory of a row's activations counts here:
+    32 MiB each for a 1B model at 8k tokens)."""
+
+    def __init__(self, before: BeforeAttention, hidden_states: torch.Tensor,
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():  # one eager call of the first piece: attention's input, in the layout it has
+            query, key, value = before(hidden_states, *position_embeddings)
+        self.input = torch.zeros_like(hidden_states).requires_grad_()
+        self.cos, self.sin = (torch.zeros_like(tensor) for tensor in position_embeddings)
+        self.query_key_value = tuple(torch.zeros_like(tensor) for tensor in (query, key, value))
+        batch, heads, length, head_dim = query.shape
+        self.attention_output = query.new_zeros(batch, length, heads * head_dim).requires_grad_()
+        self.output = torch.zeros_like(hidden_states)
+        self.grad_output = torch.zeros_like(hidden_states)
+        # Written by the backward after attention, once it has read attention's output.
+        self.grad_attention_output = self.attention_output
+        # Written after attention's backward, which reads query, key and value.
+        self.grad_query_key_value = self.query_key_value
+        # The residual's gradient written after the backward after attention has read the output's gradient; the
+        # backward before attention adds its own.
+        self.grad_input = self.grad_output
+
+    def load(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.input.copy_(hidden_states)
+            self.cos.copy_(position_embeddings[0])
+            self.sin.copy_(position_embeddings[1])
+
+
+class _Unit:
+    """One layer's four pieces (forward before and after attention, backward after and before it) as replays, and
+    the weights' gradients that its backward replays write."""
+
+    def __init__(self, before: BeforeAttention, after: AfterAttention, buffers: _Buffers,
+                 record: Callable[[Callable[[], None]], Replay]) -> None:
+        self.trained_before = [p for p in before.parameters() if p.requires_grad]
+        self.trained_after = [p for p in after.parameters() if p.requires_grad]
+        self.gradients: dict[str, tuple[torch.Tensor | None, ...]] = {}
+        carried: dict[str, Any] = {}  # a piece's outputs, with their autograd graph, until its backward
+        b = buffers
+
+        def forward_before() -> None:
+            with torch.enable_grad():
+                carried["query_key_value"] = before(b.input, b.cos, b.sin)
+            with torch.no_grad():
+                for buffer, tensor in zip(b.query_key_value, carried["query_key_value"]):
+                    buffer.copy_(tensor)
+
+        def forward_after() -> None:
+            with torch.enable_grad():
+                carried["output"] = after(b.attention_output, b.input)  # the input is the residual too
+            with torch.no_grad():
+                b.output.copy_(carried["output"])
+
+        def backward_after() -> None:
+            grads = torch.autograd.grad(carried.pop("output"), (b.attention_output, b.input, *self.trained_after),
+                                        b.grad_output, allow_unused=True)
+            with torch.no_grad():
+                b.grad_attention_output.copy_(grads[0])
+                b.grad_input.copy_(grads[1])
+            self.gradients["after"] = grads[2:]
+
+        def backward_before() -> None:
+            grads = torch.autograd.grad(carried.pop("query_key_value"), (b.input, *self.trained_before),
+                                        b.grad_query_key_value, allow_unused=True)
+            with torch.no_grad():
+                b.grad_input.add_(grads[0])
+            self.gradients["before"] = grads[1:]
+
+        # In the order they replay: what a piece keeps for a later one stays allocated until that one's capture.
+        self.forward_before, self.forward_after, self.backward_after, self.backward_before = (
+            record(piece) for piece in (forward_before, forward_after, backward_after, backward_before))
+
+    def add_gradients(self) -> None:
+        """The weights' gradients from the last backward replays, added to their .grad."""
+        pairs = [(parameter, gradient) for parameter, gradient in zip(
+            (*self.trained_before, *self.trained_after), (*self.gradients["before"], *self.gradients["after"]))
+                 if gradient is not None]
+        existing = [(parameter.grad, gradient) for parameter, gradient in pairs if parameter.grad is not None]
+        if existing:
+            torch._foreach_add_([grad for grad, _ in existing], [gradient for _, gradient in existing])
+        for parameter, gradient in pairs:
+            if parameter.grad is None:  # a copy: the replays rewrite their buffers
+                parameter.grad = gradient.clone()
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """A checkpointed layer on the graphs: its input saved, its forward replayed again in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden_states: torch.Tensor, graphs: CheckpointGraphs, index: int, call: dict[str, Any]
+                ) -> torch.Tensor:
+        ctx.graphs, ctx.index, ctx.call = graphs, index, call
+        ctx.save_for_backward(hidden_states)
+        return graphs.forward_layer(index, hidden_states, call)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (hidden_states,) = ctx.saved_tensors
+        return ctx.graphs.backward_layer(ctx.index, hidden_states, ctx.call, grad_output), None, None, None
+
+
+class CheckpointGraphs:
+    """The model's checkpointed decoder layers replayed from CUDA graphs while they train on rows of the captured
+    shape (see the module's docstring); every other call runs the layer's own checkpoint function. `remove` gives
+    the layers back their own."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        self.layers = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
+        self.pieces = [(BeforeAttention(layer), AfterAttention(layer)) for layer in self.layers]
+        self.checkpoint_functions = [layer._gradient_checkpointing_func for layer in self.layers]
+        # The offloaded checkpoint's hooks (weitiao.train.offload) keep the saved inputs in CPU memory here too.
+        self.saved_tensor_hooks = getattr(self.checkpoint_functions[0], "hooks", None) or nullcontext()
+        self.buffers: _Buffers | None = None
+        self.units: list[_Unit] | None = None
+        self.captured_input: tuple | None = None
+        """(shape, dtype) of the first layer's input at the capture."""
+        self.failed = False
+        self.replaying = False
+        """Whether the model's current forward replays: decided at its first checkpointed layer, for all of them."""
+        self.copies: AdapterCopies | None = next((module.adapter_copies for layer in self.layers
+                                                  for module in layer.modules() if isinstance(module, FusedLoraLinear)),
+                                                 None)
+        for index, layer in enumerate(self.layers):
+            layer._gradient_checkpointing_func = partial(self._checkpoint, index)
+
+    def remove(self) -> None:
+        """The layers' own checkpoint function back, and the graphs and their memory freed."""
+        for layer, function in zip(self.layers, self.checkpoint_functions):
+            layer._gradient_checkpointing_func = function
+        self.units = self.buffers = None
+        self.pieces = []
+
+    def _checkpoint(self, index: int, function: partial, *args: Any) -> torch.Tensor:
+        """A checkpointed layer's call: `function` is the layer's call with its keyword arguments bound
+        (transformers' GradientCheckpointingLayer), `args` its hidden states."""
+        if index == 0:
+            self.replaying = self._replays(args, function.keywords)
+        if not self.replaying:
+            return self.checkpoint_functions[index](function, *args)
+        with self.saved_tensor_hooks:
+            return _CheckpointedLayer.apply(args[0], self, index, function.keywords)
+
+    def forward_layer(self, index: int, hidden_states: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
+        """The layer's output, kept nothing for its backward."""
+        buffers, unit = self.buffers, self.units[index]
+        buffers.load(hidden_states, call["position_embeddings"])
+        unit.forward_before()
+        with torch.no_grad():
+            buffers.attention_output.copy_(self._attend(index, *buffers.query_key_value, call))
+        unit.forward_after()
+        return buffers.output.clone()  # the buffer is the next layer's to write
+
+    def backward_layer(self, index: int, hidden_states: torch.Tensor, call: dict[str, Any],
+                       grad_output: torch.Tensor) -> torch.Tensor:
+        """The gradient of the layer's input; its weights' gradients added to their .grad."""
+        buffers, unit = self.buffers, self.units[index]
+        buffers.load(hidden_states, call["position_embeddings"])
+        unit.forward_before()
+        query_key_value = tuple(tensor.detach().requires_grad_() for tensor in buffers.query_key_value)
+        with torch.enable_grad():
+            attention_output = self._attend(index, *query_key_value, call)
+        with torch.no_grad():
+            buffers.attention_output.copy_(attention_output)
+            buffers.grad_output.copy_(grad_output)
+        unit.forward_after()
+        unit.backward_after()
+        grads = torch.autograd.grad(attention_output, query_key_value, buffers.grad_attention_output)
+        with torch.no_grad():
+            for buffer, grad in zip(buffers.grad_query_key_value, grads):
+                buffer.copy_(grad)
+        unit.backward_before()
+        unit.add_gradients()
+        return buffers.grad_input.clone()  # the buffer is the layer before's to write
+
+    def _attend(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                call: dict[str, Any]) -> torch.Tensor:
+        arguments = {name: value for name, value in call.items() if name not in LAYER_ARGUMENTS}
+        return attend(self.layers[index].self_attn, query, key, value, call.get("attention_mask"), **arguments)
+
+    def _replays(self, args: tuple, call: dict[str, Any]) -> bool:
+        """Whether this forward replays (capturing the graphs at the first one that can); rewrites the adapter
+        copies the graphs read."""
+        hidden_states = args[0] if len(args) == 1 else None
+        if self.failed or hidden_states is None or not (
+                hidden_states.is_cuda and hidden_states.requires_grad and torch.is_grad_enabled()
+                and call.get("past_key_values") is None and call.get("position_embeddings") is not None
+                and "cu_seq_lens_q" in call):  # packed rows with their example boundaries
+            return False
+        shape = (hidden_states.shape, hidden_states.dtype)
+        if self.units is None:
+            self._capture(hidden_states, call["position_embeddings"])
+            if self.failed:
+                return False
+            self.captured_input = shape
+        elif shape != self.captured_input:
+            return False
+        if self.copies is not None:
+            self.copies.refresh()
+        return True
+
+    def _capture(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+        device = hidden_states.device
+        rng_state = torch.cuda.get_rng_state(device)
+        try:
+            # Autocast as the run has it, without its weight cache: a cast cached by one capture would be read by
+            # the next one from memory that the first one's replays rewrite.
+            with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+                self.buffers = _Buffers(self.pieces[0][0], hidden_states, position_embeddings)
+                # Warm-up on a side stream, as make_graphed_callables does: the fused layers' adapter copies, the
+                # kernels' compilation and autotuning, before anything is captured.
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self._units(record=_run_once)
+                torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.synchronize(device)
+                pool = torch.cuda.graph_pool_handle()
+                self.units = self._units(record=partial(_captured, pool))
+        except (RuntimeError, AssertionError) as error:
+            self.failed = True
+            self.units = self.buffers = None
+            _restore_generator(device, rng_state)
+            first = _first_error(error)
+            print(f"train.cuda_graphs: capturing the checkpointed layers failed ({type(first).__name__}: "
+                  f"{str(first).strip().splitlines()[0] if str(first).strip() else ''}); "
+                  "training goes on with eager layers", flush=True)
+
+    def _units(self, record: Callable[[Callable[[], None]], Replay]) -> list[_Unit]:
+        """Every layer's unit, recorded one after the other: each one's capture reuses the memory the one before
+        it freed."""
+        return [_Unit(before, after, self.buffers, record) for before, after in self.pieces]
+
+
+def _run_once(piece: Callable[[], None]) -> Replay:
+    piece()
+    return piece
+
+
+def _captured(pool: Any, piece: Callable[[], None]) -> Replay:
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a CUDA call of another thread (the data loader's pin-memory thread) does not break the capture.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        piece()
+    return graph.replay
+
