@@ -294,8 +294,9 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
     `ckpt` train.gradient_checkpointing, `offload` train.offload_checkpoints; `scored` / `noscored` set
     train.scored_positions on / off (default: on in eager layers, off in compiled ones); `fp32model` sets
     train.master_weights: model (full fine-tuning's fp32 weights in the model, cast by autocast); `graphs` /
-    `nographs` set train.cuda_graphs on / off (default: on where it runs: eager LoRA, with or without checkpointing); `fa4` /
-    `fa2` set model.varlen_kernel to flash_attn_4 / torch (default: flash_attn_4 where installed)."""
+    `nographs` set train.cuda_graphs on / off (default: on where it runs: eager LoRA, with or without
+    checkpointing); `fa4` / `fa2` set model.varlen_kernel to flash_attn_4 / torch (default: flash_attn_4 where
+    installed)."""
     kernel = "flash_attn_4" if "fa4" in options else "torch" if "fa2" in options else None
     scored = True if "scored" in options else False if "noscored" in options else None
     graphs = True if "graphs" in options else False if "nographs" in options else None

@@ -153,7 +153,8 @@ class CheckpointGraphs:
         self.pieces = [(BeforeAttention(layer), AfterAttention(layer)) for layer in self.layers]
         self.checkpoint_functions = [layer._gradient_checkpointing_func for layer in self.layers]
         # The offloaded checkpoint's hooks (weitiao.train.offload) keep the saved inputs in CPU memory here too.
-        self.saved_tensor_hooks = getattr(self.checkpoint_functions[0], "hooks", None) or nullcontext()
+        self.saved_tensor_hooks = next((function.hooks for function in self.checkpoint_functions
+                                        if hasattr(function, "hooks")), None) or nullcontext()
         self.buffers: _Buffers | None = None
         self.units: list[_Unit] | None = None
         self.captured_input: tuple | None = None
