@@ -563,6 +563,32 @@ def test_row_parallel_norm_backward_gives_liger_gradients(columns):
             assert norm.weight.grad is None and reference[False][1] is None
 
 
+def _fused_lora_with_sgd(base):
+    """LoRA r8 on all linear layers of `base` (B random: not zero), fused, on the GPU, with SGD at lr 0.5 that
+    rewrites the adapter copies after each step."""
+    from peft import LoraConfig, get_peft_model
+
+    from weitiao.train.attention import PACKED_VARLEN
+    from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
+
+    base.set_attn_implementation(PACKED_VARLEN)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                            init_lora_weights=False)).cuda().train()
+    fuse_lora_updates(model, enabled=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    watch_optimizer(model, optimizer)
+    return model, optimizer
+
+
+def _packed_cuda_row(lengths: list[int]) -> dict:
+    """One packed row of random examples of these lengths, with their boundaries and restarting positions."""
+    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ids = torch.randint(5, 1000, (1, sum(lengths)), device="cuda")
+    return dict(input_ids=ids, labels=ids, cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
+                max_length_q=max(lengths), max_length_k=max(lengths),
+                position_ids=torch.cat([torch.arange(n, device="cuda") for n in lengths])[None])
+
+
 def _graph_spy(monkeypatch) -> list[tuple[bool, bool]]:
     """(replayed, failed) of each run's LayerGraphs or CheckpointGraphs, read when the run gives the layers back."""
     from weitiao.train.checkpoint_graphs import CheckpointGraphs
@@ -579,34 +605,21 @@ def test_cuda_graphs_give_the_eager_gradients_of_fused_lora_after_optimizer_step
     """Layers replayed from CUDA graphs (weitiao.train.cuda_graphs) give the eager layers' loss and LoRA gradients
     at the capture and at replays after SGD steps, where the adapter copies the graphs read must have been rewritten
     (a stale copy would give the first step's gradients again)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import make_tiny_model
-    from weitiao.train.attention import PACKED_VARLEN, VARLEN, register_varlen_attention
+    from weitiao.train.attention import VARLEN, register_varlen_attention
     from weitiao.train.cuda_graphs import LayerGraphs
-    from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
 
     register_varlen_attention()
     model_dir = make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256)
 
     def lora_model():
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=VARLEN)
-        base.set_attn_implementation(PACKED_VARLEN)
-        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                init_lora_weights=False)).cuda().train()
-        fuse_lora_updates(model, enabled=True)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        watch_optimizer(model, optimizer)
-        return model, optimizer
+        return _fused_lora_with_sgd(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                                         attn_implementation=VARLEN))
 
-    lengths = [37, 120, 65, 200, 90]
-    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    ids = torch.randint(5, 1000, (1, sum(lengths)), device="cuda")
-    row = dict(input_ids=ids, labels=ids, cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
-               max_length_q=max(lengths), max_length_k=max(lengths),
-               position_ids=torch.cat([torch.arange(n, device="cuda") for n in lengths])[None])
+    row = _packed_cuda_row([37, 120, 65, 200, 90])
     eager, eager_optimizer = lora_model()
     graphed, graphed_optimizer = lora_model()
     graphs = LayerGraphs(graphed.base_model.model.model.layers)
@@ -669,13 +682,11 @@ def test_checkpointed_layers_on_cuda_graphs_give_the_eager_gradients_in_checkpoi
     gradients of eager checkpointed layers at the capture and after SGD steps (the adapter copies the graphs read
     rewritten), with their inputs offloaded; all
     layers share one layer's graph memory: the step's peak stays below that of graphs without checkpointing."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from weitiao.train.attention import PACKED_VARLEN, VARLEN, register_varlen_attention
+    from weitiao.train.attention import VARLEN, register_varlen_attention
     from weitiao.train.checkpoint_graphs import CheckpointGraphs
     from weitiao.train.cuda_graphs import LayerGraphs
-    from weitiao.train.fused_lora import fuse_lora_updates, watch_optimizer
     from weitiao.train.offload import offload_checkpointed_layers
 
     register_varlen_attention()
@@ -685,24 +696,13 @@ def test_checkpointed_layers_on_cuda_graphs_give_the_eager_gradients_in_checkpoi
     def lora_model(checkpointing: bool):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=VARLEN)
-        base.set_attn_implementation(PACKED_VARLEN)
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
             offload_checkpointed_layers(base.model.layers)
-        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                init_lora_weights=False)).cuda().train()
-        fuse_lora_updates(model, enabled=True)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        watch_optimizer(model, optimizer)
-        return model, optimizer
+        return _fused_lora_with_sgd(base)
 
-    lengths = [370, 1200, 650, 1000, 876]
-    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    ids = torch.randint(5, 1000, (1, sum(lengths)), device="cuda")
-    row = dict(input_ids=ids, labels=ids, cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
-               max_length_q=max(lengths), max_length_k=max(lengths),
-               position_ids=torch.cat([torch.arange(n, device="cuda") for n in lengths])[None])
+    row = _packed_cuda_row([370, 1200, 650, 1000, 876])
 
     def step(model, optimizer) -> tuple[float, dict[str, torch.Tensor], float]:
         torch.cuda.synchronize()

@@ -46,6 +46,15 @@ def _loss_and_gradients(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), gradients
 
 
+def assert_same_loss_and_gradients(actual: tuple, expected: tuple, rtol: float, atol: float) -> None:
+    """Two (loss, gradients) of _loss_and_gradients: the same loss to rtol, every LoRA gradient to rtol and atol."""
+    (loss, gradients), (expected_loss, expected_gradients) = actual, expected
+    torch.testing.assert_close(loss, expected_loss, rtol=min(rtol, 1e-6), atol=0)
+    assert gradients.keys() == expected_gradients.keys() and any("lora_B" in name for name in gradients)
+    for name, gradient in expected_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, rtol=rtol, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config, Qwen3Config])
 def test_the_two_pieces_around_attention_give_the_models_loss_and_gradients(config_class, monkeypatch):
     model = _model(config_class)
@@ -56,25 +65,20 @@ def test_the_two_pieces_around_attention_give_the_models_loss_and_gradients(conf
     decided = []
     monkeypatch.setattr(LayerGraphs, "_replays", lambda self, layer, *rest: decided.append(layer) or True)
     graphs.graphed = graphs.pieces  # the pieces run eagerly where their graphs would replay
-    pieces_loss, pieces_gradients = _loss_and_gradients(model)
+    pieces = _loss_and_gradients(model)
     assert decided == [layers[0]]  # decided once per forward, at the first layer
-    torch.testing.assert_close(pieces_loss, loss, rtol=1e-6, atol=0)
-    assert pieces_gradients.keys() == gradients.keys() and any("lora_B" in name for name in gradients)
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(pieces_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_gradients(pieces, (loss, gradients), rtol=1e-4, atol=1e-6)
     graphs.remove()
     assert all("forward" not in layer.__dict__ for layer in layers)
 
 
 def test_without_a_gpu_the_layers_run_their_own_forward():
     model = _model(LlamaConfig)
-    loss, gradients = _loss_and_gradients(model)
+    own = _loss_and_gradients(model)
     graphs = LayerGraphs(decoder_layers(model)[1])
-    with_graphs, with_graphs_gradients = _loss_and_gradients(model)
+    with_graphs = _loss_and_gradients(model)
     assert (graphs.graphed, graphs.failed, graphs.replaying) == (None, False, False)
-    torch.testing.assert_close(with_graphs, loss, rtol=0, atol=0)
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(with_graphs_gradients[name], gradient, rtol=0, atol=0)
+    assert_same_loss_and_gradients(with_graphs, own, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layers_to_transform", [None, [1]])

@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from weitiao.train.cuda_graphs import (AfterAttention, BeforeAttention, _first_error, _restore_generator, attend)
-from weitiao.train.fused_lora import AdapterCopies, FusedLoraLinear
+from weitiao.train.cuda_graphs import AfterAttention, BeforeAttention, LayerReplays, attend
 
 Replay = Callable[[], None]
 LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "past_key_values", "use_cache")
@@ -143,28 +142,21 @@ class _CheckpointedLayer(torch.autograd.Function):
         return ctx.graphs.backward_layer(ctx.index, hidden_states, ctx.call, grad_output), None, None, None
 
 
-class CheckpointGraphs:
+class CheckpointGraphs(LayerReplays):
     """The model's checkpointed decoder layers replayed from CUDA graphs while they train on rows of the captured
     shape (see the module's docstring); every other call runs the layer's own checkpoint function. `remove` gives
     the layers back their own."""
 
+    what = "the checkpointed layers"
+
     def __init__(self, layers: torch.nn.ModuleList) -> None:
-        self.layers = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
-        self.pieces = [(BeforeAttention(layer), AfterAttention(layer)) for layer in self.layers]
+        super().__init__([layer for layer in layers if getattr(layer, "gradient_checkpointing", False)])
         self.checkpoint_functions = [layer._gradient_checkpointing_func for layer in self.layers]
         # The offloaded checkpoint's hooks (weitiao.train.offload) keep the saved inputs in CPU memory here too.
         self.saved_tensor_hooks = next((function.hooks for function in self.checkpoint_functions
                                         if hasattr(function, "hooks")), None) or nullcontext()
         self.buffers: _Buffers | None = None
         self.units: list[_Unit] | None = None
-        self.captured_input: tuple | None = None
-        """(shape, dtype) of the first layer's input at the capture."""
-        self.failed = False
-        self.replaying = False
-        """Whether the model's current forward replays: decided at its first checkpointed layer, for all of them."""
-        self.copies: AdapterCopies | None = next((module.adapter_copies for layer in self.layers
-                                                  for module in layer.modules() if isinstance(module, FusedLoraLinear)),
-                                                 None)
         for index, layer in enumerate(self.layers):
             layer._gradient_checkpointing_func = partial(self._checkpoint, index)
 
@@ -223,29 +215,15 @@ class CheckpointGraphs:
         return attend(self.layers[index].self_attn, query, key, value, call.get("attention_mask"), **arguments)
 
     def _replays(self, args: tuple, call: dict[str, Any]) -> bool:
-        """Whether this forward replays (capturing the graphs at the first one that can); rewrites the adapter
-        copies the graphs read."""
         hidden_states = args[0] if len(args) == 1 else None
-        if self.failed or hidden_states is None or not (
-                hidden_states.is_cuda and hidden_states.requires_grad and torch.is_grad_enabled()
-                and call.get("past_key_values") is None and call.get("position_embeddings") is not None
-                and "cu_seq_lens_q" in call):  # packed rows with their example boundaries
-            return False
-        shape = (hidden_states.shape, hidden_states.dtype)
-        if self.units is None:
-            self._capture(hidden_states, call["position_embeddings"])
-            if self.failed:
-                return False
-            self.captured_input = shape
-        elif shape != self.captured_input:
-            return False
-        if self.copies is not None:
-            self.copies.refresh()
-        return True
+        return self._decide(hidden_states is not None and hidden_states.is_cuda and hidden_states.requires_grad
+                            and torch.is_grad_enabled() and call.get("past_key_values") is None
+                            and call.get("position_embeddings") is not None
+                            and "cu_seq_lens_q" in call,  # packed rows with their example boundaries
+                            hidden_states, call.get("position_embeddings"))
 
     def _capture(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
         device = hidden_states.device
-        rng_state = torch.cuda.get_rng_state(device)
         try:
             # Autocast as the run has it, without its weight cache: a cast cached by one capture would be read by
             # the next one from memory that the first one's replays rewrite.
@@ -262,14 +240,9 @@ class CheckpointGraphs:
                 torch.cuda.synchronize(device)
                 pool = torch.cuda.graph_pool_handle()
                 self.units = self._units(record=partial(_captured, pool))
-        except (RuntimeError, AssertionError) as error:
-            self.failed = True
-            self.units = self.buffers = None
-            _restore_generator(device, rng_state)
-            first = _first_error(error)
-            print(f"train.cuda_graphs: capturing the checkpointed layers failed ({type(first).__name__}: "
-                  f"{str(first).strip().splitlines()[0] if str(first).strip() else ''}); "
-                  "training goes on with eager layers", flush=True)
+        except BaseException:
+            self.units = self.buffers = None  # their memory back before the run goes on eagerly
+            raise
 
     def _units(self, record: Callable[[Callable[[], None]], Replay]) -> list[_Unit]:
         """Every layer's unit, recorded one after the other: each one's capture reuses the memory the one before

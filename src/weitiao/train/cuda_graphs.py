@@ -92,14 +92,17 @@ def attend(attention: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return output.reshape(*query.shape[:1], query.shape[2], -1).contiguous()
 
 
-class LayerGraphs:
-    """The model's decoder layers, replayed from CUDA graphs while they train on rows of the captured shape (see the
-    module's docstring); every other call runs the layer's own forward. `remove` gives the layers back their own."""
+class LayerReplays:
+    """What both kinds of replayed layers share (LayerGraphs here, CheckpointGraphs in
+    weitiao.train.checkpoint_graphs): each layer's two pieces, the adapter copies their graphs read, and the decision,
+    once per forward, whether it replays, capturing at the first forward that can."""
 
-    def __init__(self, layers: torch.nn.ModuleList) -> None:
-        self.layers = list(layers)
+    what = "the layers"
+    """Named where a capture fails."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        self.layers = layers
         self.pieces = [(BeforeAttention(layer), AfterAttention(layer)) for layer in self.layers]
-        self.graphed: list[tuple[Any, Any]] | None = None
         self.captured_input: tuple | None = None
         """(shape, dtype, requires_grad) of the first layer's input at the capture."""
         self.failed = False
@@ -108,6 +111,46 @@ class LayerGraphs:
         self.copies: AdapterCopies | None = next((module.adapter_copies for layer in self.layers
                                                   for module in layer.modules() if isinstance(module, FusedLoraLinear)),
                                                  None)
+
+    def _capture(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _decide(self, can_replay: bool, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """Whether a forward that `can_replay` (a training forward on packed rows) replays: captured at the first
+        one, then for inputs of the captured shape; rewrites the adapter copies the graphs read. A failed capture
+        leaves eager layers for the rest of the run, and says why."""
+        if self.failed or not can_replay:
+            return False
+        shape = (hidden_states.shape, hidden_states.dtype, hidden_states.requires_grad)
+        if self.captured_input is None:
+            device = hidden_states.device
+            rng_state = torch.cuda.get_rng_state(device)
+            try:
+                self._capture(hidden_states, position_embeddings)
+            except (RuntimeError, AssertionError) as error:
+                self.failed = True
+                _restore_generator(device, rng_state)
+                first = _first_error(error)
+                print(f"train.cuda_graphs: capturing {self.what} failed ({type(first).__name__}: "
+                      f"{str(first).strip().splitlines()[0] if str(first).strip() else ''}); "
+                      "training goes on with eager layers", flush=True)
+                return False
+            self.captured_input = shape
+        elif shape != self.captured_input:
+            return False
+        if self.copies is not None:
+            self.copies.refresh()
+        return True
+
+
+class LayerGraphs(LayerReplays):
+    """The model's decoder layers, replayed from CUDA graphs while they train on rows of the captured shape (see the
+    module's docstring); every other call runs the layer's own forward. `remove` gives the layers back their own."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        super().__init__(list(layers))
+        self.graphed: list[tuple[Any, Any]] | None = None
         for index, layer in enumerate(self.layers):
             layer.forward = partial(self._forward, index)  # an instance attribute: nn.Module.__call__ finds it
 
@@ -135,43 +178,18 @@ class LayerGraphs:
 
     def _replays(self, layer: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: Any,
                  past_key_values: Any, kwargs: dict[str, Any]) -> bool:
-        """Whether this forward replays (capturing the graphs at the first one that can); rewrites the adapter
-        copies the graphs read."""
-        if self.failed or not (layer.training and torch.is_grad_enabled() and hidden_states.is_cuda
-                               and past_key_values is None and position_embeddings is not None
-                               and "cu_seq_lens_q" in kwargs):  # packed rows with their example boundaries
-            return False
-        shape = (hidden_states.shape, hidden_states.dtype, hidden_states.requires_grad)
-        if self.graphed is None:
-            self._capture(hidden_states, position_embeddings)
-            if self.failed:
-                return False
-            self.captured_input = shape
-        elif shape != self.captured_input:
-            return False
-        if self.copies is not None:
-            self.copies.refresh()
-        return True
+        return self._decide(layer.training and torch.is_grad_enabled() and hidden_states.is_cuda
+                            and past_key_values is None and position_embeddings is not None
+                            and "cu_seq_lens_q" in kwargs,  # packed rows with their example boundaries
+                            hidden_states, position_embeddings)
 
     def _capture(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
-        device = hidden_states.device
-        rng_state = torch.cuda.get_rng_state(device)
-        try:
-            samples = self._sample_arguments(hidden_states, position_embeddings)
-            # make_graphed_callables refuses autocast's weight cache; the capture keeps the run's autocast otherwise.
-            with _thread_local_capture(), torch.autocast(
-                    "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
-                    cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(
-                    tuple(piece for pair in self.pieces for piece in pair), samples)
-        except (RuntimeError, AssertionError) as error:
-            self.failed = True
-            _restore_generator(device, rng_state)
-            first = _first_error(error)
-            print(f"train.cuda_graphs: capturing the layers failed ({type(first).__name__}: "
-                  f"{str(first).strip().splitlines()[0] if str(first).strip() else ''}); "
-                  "training goes on with eager layers", flush=True)
-            return
+        samples = self._sample_arguments(hidden_states, position_embeddings)
+        # make_graphed_callables refuses autocast's weight cache; the capture keeps the run's autocast otherwise.
+        with _thread_local_capture(), torch.autocast(
+                "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                cache_enabled=False):
+            graphed = torch.cuda.make_graphed_callables(tuple(piece for pair in self.pieces for piece in pair), samples)
         self.graphed = list(zip(graphed[0::2], graphed[1::2]))
         # The capture made the trained weights' gradient accumulators on its own stream, and autograd warns at the
         # first backward that they differ from the default stream's (a wait between the streams, in the speeds
