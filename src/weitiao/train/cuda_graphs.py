@@ -185,17 +185,18 @@ class LayerGraphs(LayerReplays):
 
     def _capture(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
         samples = self._sample_arguments(hidden_states, position_embeddings)
+        # The capture makes the trained weights' gradient accumulators on its own stream, and autograd warns, once a
+        # process, that they differ from the default stream's (a wait between the streams, in the speeds measured):
+        # during the capture's own backward passes or at the first training one (run84, H100). torch's switch for
+        # it (set_warn_on_accumulate_grad_stream_mismatch) left it printed on an H100 (run81); the Python warning
+        # it becomes is filtered by its message instead, before the capture.
+        warnings.filterwarnings("ignore", message=ACCUMULATOR_STREAM_WARNING)
         # make_graphed_callables refuses autocast's weight cache; the capture keeps the run's autocast otherwise.
         with _thread_local_capture(), torch.autocast(
                 "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                 cache_enabled=False):
             graphed = torch.cuda.make_graphed_callables(tuple(piece for pair in self.pieces for piece in pair), samples)
         self.graphed = list(zip(graphed[0::2], graphed[1::2]))
-        # The capture made the trained weights' gradient accumulators on its own stream, and autograd warns at the
-        # first backward that they differ from the default stream's (a wait between the streams, in the speeds
-        # measured). torch's switch for it (set_warn_on_accumulate_grad_stream_mismatch) left it printed on an H100
-        # (run81); the Python warning it becomes is filtered by its message instead.
-        warnings.filterwarnings("ignore", message=ACCUMULATOR_STREAM_WARNING)
 
     def _sample_arguments(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
                           ) -> tuple[tuple[torch.Tensor, ...], ...]:
