@@ -73,8 +73,8 @@ def test_layers_reading_one_input_are_computed_together(monkeypatch, tiny_model_
     fuse_lora_updates(model, enabled=True)
     calls = []
     products = fused_lora._LoraProducts.apply
-    monkeypatch.setattr(fused_lora._LoraProducts, "apply",  # after 6 arguments, each layer's A and B
-                        lambda *a: calls.append((len(a) - 6) // 2) or products(*a))
+    monkeypatch.setattr(fused_lora._LoraProducts, "apply",  # after 7 arguments, each layer's A and B
+                        lambda *a: calls.append((len(a) - 7) // 2) or products(*a))
     _loss_and_gradients(model)
     assert sorted(calls) == [1, 1, 1, 1, 2, 2, 3, 3]  # per decoder layer: q/k/v, o, gate/up, down
 
@@ -185,6 +185,42 @@ def test_grouped_layers_with_base_biases_and_ranks_of_their_own():
     torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
     for name in grads:
         assert_close_in_norm(fused_grads[name], grads[name], 1e-5, name)
+
+
+def test_a_layer_whose_output_is_unused_gives_the_same_gradients_without_its_product(monkeypatch, tiny_model_dir):
+    """Under outputs_unused a fused layer's forward computes only its rank-r product (no product over the input with
+    the base weight) and its backward pass gives the gradients of the full call; grouped layers (q/k/v) are left as
+    they are, and after the context the layer computes its output again."""
+    from weitiao.train import fused_lora
+    from weitiao.train.fused_lora import outputs_unused
+
+    model = _lora_model(tiny_model_dir).train()
+    fuse_lora_updates(model, enabled=True)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    grouped = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    grad_out = torch.randn(3, 5, layer.out_features)
+    trained = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    inputs_of_products = []
+    addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: inputs_of_products.append(a[1].shape) or addmm(*a, **k))
+
+    def forward_products_and_gradients() -> tuple[list, tuple[torch.Tensor, ...]]:
+        inputs_of_products.clear()
+        out = layer(x)
+        products = list(inputs_of_products)
+        return products, torch.autograd.grad(out, trained, grad_out)
+
+    full_products, expected = forward_products_and_gradients()
+    with outputs_unused([layer, grouped]):
+        assert layer.output_unused and not grouped.output_unused
+        products, actual = forward_products_and_gradients()
+    assert (15, layer.in_features) in full_products and (15, layer.in_features) not in products
+    for name, got, want in zip(("x", "A", "B"), actual, expected):
+        assert_close_in_norm(got, want, 1e-6, name)
+    assert not layer.output_unused
+    torch.testing.assert_close(layer(x), fused_lora.LoraLinear.forward(layer, x), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_lora_update_follows_adapter_switches_and_leaves_dora_alone(tiny_model_dir):

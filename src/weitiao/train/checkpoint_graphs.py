@@ -8,8 +8,10 @@ of weitiao.train.cuda_graphs, with attention eager between them.
 Without checkpointing, every layer's graphs keep that layer's activations until its backward pass, each layer in
 memory of its own. With checkpointing, a layer's recomputed forward is followed at once by its backward. So all
 layers' graphs can share one layer's worth of memory:
-- Each layer is captured as one unit, in one memory pool: forward before attention, forward after it, backward
-  after it, backward before it.
+- Each layer is captured as one unit, in one memory pool: forward before attention, forward after it, after it
+  again for the backward pass, backward after it, backward before it. The backward pass's forward after attention
+  skips the last product (down_proj), whose output only the layer's output reads, and the layer's output is not
+  needed there (fused_lora.outputs_unused): a quarter of the recomputed products.
 - After a unit's capture, all it keeps allocated is its weights' gradients. The next unit's capture reuses the rest.
 - The tensors that pass between the pieces and attention are copied in and out of buffers that all layers share:
   the layer's input, query/key/value, attention's output, the layer's output, and the gradients coming back.
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from weitiao.train.cuda_graphs import AfterAttention, BeforeAttention, LayerReplays, attend
+from weitiao.train.fused_lora import outputs_unused
 
 Replay = Callable[[], None]
 LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "past_key_values", "use_cache")
@@ -70,7 +73,8 @@ class _Buffers:
 
 
 class _Unit:
-    """One layer's four pieces (forward before and after attention, backward after and before it) as replays, and
+    """One layer's pieces as replays: forward before and after attention; after attention again for the backward
+    pass, without the last product's output (fused_lora.outputs_unused); backward after and before attention. And
     the weights' gradients that its backward replays write."""
 
     def __init__(self, before: BeforeAttention, after: AfterAttention, buffers: _Buffers,
@@ -94,6 +98,11 @@ class _Unit:
             with torch.no_grad():
                 b.output.copy_(carried["output"])
 
+        def recompute_after() -> None:  # for the backward pass only: the output's value is not read
+            carried.pop("output", None)  # the forward pass's, freed first: this capture reuses its memory
+            with torch.enable_grad(), outputs_unused([after.mlp.down_proj]):
+                carried["output"] = after(b.attention_output, b.input)
+
         def backward_after() -> None:
             grads = torch.autograd.grad(carried.pop("output"), (b.attention_output, b.input, *self.trained_after),
                                         b.grad_output, allow_unused=True)
@@ -110,8 +119,9 @@ class _Unit:
             self.gradients["before"] = grads[1:]
 
         # In the order they replay: what a piece keeps for a later one stays allocated until that one's capture.
-        self.forward_before, self.forward_after, self.backward_after, self.backward_before = (
-            record(piece) for piece in (forward_before, forward_after, backward_after, backward_before))
+        self.forward_before, self.forward_after, self.recompute_after, self.backward_after, self.backward_before = (
+            record(piece) for piece in (forward_before, forward_after, recompute_after, backward_after,
+                                        backward_before))
 
     def add_gradients(self) -> None:
         """The weights' gradients from the last backward replays, added to their .grad."""
@@ -199,7 +209,7 @@ class CheckpointGraphs(LayerReplays):
         with torch.no_grad():
             buffers.attention_output.copy_(attention_output)
             buffers.grad_output.copy_(grad_output)
-        unit.forward_after()
+        unit.recompute_after()
         unit.backward_after()
         grads = torch.autograd.grad(attention_output, query_key_value, buffers.grad_attention_output)
         with torch.no_grad():
