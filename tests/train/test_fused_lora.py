@@ -284,3 +284,37 @@ def test_fused_lora_backward_gives_peft_gradients_with_a_base_bias(autocast):
     for name in grads:
         assert fused_grads[name].dtype == grads[name].dtype, name
         torch.testing.assert_close(fused_grads[name], grads[name], **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("config_name, offload", [("LlamaConfig", False), ("LlamaConfig", True),
+                                                  ("Qwen2Config", False), ("Qwen3Config", True)])
+def test_checkpointed_layers_recompute_without_the_last_product(config_name, offload):
+    """Eager checkpointed layers (torch's checkpoint, or the offloaded one) of each LAST_PRODUCT_FEEDS_THE_OUTPUT model
+    give the loss and LoRA gradients of layers without checkpointing, with down_proj's output left unwritten in the
+    backward pass's recomputation and only there."""
+    import transformers
+
+    from tests.train.test_cuda_graphs import _loss_and_gradients, _model, assert_same_loss_and_gradients
+    from weitiao.train.fused_lora import LAST_PRODUCT_FEEDS_THE_OUTPUT, recompute_without_last_products
+    from weitiao.train.methods import decoder_layers
+    from weitiao.train.offload import offload_checkpointed_layers
+
+    config_class = getattr(transformers, config_name)
+    unchecked = _loss_and_gradients(_model(config_class))
+    model = _model(config_class)
+    assert model.config.model_type in LAST_PRODUCT_FEEDS_THE_OUTPUT
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    layers = decoder_layers(model)[1]
+    if offload:
+        offload_checkpointed_layers(layers)
+    recompute_without_last_products(layers, model.config.model_type)
+    unused = []
+    for layer in layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda module, args: unused.append(module.output_unused))
+    checked = _loss_and_gradients(model)
+    assert unused == [False] * len(layers) + [True] * len(layers)  # the forward pass, then the recomputations
+    assert_same_loss_and_gradients(checked, unchecked, rtol=1e-4, atol=1e-6)
+    functions = [layer._gradient_checkpointing_func for layer in layers]
+    recompute_without_last_products(layers, "gemma2")  # its layers normalise the MLP's output: left as they are
+    assert [layer._gradient_checkpointing_func for layer in layers] == functions

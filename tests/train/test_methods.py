@@ -10,6 +10,7 @@ from weitiao.config import load_config
 from weitiao.errors import ConfigError
 from weitiao.methods import METHODS
 from weitiao.train import run
+from weitiao.train.fused_lora import RecomputeWithoutLastProduct
 from weitiao.train.settings import Machine, resolve_settings
 
 CPU = Machine(cuda=False, device_name="cpu", bf16=False, varlen_flash=False, liger_installed=False, processes=1)
@@ -95,6 +96,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(every, offload, method,
     decoder = checkpointed.model.base_model.model.model if method == "lora" else checkpointed.model.model
     layers = [layer.gradient_checkpointing for layer in decoder.layers]
     assert layers == ([True, True] if every == 1 else [True, False])
+    # The recomputation leaves down_proj's output unwritten (fused LoRA layers; a base that trains computes it).
+    assert [isinstance(layer._gradient_checkpointing_func, RecomputeWithoutLastProduct)
+            for layer in decoder.layers if layer.gradient_checkpointing] == [True] * sum(layers)
     for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -24,9 +24,9 @@ the code before it 55.6k-78.3k (median 60.8k), on one sandboxed H200 (docs/perfo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +302,46 @@ def outputs_unused(layers: list[torch.nn.Module]) -> Iterator[None]:
     finally:
         for layer in fused:
             layer.output_unused = False
+
+
+LAST_PRODUCT_FEEDS_THE_OUTPUT = ("llama", "qwen2", "qwen3")
+"""Models whose decoder layer ends in output = residual + mlp.down_proj(...): nothing but the layer's output reads
+down_proj's (tests/train/test_fused_lora.py checks each)."""
+
+
+class RecomputeWithoutLastProduct:
+    """A checkpointed decoder layer's `_gradient_checkpointing_func` around its own (`checkpoint`): the layer's first
+    call runs as it is; every later call is the backward pass's recomputation, whose output nobody reads (the
+    output's gradient comes from the layer above), so it runs under outputs_unused for the layer's down_proj: a
+    quarter of the recomputed products."""
+
+    def __init__(self, checkpoint: Callable, layer: torch.nn.Module) -> None:
+        self.checkpoint, self.layer = checkpoint, layer
+        if hasattr(checkpoint, "hooks"):  # weitiao.train.offload's, which checkpoint_graphs looks up
+            self.hooks = checkpoint.hooks
+
+    def __call__(self, function: Callable, *inputs: Any) -> Any:
+        calls = 0
+
+        def run(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return function(*args)
+            with outputs_unused([self.layer.mlp.down_proj]):  # read now: PEFT replaces it after the wrapping
+                return function(*args)
+
+        return self.checkpoint(run, *inputs)
+
+
+def recompute_without_last_products(layers: Iterable[torch.nn.Module], model_type: str | None) -> None:
+    """The checkpointed `layers` of a LAST_PRODUCT_FEEDS_THE_OUTPUT model recompute without down_proj's product
+    (RecomputeWithoutLastProduct); fused LoRA layers skip it, other layers (full fine-tuning, QLoRA) compute it."""
+    if model_type not in LAST_PRODUCT_FEEDS_THE_OUTPUT:
+        return
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            layer._gradient_checkpointing_func = RecomputeWithoutLastProduct(layer._gradient_checkpointing_func, layer)
 
 
 # Layers that transformers' attention and MLP modules (Llama, Mistral, Qwen, Gemma, ...; Mixtral's experts) call on

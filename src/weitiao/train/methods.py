@@ -8,6 +8,7 @@ import torch
 from weitiao.config import Config
 from weitiao.errors import ConfigError
 from weitiao.runs import RunFolder
+from weitiao.train.fused_lora import recompute_without_last_products
 from weitiao.train.offload import offload_checkpointed_layers
 
 
@@ -36,6 +37,8 @@ def apply_method(model: torch.nn.Module, config: Config, offload_checkpoints: bo
                 layer.gradient_checkpointing = index % config.train.checkpoint_every == 0
         if offload_checkpoints:
             offload_checkpointed_layers(decoder_layers(model)[1], compile_layers=config.train.torch_compile)
+        if not config.train.torch_compile:  # a compiled layer would compile again for the recomputation's flag
+            recompute_without_last_products(decoder_layers(model)[1], model.config.model_type)
         if config.method != "full":
             # With frozen embeddings no input needs a gradient, so checkpointed blocks would get none either.
             model.enable_input_require_grads()
