@@ -120,8 +120,8 @@ def run_weitiao(model_dir: str, data: Path, method: str, steps: int, warmup: int
             "trainable_params": trainable}
 
 
-def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path, name: str,
-                    extra: dict | None, gaps: bool = True) -> dict:
+def profile_weitiao(model_dir: str, data: Path, method: str, checkpointing: bool, packing_length: int,
+                    results: Path, name: str, extra: dict | None, gaps: bool = True) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -138,7 +138,8 @@ def profile_weitiao(model_dir: str, data: Path, method: str, packing_length: int
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=gaps,
                  schedule=schedule(wait=1, warmup=0, active=1),
                  on_trace_ready=(lambda done: done.export_chrome_trace(str(trace))) if gaps else None) as profiler:
-        measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra, observer)
+        measured = run_weitiao(model_dir, data, method, 5, 5, checkpointing, 2048, packing_length, extra,
+                               observer)
     events = profiler.key_averages()
     kernels = [event for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
     busy = sum(event.self_device_time_total for event in kernels) / 1e3 / 5
@@ -217,8 +218,8 @@ class HostGpuLag:
         return "\n".join(lines) + "\n"
 
 
-def lag_weitiao(model_dir: str, data: Path, method: str, packing_length: int, results: Path, name: str,
-                extra: dict | None) -> dict:
+def lag_weitiao(model_dir: str, data: Path, method: str, checkpointing: bool, packing_length: int, results: Path,
+                name: str, extra: dict | None) -> dict:
     """Option `lag`: HostGpuLag's table for step 7 of a 10-step run (its tokens/s are not comparable: one sync)."""
     from weitiao.train import sft
 
@@ -232,7 +233,7 @@ def lag_weitiao(model_dir: str, data: Path, method: str, packing_length: int, re
 
     sft.apply_method_and_kernels = with_marks
     try:
-        measured = run_weitiao(model_dir, data, method, 5, 5, False, 2048, packing_length, extra)
+        measured = run_weitiao(model_dir, data, method, 5, 5, checkpointing, 2048, packing_length, extra)
     finally:
         sft.apply_method_and_kernels = original
         lag.detach()
@@ -265,7 +266,8 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
             reset_memory()
             return run_baseline(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048)
         extra = {"train.torch_compile": "compile" in options, "train.fused_lora": "peftlora" not in options,
-                 "train.cuda_graphs": True if "graphs" in options else False if "nographs" in options else None}
+                 "train.cuda_graphs": True if "graphs" in options else False if "nographs" in options else None,
+                 "train.offload_checkpoints": "offload" in options}
         budgets = [int(option[2:]) for option in options if option.startswith("ce") and option[2:].isdigit()]
         if budgets:
             kernels.LOGITS_CHUNK_BUDGET = budgets[0]
@@ -280,10 +282,10 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
         if "fp32model" in options:  # full fine-tuning's fp32 weights in the model (autocast), not the optimizer
             extra["train.master_weights"] = "model"
         if "lag" in options:  # where the GPU waits for the host, without a profiler
-            return lag_weitiao(model_dir, data, method, packing_length, Path(args.results),
+            return lag_weitiao(model_dir, data, method, checkpointing, packing_length, Path(args.results),
                                f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra)
         if "prof" in options or "kprof" in options:  # where the GPU time goes: the top kernels of a short run
-            return profile_weitiao(model_dir, data, method, packing_length, Path(args.results),
+            return profile_weitiao(model_dir, data, method, checkpointing, packing_length, Path(args.results),
                                    f"{args.shape}-{variant.replace(':', '-').replace(',', '-')}", extra,
                                    gaps="prof" in options)
         return run_weitiao(model_dir, data, method, args.steps, args.warmup, checkpointing, 2048, packing_length,
@@ -300,7 +302,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--variants", nargs="+", default=["baseline:lora", "weitiao:lora"],
-                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), 12k/16k/... (rows of "
+                        help="recipe:method[:option,...]; options: ckpt (gradient checkpointing), offload (with ckpt: "
+                             "train.offload_checkpoints), 12k/16k/... (rows of "
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), graphs/"
                              "nographs (train.cuda_graphs on / off; default: where it runs), ceN "

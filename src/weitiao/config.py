@@ -462,9 +462,10 @@ class TrainConfig(_Section):
     lora.dropout 0), stage sft or pt, packed rows on varlen attention, eager layers, one CUDA GPU, Llama, Qwen2 and
     Qwen3 models. The same losses and gradients as without (tests/gpu/test_cuda.py). None: on where it runs: the same
     speed in every process (1B LoRA on H200s: 90.9k-91.5k tokens/s at 12.52 GiB), where eager layers ran
-    91.8k-92.6k at 12.86 GiB on fast hosts and 65.6k-87.3k on hosts that pace them; with checkpointing 58.9k-59.4k
-    at 4.02-4.13 GiB against 54.0k eager on an H100 (docs/performance.md); true where it cannot run is an error that
-    says why. If the capture fails, training goes on with eager layers and says so."""
+    91.8k-92.6k at 12.86 GiB on fast hosts and 65.6k-87.3k on hosts that pace them; with checkpointing 62.2k at
+    4.02 GiB on an H100, where eager checkpointed layers ran 62.1k at 3.63 GiB on a fast host (run85) and 10% slower
+    on one that paced them (run83) (docs/performance.md); true where it cannot run is an error that says why. If
+    the capture fails, training goes on with eager layers and says so."""
     distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp"] = "ddp"
     """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
     full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3
