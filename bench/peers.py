@@ -296,7 +296,7 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
     train.master_weights: model (full fine-tuning's fp32 weights in the model, cast by autocast); `graphs` /
     `nographs` set train.cuda_graphs on / off (default: on where it runs: eager LoRA, with or without
     checkpointing); `fa4` / `fa2` set model.varlen_kernel to flash_attn_4 / torch (default: flash_attn_4 where
-    installed)."""
+    installed); `ceN` sets train.logits_chunk_budget to N."""
     kernel = "flash_attn_4" if "fa4" in options else "torch" if "fa2" in options else None
     scored = True if "scored" in options else False if "noscored" in options else None
     graphs = True if "graphs" in options else False if "nographs" in options else None
@@ -304,6 +304,9 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
              "train.scored_positions": scored, "train.cuda_graphs": graphs, "model.varlen_kernel": kernel}
     if "fp32model" in options:  # full fine-tuning's fp32 weights in the model (autocast), not in the optimizer
         extra["train.master_weights"] = "model"
+    budget = next((int(option[2:]) for option in options if option.startswith("ce") and option[2:].isdigit()), None)
+    if budget is not None:
+        extra["train.logits_chunk_budget"] = budget
     if method == "dpo":  # whole pairs packed into the rows; the same LoRA, loss and reference as TRL's row
         extra.update(stage="dpo", method="lora", **{"pref.loss": "sigmoid", "pref.beta": 0.1})
         data = write_pairs(data)
@@ -311,7 +314,7 @@ def run_weitiao_peer(model_dir: str, data: Path, method: str, options: list, arg
                 "gradient_checkpointing": "ckpt" in options, "offload_checkpoints": "offload" in options,
                 "scored_positions": "default" if scored is None else scored,
                 "cuda_graphs": "default" if graphs is None else graphs,
-                "varlen_kernel": kernel or "default",
+                "varlen_kernel": kernel or "default", "logits_chunk_budget": budget or "default",
                 **({"master_weights": "model" if "fp32model" in options else "default"} if method == "full" else {}),
                 "versions": versions("liger-kernel", "flash-attn-4",
                                      *(["bitsandbytes"] if method == "qlora" else [])),
@@ -340,7 +343,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", required=True,
                         help="peer:method[:option,...]; peers: " + ", ".join(PEERS) + "; methods: lora, qlora, full; "
                              "options: ckpt (activation checkpointing), compile, offload, scored and noscored, graphs "
-                             "and nographs, fa4 and fa2, fp32model (weitiao), flex / varlen (TRL's attention)")
+                             "and nographs, fa4 and fa2, fp32model, ceN (weitiao), flex / varlen (TRL's attention)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)

@@ -250,8 +250,6 @@ def on_gpu() -> bool:
 
 def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) -> dict:
     """One variant's tokens/s and peak memory (run in a process of its own)."""
-    from weitiao.train import kernels
-
     recipe, method, *options = variant.split(":")
     options = options[0].split(",") if options else []
     checkpointing = "ckpt" in options
@@ -270,7 +268,7 @@ def measure(variant: str, args: argparse.Namespace, model_dir: str, data: Path) 
                  "train.offload_checkpoints": "offload" in options}
         budgets = [int(option[2:]) for option in options if option.startswith("ce") and option[2:].isdigit()]
         if budgets:
-            kernels.LOGITS_CHUNK_BUDGET = budgets[0]
+            extra["train.logits_chunk_budget"] = budgets[0]
         per_step = [int(option[2:]) for option in options if option.startswith("ga") and option[2:].isdigit()]
         if per_step:
             extra["train.gradient_accumulation_steps"] = per_step[0]
@@ -307,7 +305,7 @@ def main() -> None:
                              "that many thousand tokens; 8k by default), compile (train.torch_compile), flex (flex "
                              "attention instead of varlen FlashAttention), peftlora (PEFT's own LoRA forward), graphs/"
                              "nographs (train.cuda_graphs on / off; default: where it runs), ceN "
-                             "(Liger's logits chunk budget N), gaN (N rows per optimizer step), wN (N data-loading "
+                             "(train.logits_chunk_budget N), gaN (N rows per optimizer step), wN (N data-loading "
                              "worker processes), fp32model (full fine-tuning's fp32 weights in the model), prof (a "
                              "profile, with the host's idle gaps), kprof (kernel times only: quicker), lag (how far "
                              "the GPU runs behind the host through step 7, no profiler)")

@@ -171,6 +171,24 @@ def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_a
     assert not settings(method="full").cuda_graphs and not settings(method="ia3").cuda_graphs
 
 
+def test_the_logits_chunk_budget_reaches_ligers_fused_loss_where_it_runs(monkeypatch):
+    """train.logits_chunk_budget is recorded where Liger's fused loss runs (sft and pt with Liger on a GPU) and handed
+    to it with every training forward; elsewhere nothing is passed."""
+    from weitiao.train import settings as settings_module
+    from weitiao.train.core import TokenLoss
+
+    monkeypatch.setattr(settings_module, "_liger", lambda wanted, machine, model_type: machine.cuda)  # not on a CPU
+    monkeypatch.setattr(settings_module.kernels, "liger_scores_positions", lambda model_type: True)
+    chosen = settings(train={"logits_chunk_budget": 8})
+    assert (chosen.fused_cross_entropy, chosen.logits_chunk_budget) == (True, 8)
+    assert TokenLoss(chosen).loss_kwargs == {"chunk_mem_const": 8}
+    assert settings().logits_chunk_budget == 32
+    for elsewhere in (settings(stage="dpo"), settings(train={"distributed": "zero3"}), settings(CPU)):
+        assert elsewhere.logits_chunk_budget is None and TokenLoss(elsewhere).loss_kwargs == {}
+    with pytest.raises(ConfigError, match="logits_chunk_budget"):
+        settings(train={"logits_chunk_budget": 0})
+
+
 def test_varlen_attention_runs_on_flash_attention_4_where_it_is_installed_and_refuses_it_where_not():
     """model.varlen_kernel: flash_attn_4 where the package runs on this GPU, else torch's FlashAttention; asked for
     where it cannot run, an error saying what to install; no kernel where the rows are not on varlen."""

@@ -267,7 +267,8 @@ class TokenLoss:
 
     def __init__(self, settings: Settings):
         # Passed with each training forward down to Liger's loss (older Liger versions drop what they do not know).
-        self.loss_kwargs = {"chunk_mem_const": kernels.LOGITS_CHUNK_BUDGET} if settings.fused_cross_entropy else {}
+        self.loss_kwargs = ({"chunk_mem_const": settings.logits_chunk_budget} if settings.fused_cross_entropy
+                            else {})
 
     def window_size(self, window: list[dict[str, Any]]) -> torch.Tensor:
         return sum(count_label_tokens(batch["labels"]) for batch in window)

@@ -10,14 +10,6 @@ from typing import Any
 import torch
 
 
-# Liger's fused linear + cross-entropy computes the logits chunk by chunk of tokens, the chunk size following from
-# a budget of transient logits of chunk_mem_const x tokens x hidden elements. Its default, 1, cuts an 8k-token row
-# of a 128k-vocabulary model into 256-token chunks, and under full fine-tuning each chunk reads and writes the whole
-# fp32 gradient of the output weight (2 GB for a 128k x 2k head). 32 means 4k-8k-token chunks, at most 32 times the
-# memory of the hidden states (1 GB of bf16 logits for an 8k-token row of a 2k-hidden model). Measured on the 1B
-# shape (H200): 32 vs 8, compiled LoRA 76.6k vs 73.7k tokens/s, eager full fine-tuning 56.1k vs 55.1k, +0.4-0.7 GiB.
-LOGITS_CHUNK_BUDGET = 32
-
 # Model types whose Liger forward (liger-kernel 0.8.5) takes `logits_to_keep` as positions and `shift_labels`: a
 # packed row can then send only the positions whose next token has a label through the output layer and the loss
 # (train.scored_positions), where TRL's completion-only loss computes their logits and discards them.

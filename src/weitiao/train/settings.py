@@ -96,6 +96,8 @@ class Settings:
     """Liger's RMSNorm, SwiGLU and RoPE too (off in compiled layers, which fuse those themselves)."""
     fused_cross_entropy: bool
     """Liger's fused linear + cross-entropy (the logits never materialised; off under ZeRO-3)."""
+    logits_chunk_budget: int | None
+    """train.logits_chunk_budget where the fused loss runs; None without it."""
     scored_positions: bool
     """train.scored_positions where it applies: packed SFT rows send only the positions whose next token has a label
     through the output layer and the fused loss (weitiao.train.kernels.SCORED_POSITIONS_MODEL_TYPES)."""
@@ -165,6 +167,7 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
+        logits_chunk_budget=args.logits_chunk_budget if liger and fused_cross_entropy else None,
         # Compiled layers only when asked: the scored labels, a tensor of varying length, reach the compiled layers
         # as an argument (Liger's forward passes its keyword arguments down), which would recompile them.
         scored_positions=((args.scored_positions if args.scored_positions is not None else not args.torch_compile)
