@@ -157,17 +157,23 @@ class HostGpuLag:
     before the step's first forward, then at each mark (every decoder layer's forward and backward, the loss's
     return, the optimizer step, the next forward) the host's clock and a CUDA event. The event's time minus the
     host's is the work the GPU still had queued when the host passed that point: where it falls to ~0 the GPU
-    waited for the host (launch-bound), where it grows the host ran ahead (kernel-bound)."""
+    waited for the host (launch-bound), where it grows the host ran ahead (kernel-bound). Each mark also takes the
+    peak of allocated GPU memory since the mark before (the allocator's own count: no sync), then resets it, so the
+    table says in which part of the step the run's peak falls (and the run's own peak is not reported)."""
 
     def __init__(self, step: int) -> None:
         self.step, self.steps_done, self.armed, self.marks, self.handles = step, 0, False, [], []
+        self.backward_started = False
 
     def mark(self, label: str) -> None:
         if self.armed:
-            event = torch.cuda.Event(enable_timing=True) if on_gpu() else None
-            if event is not None:
+            event = peak = None
+            if on_gpu():
+                event = torch.cuda.Event(enable_timing=True)
                 event.record()
-            self.marks.append((label, time.perf_counter(), event))
+                peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            self.marks.append((label, time.perf_counter(), event, peak))
 
     def attach(self, model) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -177,7 +183,7 @@ class HostGpuLag:
         def model_start(module, args, kwargs):
             if self.armed and self.marks:  # the next step's forward closes the recorded one
                 self.mark("next step: forward starts")
-                self.armed = False
+                self.armed = self.backward_started = False
             elif self.steps_done == self.step - 1 and not self.marks:
                 if on_gpu():
                     torch.cuda.synchronize()
@@ -186,14 +192,21 @@ class HostGpuLag:
 
         def layer_start(index):
             def hook(module, args, kwargs):
+                if self.backward_started:  # a checkpointed layer's forward again, in the backward pass
+                    self.mark(f"layer {index} recomputed")
+                    return
                 self.mark(f"layer {index} forward")
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if self.armed and hidden is not None and hidden.requires_grad:
                     hidden.register_hook(lambda grad: self.mark(f"layer {index} backward done"))
             return hook
 
+        def model_end(*_):
+            self.mark("forward returned (loss included)")
+            self.backward_started = self.armed
+
         self.handles = [model.register_forward_pre_hook(model_start, with_kwargs=True),
-                        model.register_forward_hook(lambda *_: self.mark("forward returned (loss included)")),
+                        model.register_forward_hook(model_end),
                         *(layer.register_forward_pre_hook(layer_start(index), with_kwargs=True)
                           for index, layer in enumerate(decoder_layers(model)[1])),
                         register_optimizer_step_pre_hook(lambda *_: self.mark("backward done: optimizer step starts"))]
@@ -210,17 +223,20 @@ class HostGpuLag:
     def table(self) -> str:
         if len(self.marks) < 2:
             return "no step recorded\n"
-        _, host0, event0 = self.marks[0]
-        lines = [f"{'mark':42s} {'host ms':>9s} {'GPU ms':>9s} {'GPU behind by':>14s}"]
-        for label, host, event in self.marks:
+        _, host0, event0, _ = self.marks[0]
+        lines = [f"{'mark':42s} {'host ms':>9s} {'GPU ms':>9s} {'GPU behind by':>14s} {'peak GiB since':>15s}"]
+        for label, host, event, peak in self.marks:
             gpu = event0.elapsed_time(event) if event is not None else float("nan")
-            lines.append(f"{label:42s} {(host - host0) * 1e3:9.2f} {gpu:9.2f} {gpu - (host - host0) * 1e3:14.2f}")
+            peak_gib = peak / 2**30 if peak is not None else float("nan")
+            lines.append(f"{label:42s} {(host - host0) * 1e3:9.2f} {gpu:9.2f} {gpu - (host - host0) * 1e3:14.2f} "
+                         f"{peak_gib:15.3f}")
         return "\n".join(lines) + "\n"
 
 
 def lag_weitiao(model_dir: str, data: Path, method: str, checkpointing: bool, packing_length: int, results: Path,
                 name: str, extra: dict | None) -> dict:
-    """Option `lag`: HostGpuLag's table for step 7 of a 10-step run (its tokens/s are not comparable: one sync)."""
+    """Option `lag`: HostGpuLag's table for step 7 of a 10-step run (its tokens/s are not comparable: one sync; nor
+    is its peak, reset at each mark)."""
     from weitiao.train import sft
 
     lag = HostGpuLag(step=7)
@@ -308,7 +324,7 @@ def main() -> None:
                              "(train.logits_chunk_budget N), gaN (N rows per optimizer step), wN (N data-loading "
                              "worker processes), fp32model (full fine-tuning's fp32 weights in the model), prof (a "
                              "profile, with the host's idle gaps), kprof (kernel times only: quicker), lag (how far "
-                             "the GPU runs behind the host through step 7, no profiler)")
+                             "the GPU runs behind the host through step 7, and where its memory peaks; no profiler)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=3000)

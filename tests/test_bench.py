@@ -81,15 +81,41 @@ def test_lag_marks_each_layer_of_the_chosen_step_in_order(tiny_model_dir):
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert [label for label, _, _ in lag.marks] == [
+    assert [label for label, _, _, _ in lag.marks] == [
         "forward starts (after a sync)", "layer 0 forward", "layer 1 forward", "forward returned (loss included)",
         "layer 1 backward done", "layer 0 backward done", "backward done: optimizer step starts",
         "optimizer step launched", "next step: forward starts"]
-    hosts = [host for _, host, _ in lag.marks]
+    hosts = [host for _, host, _, _ in lag.marks]
     assert hosts == sorted(hosts)
     assert lag.steps_done == 3
     lag.detach()
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert lag.steps_done == 3 and len(lag.marks) == 9
-    assert "layer 1 backward done" in lag.table()
+    assert "layer 1 backward done" in lag.table() and all(peak is None for *_, peak in lag.marks)  # no GPU here
+
+
+def test_lag_names_a_checkpointed_layers_recomputation_and_marks_its_backward_once(tiny_model_dir):
+    """With gradient checkpointing each layer's forward runs again in the backward pass: marked as its recomputation,
+    before that layer's single `backward done`."""
+    from transformers import AutoModelForCausalLM
+
+    import train_speed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    lag = train_speed.HostGpuLag(step=1)
+    lag.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(5, 100, (1, 8))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lag.detach()
+    assert [label for label, *_ in lag.marks] == [
+        "forward starts (after a sync)", "layer 0 forward", "layer 1 forward", "forward returned (loss included)",
+        "layer 1 recomputed", "layer 1 backward done", "layer 0 recomputed", "layer 0 backward done",
+        "backward done: optimizer step starts", "optimizer step launched", "next step: forward starts"]
