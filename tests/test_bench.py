@@ -65,32 +65,41 @@ def test_each_peer_is_paired_with_the_fastest_weitiao_row_inside_its_memory(caps
     assert lines["weitiao:full"].rstrip().endswith("%")  # no full fine-tuning peer in the table
 
 
+def _train_with_lag(model, step: int, steps: int):
+    """`steps` SGD steps of `model` on one short row, HostGpuLag marking step `step`; returns the lag, its hooks
+    still attached, and a function that runs one more step."""
+    import train_speed
+
+    lag = train_speed.HostGpuLag(step=step)
+    lag.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(5, 100, (1, 8))
+
+    def train_step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(steps):
+        train_step()
+    return lag, train_step
+
+
 def test_lag_marks_each_layer_of_the_chosen_step_in_order(tiny_model_dir):
     """bench/train_speed.py's `lag` option: marks only in the chosen optimizer step, each decoder layer's forward in
     order, their backward in reverse, the optimizer step, then the next step's start; hooks gone afterwards."""
     from transformers import AutoModelForCausalLM
 
-    import train_speed
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lag = train_speed.HostGpuLag(step=2)
-    lag.attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ids = torch.randint(5, 100, (1, 8))
-    for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert [label for label, _, _, _ in lag.marks] == [
+    lag, train_step = _train_with_lag(AutoModelForCausalLM.from_pretrained(tiny_model_dir), step=2, steps=3)
+    assert [label for label, *_ in lag.marks] == [
         "forward starts (after a sync)", "layer 0 forward", "layer 1 forward", "forward returned (loss included)",
         "layer 1 backward done", "layer 0 backward done", "backward done: optimizer step starts",
         "optimizer step launched", "next step: forward starts"]
-    hosts = [host for _, host, _, _ in lag.marks]
+    hosts = [host for _, host, *_ in lag.marks]
     assert hosts == sorted(hosts)
     assert lag.steps_done == 3
     lag.detach()
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
+    train_step()
     assert lag.steps_done == 3 and len(lag.marks) == 9
     assert "layer 1 backward done" in lag.table() and all(peak is None for *_, peak in lag.marks)  # no GPU here
 
@@ -100,20 +109,11 @@ def test_lag_names_a_checkpointed_layers_recomputation_and_marks_its_backward_on
     before that layer's single `backward done`."""
     from transformers import AutoModelForCausalLM
 
-    import train_speed
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
     model.train()
-    lag = train_speed.HostGpuLag(step=1)
-    lag.attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ids = torch.randint(5, 100, (1, 8))
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    lag, _ = _train_with_lag(model, step=1, steps=2)
     lag.detach()
     assert [label for label, *_ in lag.marks] == [
         "forward starts (after a sync)", "layer 0 forward", "layer 1 forward", "forward returned (loss included)",
