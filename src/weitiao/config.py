@@ -421,15 +421,17 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1, ge=1)
     """With gradient_checkpointing: recompute every Nth decoder layer only (2 keeps the activations of half the
     layers: more memory than 1, less recomputation)."""
-    logits_chunk_budget: int = Field(32, ge=1)
+    logits_chunk_budget: int | None = Field(None, ge=1)
     """With Liger's fused linear + cross-entropy (GPU runs of stage sft or pt): how many times the hidden states' size
     the output layer's logits may take at once. Liger (0.8.5) computes them a chunk of tokens at a time, chunks of
     next_power_of_2(ceil(tokens / ceil(vocabulary / (budget x hidden size)))) tokens, the tokens being the row's
     scored positions with train.scored_positions. 32: a 1B Llama's 8k-token row (128k vocabulary, hidden size 2,048)
-    in 4,096-token chunks, 1 GiB of bf16 logits at once; 8: 1,024-token chunks, 256 MiB, for less memory (1B on an
-    H200: compiled LoRA 76.6k vs 73.7k tokens/s at 32 vs 8, eager full fine-tuning 56.1k vs 55.1k, 0.4-0.7 GiB more
-    at 32). Liger's own default, 1, cuts that row into 256-token chunks, and under full fine-tuning each chunk reads
-    and writes the whole fp32 gradient of the output weight (2 GB for a 128k x 2k head)."""
+    in 4,096-token chunks, 1 GiB of bf16 logits at once; 8: 1,024-token chunks, 256 MiB. None: 8 with
+    gradient_checkpointing, where that chunk is the step's peak (1B LoRA at 8k on an H100: 3.52 vs 4.02 GiB at
+    61.7k vs 62.3k tokens/s; eager layers 3.38 vs 3.63 GiB), 32 otherwise, where the layers' activations dwarf it
+    (1B on an H200: compiled LoRA 76.6k vs 73.7k tokens/s at 32 vs 8, eager full fine-tuning 56.1k vs 55.1k).
+    Liger's own default, 1, cuts that row into 256-token chunks, and under full fine-tuning each chunk reads and
+    writes the whole fp32 gradient of the output weight (2 GB for a 128k x 2k head)."""
     offload_checkpoints: bool | None = None
     """With gradient_checkpointing on a GPU: keep each checkpointed layer's input in pinned CPU memory until its
     backward pass (unsloth's "unsloth" checkpointing): 2 bytes x hidden size per token per layer less GPU memory

@@ -173,7 +173,7 @@ def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_a
 
 def test_the_logits_chunk_budget_reaches_ligers_fused_loss_where_it_runs(monkeypatch):
     """train.logits_chunk_budget is recorded where Liger's fused loss runs (sft and pt with Liger on a GPU) and handed
-    to it with every training forward; elsewhere nothing is passed."""
+    to it with every training forward, 8 by default with checkpointing and 32 without; elsewhere nothing is passed."""
     from weitiao.train import settings as settings_module
     from weitiao.train.core import TokenLoss
 
@@ -183,6 +183,8 @@ def test_the_logits_chunk_budget_reaches_ligers_fused_loss_where_it_runs(monkeyp
     assert (chosen.fused_cross_entropy, chosen.logits_chunk_budget) == (True, 8)
     assert TokenLoss(chosen).loss_kwargs == {"chunk_mem_const": 8}
     assert settings().logits_chunk_budget == 32
+    assert settings(train={"gradient_checkpointing": True}).logits_chunk_budget == 8  # the logits chunk is its peak
+    assert settings(train={"gradient_checkpointing": True, "logits_chunk_budget": 32}).logits_chunk_budget == 32
     for elsewhere in (settings(stage="dpo"), settings(train={"distributed": "zero3"}), settings(CPU)):
         assert elsewhere.logits_chunk_budget is None and TokenLoss(elsewhere).loss_kwargs == {}
     with pytest.raises(ConfigError, match="logits_chunk_budget"):

@@ -167,7 +167,8 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
-        logits_chunk_budget=args.logits_chunk_budget if liger and fused_cross_entropy else None,
+        logits_chunk_budget=(args.logits_chunk_budget or (8 if args.gradient_checkpointing else 32)
+                             if liger and fused_cross_entropy else None),  # see the config's docs for why 8 and 32
         # Compiled layers only when asked: the scored labels, a tensor of varying length, reach the compiled layers
         # as an argument (Liger's forward passes its keyword arguments down), which would recompile them.
         scored_positions=((args.scored_positions if args.scored_positions is not None else not args.torch_compile)
