@@ -3,12 +3,16 @@ again where its graph would replay: the model's loss and LoRA gradients with and
 over micro-batches, only the layers' inputs kept by the forward pass. The graphs themselves run in
 tests/gpu/test_cuda.py."""
 
+import weakref
+
 import pytest
 import torch
 from transformers import LlamaConfig, Qwen3Config
 
 from tests.train.test_cuda_graphs import (LENGTHS, _loss_and_gradients, _model, _packed_row,
                                           assert_same_loss_and_gradients)
+from weitiao.train import checkpoint_graphs
+from weitiao.train.attention import varlen_attention_forward
 from weitiao.train.checkpoint_graphs import CheckpointGraphs, _Buffers
 from weitiao.train.methods import decoder_layers
 from weitiao.train.offload import OffloadedCheckpoint, OffloadedSavedTensors, offload_checkpointed_layers
@@ -89,6 +93,78 @@ def test_the_forward_pass_keeps_only_the_layers_inputs(monkeypatch):
     CheckpointGraphs(decoder_layers(model)[1])
     model(**row, use_cache=False)
     assert saved == checkpointed == [(1, sum(LENGTHS), 64)] * 2  # two layers
+
+
+def _kept_attention_on_the_cpu(monkeypatch) -> list[int]:
+    """FlashAttention's forward keeping its log-sum-exp and its backward from them, as a CPU runs them: the
+    per-example attention, whose log-sum-exp stands in as any tensor made from the output; the backward checks that
+    it gets that output and that tensor back, and differentiates the attention again. Returns the backward calls."""
+    backward_calls = []
+
+    def forward(query, key, value, scaling, **kwargs):
+        output = varlen_attention_forward(None, query, key, value, None, scaling=scaling, **kwargs)[0]
+        output = output.reshape(-1, *output.shape[2:])
+        return output, output.float().logsumexp(-1)
+
+    def backward(grad_output, query, key, value, output, lse, scaling, **kwargs):
+        backward_calls.append(len(backward_calls))
+        query, key, value = (tensor.detach().requires_grad_() for tensor in (query, key, value))
+        with torch.enable_grad():
+            again = varlen_attention_forward(None, query, key, value, None, scaling=scaling, **kwargs)[0]
+        assert torch.equal(again.reshape_as(output), output) and torch.equal(lse, output.float().logsumexp(-1))
+        return torch.autograd.grad(again, (query, key, value), grad_output.view_as(again))
+
+    monkeypatch.setattr(checkpoint_graphs, "varlen_forward_keeping", forward)
+    monkeypatch.setattr(checkpoint_graphs, "varlen_backward_from_kept", backward)
+    return backward_calls
+
+
+def test_kept_attention_gives_the_models_loss_and_gradients_and_is_saved_beside_the_input(monkeypatch):
+    """keep_attention: each layer saves its input, attention's output and its log-sum-exp (through the offloading
+    hooks), and its backward replay takes attention's gradients from them, giving the model's loss and gradients."""
+    saved = []
+    pack = OffloadedSavedTensors._pack
+    monkeypatch.setattr(OffloadedSavedTensors, "_pack", lambda self, t: saved.append(tuple(t.shape)) or pack(self, t))
+    unchecked = _loss_and_gradients(_model(LlamaConfig))
+    model = _checkpointed(LlamaConfig, offload=True)
+    backward_calls = _kept_attention_on_the_cpu(monkeypatch)
+    _replaying(monkeypatch)
+    CheckpointGraphs(decoder_layers(model)[1], keep_attention=True)
+    saved.clear()
+    replayed = _loss_and_gradients(model)
+    assert_same_loss_and_gradients(replayed, unchecked, rtol=1e-4, atol=1e-6)
+    tokens = sum(LENGTHS)
+    assert saved == [(1, tokens, 64), (tokens, 4, 16), (tokens, 4)] * 2  # two layers: input, output, log-sum-exp
+    assert len(backward_calls) == 2
+
+
+def test_taking_back_a_layers_saved_tensors_fetches_all_that_the_layer_before_saved():
+    """The offloading hooks copy back ahead what the entry before saved (a layer's input and kept attention), and
+    nothing of the entries before that (GPU memory), whatever the order the layer takes its own back in."""
+    fetched = []
+
+    class Copy:
+        def __init__(self, name, entry, before):
+            self.name, self.entry, self.saved_before = name, entry, before and weakref.ref(before)
+
+        def take(self):
+            return torch.zeros(1)
+
+        def fetch_ahead(self, stream):  # as HostCopy's: a second call does nothing
+            if self.name not in fetched:
+                fetched.append(self.name)
+
+    copies, before = [], None
+    for entry in (1, 2, 3):
+        for name in ("input", "output", "lse"):
+            before = Copy(f"{name} {entry}", entry, before)
+            copies.append(before)
+    hooks = OffloadedSavedTensors()
+    for copy in copies[6:]:  # the last layer takes its own back first
+        hooks._unpack(copy)
+    assert sorted(fetched) == ["input 2", "lse 2", "output 2"]
+    hooks._unpack(copies[4])
+    assert sorted(fetched[3:]) == ["input 1", "lse 1", "output 1"]
 
 
 def test_without_a_gpu_the_layers_run_their_own_checkpoint():

@@ -191,6 +191,23 @@ def test_the_logits_chunk_budget_reaches_ligers_fused_loss_where_it_runs(monkeyp
         settings(train={"logits_chunk_budget": 0})
 
 
+def test_checkpointed_graphs_keep_attention_where_its_backward_runs_alone_and_their_inputs_are_offloaded():
+    """Settings.checkpoint_keeps_attention: on for checkpointed layers on CUDA graphs with offloaded inputs and
+    torch's varlen kernels, where torch runs FlashAttention's backward alone; off wherever one of those is missing
+    (kept on the GPU it would double the checkpoints' memory)."""
+    checkpointing = {"gradient_checkpointing": True}
+    able = replace(H200, varlen_backward_alone=True)
+    chosen = settings(able, train=checkpointing)
+    assert (chosen.cuda_graphs, chosen.offload_checkpoints, chosen.varlen_kernel) == (True, True, "torch")
+    assert chosen.checkpoint_keeps_attention
+    assert not settings(H200, train=checkpointing).checkpoint_keeps_attention  # a torch without it
+    assert not settings(able).checkpoint_keeps_attention  # nothing is recomputed
+    for off in ({"offload_checkpoints": False}, {"cuda_graphs": False}):
+        assert not settings(able, train={**checkpointing, **off}).checkpoint_keeps_attention, off
+    assert not settings(replace(able, flash_attn_4=True), train=checkpointing).checkpoint_keeps_attention
+    assert not settings(CPU, train=checkpointing).checkpoint_keeps_attention
+
+
 def test_varlen_attention_runs_on_flash_attention_4_where_it_is_installed_and_refuses_it_where_not():
     """model.varlen_kernel: flash_attn_4 where the package runs on this GPU, else torch's FlashAttention; asked for
     where it cannot run, an error saying what to install; no kernel where the rows are not on varlen."""

@@ -134,12 +134,10 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise ValueError("varlen attention implements plain causal attention: no attention dropout, sliding window "
                          "or logit soft-capping; set model.attn_implementation: flex_attention for this model")
-    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
+    flat = _flat(query, key, value)
     if query.is_cuda:
-        # Under autocast with fp32 weights (full fine-tuning), RoPE leaves q and k in fp32 while v comes out of a
-        # bf16 matmul: FlashAttention takes one 16-bit dtype.
-        q, k, v = (t.to(value.dtype) for t in flat)
-        longest = kwargs.get("max_length_q") or int(boundaries.diff().max())
+        q, k, v = flat
+        longest = _longest(boundaries, kwargs)
         if kernel == FLASH_ATTN_4:
             from flash_attn.cute import flash_attn_varlen_func
 
@@ -153,6 +151,60 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:
         output = _per_example_sdpa(*flat, boundaries.tolist(), scaling)
     return output.view(batch, length, heads, dim), None
+
+
+def keeps_attention_output() -> bool:
+    """Whether this torch's FlashAttention varlen can return its log-sum-exp and run its backward pass alone, from a
+    kept output (varlen_forward_keeping, varlen_backward_from_kept): torch 2.11 and later."""
+    if not has_varlen_flash_attention():
+        return False
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    return ("return_aux" in parameters and "window_size" in parameters
+            and hasattr(torch.ops.torch_attn, "_varlen_attn_backward"))
+
+
+def varlen_forward_keeping(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                           **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows' causal attention on torch's FlashAttention varlen, without autograd: query (B, Hq, T, D), key and
+    value (B, Hkv, T, D), `kwargs` the call's (cu_seq_lens_q, max_length_q). Returns the output (B*T, Hq, D) and the
+    log-sum-exp, which varlen_backward_from_kept takes in place of a second forward pass."""
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+    boundaries = kwargs["cu_seq_lens_q"]
+    longest = _longest(boundaries, kwargs)
+    return varlen_attn(*_flat(query, key, value), boundaries, boundaries, longest, longest, scale=scaling,
+                       return_aux=AuxRequest(lse=True), **_flash_options)
+
+
+def varlen_backward_from_kept(grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              output: torch.Tensor, lse: torch.Tensor, scaling: float | None, **kwargs
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of query, key and value (their (B, H, T, D) layout) from varlen_forward_keeping's output and
+    log-sum-exp: the kernel autograd would run, without the forward pass it would need first. `grad_output` has
+    the output's elements."""
+    boundaries = kwargs["cu_seq_lens_q"]
+    longest = _longest(boundaries, kwargs)
+    batch, _, length, _ = query.shape
+    no_dropout_rng = torch.zeros(2, dtype=torch.uint64, device=query.device)  # what the forward op returns
+    grads = torch.ops.torch_attn._varlen_attn_backward(
+        grad_output.view_as(output), *_flat(query, key, value), output, lse, boundaries, boundaries, longest, longest,
+        True, no_dropout_rng, scaling, [-1, 0])  # causal: the window register_varlen_attention gives the forward
+    return tuple(grad.view(batch, length, *grad.shape[1:]).transpose(1, 2) for grad in grads)
+
+
+def _flat(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
+    """(B, H, T, D) to varlen's (B*T, H, D); on a GPU in value's dtype: under autocast with fp32 weights (full
+    fine-tuning), RoPE leaves q and k in fp32 while v comes out of a bf16 matmul, and FlashAttention takes one 16-bit
+    dtype."""
+    batch, _, length, dim = query.shape
+    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
+    return [t.to(value.dtype) for t in flat] if query.is_cuda else flat
+
+
+def _longest(boundaries: torch.Tensor, kwargs: dict[str, Any]) -> int:
+    return kwargs.get("max_length_q") or int(boundaries.diff().max())
 
 
 def _per_example_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],

@@ -18,8 +18,10 @@ layers' graphs can share one layer's worth of memory:
 - Replays of different layers never overlap. The forward pass replays each layer's two forward pieces in turn (the
   activations they save go unused). The backward pass replays one layer's whole unit at a time.
 
-The layer's input is the only thing kept for the backward pass. With train.offload_checkpoints it is kept in CPU
-memory, by the saved-tensor hooks of weitiao.train.offload. After each layer's backward replay its weights'
+The layer's input is the only thing kept for the backward pass, unless `keep_attention`: then attention's output and
+log-sum-exp are kept too, and the backward pass runs FlashAttention's backward kernel from them instead of attention's
+forward again (weitiao.train.attention.varlen_backward_from_kept). With train.offload_checkpoints what is kept is in
+CPU memory, by the saved-tensor hooks of weitiao.train.offload. After each layer's backward replay its weights'
 gradients are added to their .grad. Calls that cannot replay run the layer's own checkpoint function: evaluation,
 another row shape, no example boundaries. So do all calls after a failed capture.
 """
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from weitiao.train.attention import varlen_backward_from_kept, varlen_forward_keeping
 from weitiao.train.cuda_graphs import AfterAttention, BeforeAttention, LayerReplays, attend
 from weitiao.train.fused_lora import outputs_unused
 
@@ -137,30 +140,35 @@ class _Unit:
 
 
 class _CheckpointedLayer(torch.autograd.Function):
-    """A checkpointed layer on the graphs: its input saved, its forward replayed again in the backward pass."""
+    """A checkpointed layer on the graphs: its input saved (and attention's output, where kept), its forward
+    replayed again in the backward pass."""
 
     @staticmethod
     def forward(ctx, hidden_states: torch.Tensor, graphs: CheckpointGraphs, index: int, call: dict[str, Any]
                 ) -> torch.Tensor:
         ctx.graphs, ctx.index, ctx.call = graphs, index, call
-        ctx.save_for_backward(hidden_states)
-        return graphs.forward_layer(index, hidden_states, call)
+        output, kept_attention = graphs.forward_layer(index, hidden_states, call)
+        ctx.save_for_backward(hidden_states, *kept_attention)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (hidden_states,) = ctx.saved_tensors
-        return ctx.graphs.backward_layer(ctx.index, hidden_states, ctx.call, grad_output), None, None, None
+        hidden_states, *kept_attention = ctx.saved_tensors
+        return (ctx.graphs.backward_layer(ctx.index, hidden_states, kept_attention, ctx.call, grad_output),
+                None, None, None)
 
 
 class CheckpointGraphs(LayerReplays):
     """The model's checkpointed decoder layers replayed from CUDA graphs while they train on rows of the captured
     shape (see the module's docstring); every other call runs the layer's own checkpoint function. `remove` gives
-    the layers back their own."""
+    the layers back their own. `keep_attention`: the layers attend with torch's FlashAttention varlen (packed rows),
+    and attention's output and log-sum-exp are kept for the backward pass (Settings.checkpoint_keeps_attention)."""
 
     what = "the checkpointed layers"
 
-    def __init__(self, layers: torch.nn.ModuleList) -> None:
+    def __init__(self, layers: torch.nn.ModuleList, keep_attention: bool = False) -> None:
         super().__init__([layer for layer in layers if getattr(layer, "gradient_checkpointing", False)])
+        self.keep_attention = keep_attention
         self.checkpoint_functions = [layer._gradient_checkpointing_func for layer in self.layers]
         # The offloaded checkpoint's hooks (weitiao.train.offload) keep the saved inputs in CPU memory here too.
         self.saved_tensor_hooks = next((function.hooks for function in self.checkpoint_functions
@@ -187,31 +195,46 @@ class CheckpointGraphs(LayerReplays):
         with self.saved_tensor_hooks:
             return _CheckpointedLayer.apply(args[0], self, index, function.keywords)
 
-    def forward_layer(self, index: int, hidden_states: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
-        """The layer's output, kept nothing for its backward."""
+    def forward_layer(self, index: int, hidden_states: torch.Tensor, call: dict[str, Any]
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The layer's output, and what its backward keeps of attention: its output and log-sum-exp with
+        keep_attention, else nothing."""
         buffers, unit = self.buffers, self.units[index]
         buffers.load(hidden_states, call["position_embeddings"])
         unit.forward_before()
         with torch.no_grad():
-            buffers.attention_output.copy_(self._attend(index, *buffers.query_key_value, call))
+            if self.keep_attention:
+                kept = varlen_forward_keeping(*buffers.query_key_value, self._scaling(index),
+                                              **self._attention_arguments(call))
+                attention_output = kept[0]
+            else:
+                kept, attention_output = (), self._attend(index, *buffers.query_key_value, call)
+            buffers.attention_output.copy_(attention_output.view_as(buffers.attention_output))
         unit.forward_after()
-        return buffers.output.clone()  # the buffer is the next layer's to write
+        return buffers.output.clone(), kept  # the buffer is the next layer's to write
 
-    def backward_layer(self, index: int, hidden_states: torch.Tensor, call: dict[str, Any],
-                       grad_output: torch.Tensor) -> torch.Tensor:
+    def backward_layer(self, index: int, hidden_states: torch.Tensor, kept_attention: list[torch.Tensor],
+                       call: dict[str, Any], grad_output: torch.Tensor) -> torch.Tensor:
         """The gradient of the layer's input; its weights' gradients added to their .grad."""
         buffers, unit = self.buffers, self.units[index]
         buffers.load(hidden_states, call["position_embeddings"])
         unit.forward_before()
-        query_key_value = tuple(tensor.detach().requires_grad_() for tensor in buffers.query_key_value)
-        with torch.enable_grad():
-            attention_output = self._attend(index, *query_key_value, call)
+        if kept_attention:
+            attention_output = kept_attention[0]
+        else:
+            query_key_value = tuple(tensor.detach().requires_grad_() for tensor in buffers.query_key_value)
+            with torch.enable_grad():
+                attention_output = self._attend(index, *query_key_value, call)
         with torch.no_grad():
-            buffers.attention_output.copy_(attention_output)
+            buffers.attention_output.copy_(attention_output.view_as(buffers.attention_output))
             buffers.grad_output.copy_(grad_output)
         unit.recompute_after()
         unit.backward_after()
-        grads = torch.autograd.grad(attention_output, query_key_value, buffers.grad_attention_output)
+        if kept_attention:
+            grads = varlen_backward_from_kept(buffers.grad_attention_output, *buffers.query_key_value, *kept_attention,
+                                              self._scaling(index), **self._attention_arguments(call))
+        else:
+            grads = torch.autograd.grad(attention_output, query_key_value, buffers.grad_attention_output)
         with torch.no_grad():
             for buffer, grad in zip(buffers.grad_query_key_value, grads):
                 buffer.copy_(grad)
@@ -221,8 +244,15 @@ class CheckpointGraphs(LayerReplays):
 
     def _attend(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 call: dict[str, Any]) -> torch.Tensor:
-        arguments = {name: value for name, value in call.items() if name not in LAYER_ARGUMENTS}
-        return attend(self.layers[index].self_attn, query, key, value, call.get("attention_mask"), **arguments)
+        return attend(self.layers[index].self_attn, query, key, value, call.get("attention_mask"),
+                      **self._attention_arguments(call))
+
+    def _scaling(self, index: int) -> float:
+        return self.layers[index].self_attn.scaling
+
+    @staticmethod
+    def _attention_arguments(call: dict[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in call.items() if name not in LAYER_ARGUMENTS}
 
     def _replays(self, args: tuple, call: dict[str, Any]) -> bool:
         hidden_states = args[0] if len(args) == 1 else None

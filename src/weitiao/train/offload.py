@@ -9,9 +9,10 @@ hooks that move it. Nothing else moves: the hooks are active only while a checkp
 layer's own computation runs without saving anything (it is recomputed in the backward pass).
 
 The copies out run on a side stream, so the GPU does not wait for them. The copies back run on that stream too, one
-layer ahead: taking back a layer's input starts copying back the input of the layer before it, which the backward
-pass needs next, so the copy overlaps a layer's recomputation and backward (copied back on the compute stream when
-the layer needed it, each input, 32 MiB at 8k tokens of a 1B model, held the GPU until it had arrived).
+layer ahead: taking back a layer's input starts copying back what the layer before it saved (its input, and with
+weitiao.train.checkpoint_graphs' kept attention its attention output), which the backward pass needs next, so the
+copy overlaps a layer's recomputation and backward (copied back on the compute stream when the layer needed it, each
+input, 32 MiB at 8k tokens of a 1B model, held the GPU until it had arrived).
 
 With compiled layers (train.torch_compile) each layer's own forward is compiled in place and the checkpoint call
 around it stays eager: saved-tensor hooks do not run inside compiled code, and accelerate's regional compilation
@@ -19,7 +20,7 @@ compiles the layer's call together with its checkpoint."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 import weakref
 from typing import Any
 
@@ -30,11 +31,13 @@ MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are
 
 
 class HostCopy:
-    """A saved tensor's copy in pinned CPU memory, and a link to the one saved before it (backward needs that one
+    """A saved tensor's copy in pinned CPU memory, the number of the hooks' entry that saved it (one entry per
+    checkpointed layer's call), and a link to the one saved before it (backward needs those of the entry before
     next)."""
 
     def __init__(self, tensor: torch.Tensor, copy_stream: torch.cuda.Stream,
-                 saved_before: weakref.ref[HostCopy] | None) -> None:
+                 saved_before: weakref.ref[HostCopy] | None, entry: int) -> None:
+        self.entry = entry
         self.device = tensor.device
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
         copy_stream.wait_stream(torch.cuda.current_stream())  # the tensor is written by now
@@ -75,19 +78,25 @@ class HostCopy:
 
 class OffloadedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Inside this context, every saved CUDA tensor of at least MIN_BYTES is copied to pinned CPU memory on a side
-    stream. The backward pass needs them in the reverse order: taking one back starts copying back the one saved
-    before it, so that copy overlaps the layer's recomputation and backward instead of stalling the GPU."""
+    stream. The backward pass needs them in the reverse order of the entries into the context (one per checkpointed
+    layer): taking one back starts copying back all that the entry before saved, so that copy overlaps the layer's
+    recomputation and backward instead of stalling the GPU."""
 
     def __init__(self) -> None:
         self.copy_stream: torch.cuda.Stream | None = None  # made at the first CUDA tensor
         self.last_saved: weakref.ref[HostCopy] | None = None
+        self.entries = 0
         super().__init__(self._pack, self._unpack)
+
+    def __enter__(self) -> None:
+        self.entries += 1
+        super().__enter__()
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if not tensor.is_cuda or tensor.numel() * tensor.element_size() < MIN_BYTES:
             return tensor
         self.copy_stream = self.copy_stream or torch.cuda.Stream()
-        saved = HostCopy(tensor, self.copy_stream, self.last_saved)
+        saved = HostCopy(tensor, self.copy_stream, self.last_saved, self.entries)
         self.last_saved = weakref.ref(saved)
         return saved
 
@@ -95,10 +104,20 @@ class OffloadedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         if isinstance(packed, torch.Tensor):
             return packed
         tensor = packed.take()
-        saved_before = packed.saved_before() if packed.saved_before is not None else None
-        if saved_before is not None:
-            saved_before.fetch_ahead(self.copy_stream)
+        for saved_before in _saved_before(packed):  # the same entry's (taken or taken next), then the entry before's
+            if saved_before.entry < packed.entry - 1:
+                break
+            if saved_before.entry == packed.entry - 1:
+                saved_before.fetch_ahead(self.copy_stream)
         return tensor
+
+
+def _saved_before(saved: HostCopy) -> Iterator[HostCopy]:
+    """The copies saved before `saved` that still exist, latest first."""
+    link = saved.saved_before
+    while link is not None and (before := link()) is not None:
+        yield before
+        link = before.saved_before
 
 
 class OffloadedCheckpoint:

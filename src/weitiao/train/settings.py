@@ -20,7 +20,7 @@ from weitiao.cpu import pick_cpu_threads
 from weitiao.errors import ConfigError
 from weitiao.train import kernels
 from weitiao.train.attention import (FLASH_ATTN_4, PACKED_VARLEN, TORCH_FLASH, VARLEN, has_flash_attn_4,
-                                     has_varlen_flash_attention, packed_row_attention)
+                                     has_varlen_flash_attention, keeps_attention_output, packed_row_attention)
 from weitiao.train.cuda_graphs import GRAPHED_MODEL_TYPES
 
 # The attention that padded batches (evaluation, the returned model) get instead of the one for packed training rows.
@@ -48,6 +48,9 @@ class Machine:
     """Triton importable (weitiao.train.master_adamw's kernel)."""
     flash_attn_4: bool = False
     """flash-attn-4 installed and its kernels run here (attention.has_flash_attn_4)."""
+    varlen_backward_alone: bool = False
+    """torch's FlashAttention varlen returns its log-sum-exp and runs its backward alone (torch >= 2.11,
+    attention.keeps_attention_output)."""
 
     @classmethod
     def detect(cls, cpu_threads: int | None = None) -> Machine:
@@ -61,7 +64,8 @@ class Machine:
                    bf16=cuda and torch.cuda.is_bf16_supported(), varlen_flash=has_varlen_flash_attention(device),
                    liger_installed=importlib.util.find_spec("liger_kernel") is not None, processes=processes,
                    cpu_threads=threads, triton_installed=importlib.util.find_spec("triton") is not None,
-                   flash_attn_4=cuda and has_flash_attn_4(device))
+                   flash_attn_4=cuda and has_flash_attn_4(device),
+                   varlen_backward_alone=cuda and keeps_attention_output())
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class Settings:
     torch_compile: bool
     offload_checkpoints: bool
     """Checkpointed layer inputs kept in pinned CPU memory (weitiao.train.offload)."""
+    checkpoint_keeps_attention: bool
+    """Checkpointed layers on CUDA graphs with offloaded inputs keep attention's output and log-sum-exp beside their
+    input, and their backward pass runs FlashAttention's backward from them without attention's forward again
+    (torch's varlen kernels; weitiao.train.checkpoint_graphs)."""
     loader_workers: int
     tf32: bool
     row_length: int | None
@@ -158,12 +166,17 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
                else "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype)
     if weights == "auto":
         weights = "bfloat16" if machine.bf16 else "float32"
+    cuda_graphs = _cuda_graphs(config, machine, model_config, attention, fused_lora)
+    varlen_kernel = _varlen_kernel(config, machine, attention)
+    offload_checkpoints = (args.offload_checkpoints if args.offload_checkpoints is not None else
+                           args.gradient_checkpointing and machine.cuda and machine.processes == 1
+                           and not args.torch_compile)  # see the config's docs for the measurements
     return Settings(
         device=machine.device_name, processes=machine.processes, distributed=distributed, precision=precision,
         weights_dtype=weights, master_weights=master_weights,
         fused_master_step=(master_weights == "optimizer" and machine.cuda and machine.triton_installed
                            and args.optim == "adamw_torch"),
-        packing=packing, attention=attention, varlen_kernel=_varlen_kernel(config, machine, attention),
+        packing=packing, attention=attention, varlen_kernel=varlen_kernel,
         eval_attention=PADDED_BATCH_ATTENTION.get(attention, attention),
         liger=liger, liger_layer_kernels=liger and not args.torch_compile,
         fused_cross_entropy=liger and fused_cross_entropy,
@@ -176,11 +189,13 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
                           and config.stage == "sft"
                           and kernels.liger_scores_positions(getattr(model_config, "model_type", None))),
         fused_lora=fused_lora,
-        cuda_graphs=_cuda_graphs(config, machine, model_config, attention, fused_lora),
+        cuda_graphs=cuda_graphs,
         torch_compile=args.torch_compile,
-        offload_checkpoints=(args.offload_checkpoints if args.offload_checkpoints is not None else
-                             args.gradient_checkpointing and machine.cuda and machine.processes == 1
-                             and not args.torch_compile),  # see the config's docs for the measurements
+        offload_checkpoints=offload_checkpoints,
+        # Offloaded only: kept on the GPU it would double the checkpoints' memory; on the host link it rides beside
+        # the inputs' copies, which the step hides.
+        checkpoint_keeps_attention=(cuda_graphs and args.gradient_checkpointing and offload_checkpoints
+                                    and varlen_kernel == TORCH_FLASH and machine.varlen_backward_alone),
         loader_workers=(args.dataloader_num_workers if args.dataloader_num_workers is not None
                         else 2 if machine.cuda and not config.data.streaming else 0),  # see the config's docs
         tf32=args.tf32 and machine.cuda,
