@@ -179,7 +179,9 @@ def test_packed_rows_take_varlen_only_for_plain_causal_attention_uncompiled_wher
 
 
 def test_varlen_refuses_attention_it_does_not_implement():
-    from weitiao.train.attention import varlen_attention_forward
+    """Both varlen paths, the model's attention function and the checkpointed graphs' kept-output forward, refuse
+    soft-capping and sliding windows instead of computing plain causal attention in their place."""
+    from weitiao.train.attention import keeps_attention_output, varlen_attention_forward, varlen_forward_keeping
 
     q = torch.zeros(1, 2, 4, 8)
     boundaries = torch.tensor([0, 4], dtype=torch.int32)
@@ -187,3 +189,7 @@ def test_varlen_refuses_attention_it_does_not_implement():
         varlen_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=boundaries, softcap=50.0)
     with pytest.raises(ValueError, match="sliding window"):
         varlen_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=boundaries, sliding_window=2)
+    if keeps_attention_output():  # torch >= 2.11
+        for unsupported in ({"softcap": 50.0}, {"sliding_window": 2}):
+            with pytest.raises(ValueError, match="flex_attention"):
+                varlen_forward_keeping(q, q, q, None, cu_seq_lens_q=boundaries, **unsupported)

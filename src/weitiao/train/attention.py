@@ -131,9 +131,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ValueError("varlen attention implements plain causal attention: no attention dropout, sliding window "
-                         "or logit soft-capping; set model.attn_implementation: flex_attention for this model")
+    _plain_causal_only(dropout, kwargs)
     flat = _flat(query, key, value)
     if query.is_cuda:
         q, k, v = flat
@@ -172,6 +170,7 @@ def varlen_forward_keeping(query: torch.Tensor, key: torch.Tensor, value: torch.
     log-sum-exp, which varlen_backward_from_kept takes in place of a second forward pass."""
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
+    _plain_causal_only(0.0, kwargs)
     boundaries = kwargs["cu_seq_lens_q"]
     longest = _longest(boundaries, kwargs)
     return varlen_attn(*_flat(query, key, value), boundaries, boundaries, longest, longest, scale=scaling,
@@ -192,6 +191,12 @@ def varlen_backward_from_kept(grad_output: torch.Tensor, query: torch.Tensor, ke
         grad_output.view_as(output), *_flat(query, key, value), output, lse, boundaries, boundaries, longest, longest,
         True, no_dropout_rng, scaling, [-1, 0])  # causal: the window register_varlen_attention gives the forward
     return tuple(grad.view(batch, length, *grad.shape[1:]).transpose(1, 2) for grad in grads)
+
+
+def _plain_causal_only(dropout: float, kwargs: dict[str, Any]) -> None:
+    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ValueError("varlen attention implements plain causal attention: no attention dropout, sliding window "
+                         "or logit soft-capping; set model.attn_implementation: flex_attention for this model")
 
 
 def _flat(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
