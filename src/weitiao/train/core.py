@@ -315,10 +315,11 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.grad_norm: torch.Tensor | None = None
         self.clipping_factor = clipping_in_the_step(self.optimizer, settings) if self.args.max_grad_norm > 0 else None
-        layers = decoder_layers(accelerator.unwrap_model(self.model))[1]
-        self.layer_graphs = (None if not settings.cuda_graphs
-                             else CheckpointGraphs(layers, keep_attention=settings.checkpoint_keeps_attention)
-                             if self.args.gradient_checkpointing else LayerGraphs(layers))
+        self.layer_graphs: LayerGraphs | CheckpointGraphs | None = None
+        if settings.cuda_graphs:
+            layers = decoder_layers(accelerator.unwrap_model(self.model))[1]
+            self.layer_graphs = (CheckpointGraphs(layers, keep_attention=settings.checkpoint_keeps_attention)
+                                 if self.args.gradient_checkpointing else LayerGraphs(layers))
         # A layer replayed by LayerGraphs returns its weights' gradients in its graph's buffers, which the first
         # backward pass after zero_grad(set_to_none) takes as the weights' .grad, and the next replay overwrites: a
         # window of several micro-batches would sum the last one's twice. Gradients that stay allocated are added to
