@@ -3,11 +3,17 @@ CUDA): MasterAdamW's one kernel, reading the bf16 gradients on the model, agains
 gradients copied into fp32 buffers as the per-weight hook does, the clipping norm, torch's fused AdamW on the fp32
 copies, the bf16 write-back). Times: bench/common.timed (CUDA events, 30 steps after 5 warm-up ones).
 
-  python bench/master_adamw_step.py
+`--blocks` times MasterAdamW's step at other block sizes and warp counts instead (elements a thread: BLOCK /
+(32 x warps); run92 on an H100: 18.0 ms at 4,096 / 8 warps, 11.7 ms at 1,024 / 4, the default since).
+
+  python bench/master_adamw_step.py [--blocks]
 """
+
+import argparse
 
 import torch
 
+import weitiao.train.master_adamw as master_adamw
 from common import timed
 from weitiao.train.core import set_clipping_factor
 from weitiao.train.master_adamw import MasterAdamW
@@ -23,6 +29,32 @@ def masters_of(fp32_gradients: bool) -> tuple[torch.nn.ParameterList, MasterWeig
     weights = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02)
                                      for shape in SHAPES)
     return weights, MasterWeights(weights, fp32_gradients=fp32_gradients)
+
+
+BLOCKS = [(4096, 8), (4096, 4), (2048, 8), (2048, 4), (1024, 4), (1024, 2), (8192, 8)]
+
+
+def copy_rate() -> float:
+    """TB/s of a plain fp32 copy on this GPU (read and write counted): what a memory-bound step can approach."""
+    source = torch.empty(1 << 28, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / timed(lambda: target.copy_(source)) / 1e9
+
+
+def blocks() -> None:
+    """MasterAdamW's step at each (BLOCK, NUM_WARPS), with the bandwidth its 28 bytes a weight imply."""
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; an fp32 copy of 1 GiB: {copy_rate():.2f} TB/s")
+    weights, masters = masters_of(fp32_gradients=False)
+    numel = sum(weight.numel() for weight in weights)
+    print("| BLOCK | warps | step ms | TB/s |\n|---:|---:|---:|---:|")
+    for block, warps in BLOCKS:
+        master_adamw.BLOCK, master_adamw.NUM_WARPS = block, warps
+        optimizer = MasterAdamW([{"params": masters.masters, "weight_decay": 0.0}], masters, **ADAM)
+        for weight in weights:
+            weight.grad = torch.randn_like(weight) * 1e-3
+        ms = timed(optimizer.step)
+        print(f"| {block} | {warps} | {ms:.2f} | {28 * numel / ms / 1e9:.2f} |", flush=True)
+        del optimizer
 
 
 def main() -> None:
@@ -65,4 +97,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", action="store_true", help="time the step at other block sizes and warp counts")
+    blocks() if parser.parse_args().blocks else main()
