@@ -16,7 +16,6 @@ import torch
 import weitiao.train.master_adamw as master_adamw
 from common import timed
 from weitiao.train.core import set_clipping_factor
-from weitiao.train.master_adamw import MasterAdamW
 from weitiao.train.master_weights import MasterWeights
 
 LAYER = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192), (2048,),
@@ -49,7 +48,7 @@ def blocks() -> None:
     print("| BLOCK | warps | step ms | TB/s |\n|---:|---:|---:|---:|")
     for block, warps in BLOCKS:
         master_adamw.BLOCK, master_adamw.NUM_WARPS = block, warps
-        optimizer = MasterAdamW([{"params": masters.masters, "weight_decay": 0.0}], masters, **ADAM)
+        optimizer = master_adamw.MasterAdamW([{"params": masters.masters, "weight_decay": 0.0}], masters, **ADAM)
         for weight in weights:
             weight.grad = torch.randn_like(weight) * 1e-3
         ms = timed(optimizer.step)
@@ -61,7 +60,7 @@ def main() -> None:
     factor = torch.ones((), device="cuda")
     rows = []
     weights, masters = masters_of(fp32_gradients=False)
-    optimizer = MasterAdamW([{"params": masters.masters, "weight_decay": 0.0}], masters, **ADAM)
+    optimizer = master_adamw.MasterAdamW([{"params": masters.masters, "weight_decay": 0.0}], masters, **ADAM)
     optimizer.grad_scale = factor
     for weight in weights:
         weight.grad = torch.randn_like(weight) * 1e-3

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from weitiao.train.master_weights import MasterWeights
 
-# Eight elements a thread: with 16 (4,096 and 8 warps) the step on 1B-shaped weights ran 18.0 ms on an H100, 1.9 TB/s;
-# with 8 it runs 11.7 ms, 2.95 TB/s, where a plain fp32 copy reaches 3.05 (run92, .gpu-style probe of block sizes).
+# Eight elements a thread: 2.95 TB/s on an H100, where 16 or more ran at about 1.9 and a plain fp32 copy reaches 3.05
+# (run92; `python bench/master_adamw_step.py --blocks`).
 BLOCK = 1024  # elements a program steps
 NUM_WARPS = 4
 
