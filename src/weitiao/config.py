@@ -468,15 +468,17 @@ class TrainConfig(_Section):
     cuda_graphs: bool | None = None
     """Replay each decoder layer's kernels from CUDA graphs, two per layer around eager attention
     (weitiao.train.cuda_graphs), so the GPU does not wait for the host to launch them one by one; with
-    gradient_checkpointing, each checkpointed layer's forward and backward, all layers sharing one layer's graph
-    memory (weitiao.train.checkpoint_graphs). Runs on fused LoRA layers (method lora with fused_lora; no DoRA,
-    lora.dropout 0), stage sft or pt, packed rows on varlen attention, eager layers, one CUDA GPU, Llama, Qwen2 and
-    Qwen3 models. The same losses and gradients as without (tests/gpu/test_cuda.py). None: on where it runs: the same
-    speed in every process (1B LoRA on H200s: 90.9k-91.5k tokens/s at 12.52 GiB), where eager layers ran
-    91.8k-92.6k at 12.86 GiB on fast hosts and 65.6k-87.3k on hosts that pace them; with checkpointing 62.2k at
-    4.02 GiB on an H100, where eager checkpointed layers ran 62.1k at 3.63 GiB on a fast host (run85) and 10% slower
-    on one that paced them (run83) (docs/performance.md); true where it cannot run is an error that says why. If
-    the capture fails, training goes on with eager layers and says so."""
+    gradient_checkpointing, each checkpointed layer's forward and backward, all layers sharing one layer's graph memory
+    (weitiao.train.checkpoint_graphs). Runs on fused LoRA layers (method lora with fused_lora; no DoRA, lora.dropout 0)
+    and on full and freeze fine-tuning's bf16 weights with master_weights optimizer (without gradient_checkpointing),
+    stage sft or pt, packed rows on varlen attention, eager layers, one CUDA GPU, Llama, Qwen2 and Qwen3 models. The
+    same losses and gradients as without (tests/gpu/test_cuda.py). None: on where it runs: the same speed in every
+    process (1B LoRA on H200s: 90.9k-91.5k tokens/s at 12.52 GiB), where eager layers ran 91.8k-92.6k at 12.86 GiB on
+    fast hosts and 65.6k-87.3k on hosts that pace them; with checkpointing 62.2k at 4.02 GiB on an H100, where eager
+    checkpointed layers ran 62.1k at 3.63 GiB on a fast host (run85) and 10% slower on one that paced them (run83)
+    (docs/performance.md); full fine-tuning of 1B on an H100 66.7k at 25.16 GiB, where eager layers ran 67.2k at
+    27.03 GiB (run96); true where it cannot run is an error that says why. If the capture fails, training goes on
+    with eager layers and says so."""
     distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp"] = "ddp"
     """How several processes (weitiao train --gpus N, or torchrun / accelerate launch) share the work: ddp (a
     full copy of the model per GPU), zero2 (DeepSpeed ZeRO-2: optimizer states and gradients sharded), zero3

@@ -714,6 +714,35 @@ def test_cuda_graphs_train_lora_to_the_eager_losses_with_gradient_accumulation(m
         assert abs(graphs_loss - eager_loss) < 5e-3 * eager_loss
 
 
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+@pytest.mark.parametrize(("method", "accumulation"), [("full", 1), ("full", 2), ("freeze", 1)])
+def test_cuda_graphs_train_base_weights_to_the_eager_losses(monkeypatch, tmp_path, tokenizer, method, accumulation):
+    """Full and freeze fine-tuning on the GPU defaults (bf16 weights, fp32 copies stepped by MasterAdamW) replay their
+    layers from CUDA graphs and log the eager layers' losses step by step: with one backward pass a step (the
+    optimizer reads the bf16 gradients the backward graphs leave on the weights) and with two (each one's gradients
+    sent to the fp32 copies before the next replay rewrites them); freeze's frozen layers have no backward graph."""
+    from tests.conftest import make_tiny_model
+    from tests.train.test_sft import make_config
+    from weitiao.train import run
+
+    seen = _graph_spy(monkeypatch)
+    model_dir = str(make_tiny_model(tmp_path / "model", tokenizer, hidden_size=256))
+    settings = dict(method=method, train__max_steps=6, train__learning_rate=1e-3,
+                    train__gradient_accumulation_steps=accumulation, data__packing=True, data__packing_length=512)
+    losses, chosen = {}, {}
+    for name, graphs in (("eager", False), ("graphs", None)):
+        result = run(make_config(tmp_path / name, model_dir, train__cuda_graphs=graphs, **settings))
+        records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [record["loss"] for record in records if "loss" in record]
+        chosen[name] = json.loads((Path(result.output_dir) / "settings.json").read_text())
+    print(f"losses: {losses}")
+    assert [chosen[name]["cuda_graphs"] for name in ("eager", "graphs")] == [False, True] and seen == [(True, False)]
+    assert chosen["graphs"]["master_weights"] == "optimizer" and chosen["graphs"]["fused_master_step"]
+    assert len(losses["graphs"]) == 6 and losses["graphs"][-1] < losses["graphs"][0] - 0.5
+    for eager_loss, graphs_loss in zip(losses["eager"], losses["graphs"]):
+        assert abs(graphs_loss - eager_loss) < 5e-3 * eager_loss
+
+
 @pytest.mark.parametrize("keep_attention", [False, True])
 def test_checkpointed_layers_on_cuda_graphs_give_the_eager_gradients_in_checkpointing_memory(tokenizer, tmp_path,
                                                                                              keep_attention):

@@ -1,6 +1,7 @@
 """The layer pieces that CUDA graphs replay (weitiao.train.cuda_graphs), checked on the CPU with the pieces run
 eagerly in place of their graphs: for Llama, Qwen2 and Qwen3 they give the model's own loss and gradients on packed
-rows over fused LoRA layers. The graphs themselves run in tests/gpu/test_cuda.py."""
+rows over fused LoRA layers, and over trained base weights with their fp32 copies. The graphs themselves run in
+tests/gpu/test_cuda.py."""
 
 import pytest
 import torch
@@ -123,3 +124,82 @@ def test_a_failed_capture_is_reported_by_the_error_that_started_it():
     except RuntimeError as error:
         first = _first_error(error)
     assert str(first) == "operation not permitted when stream is capturing"
+
+
+class _Replayed:
+    """Stands in for a piece's CUDA graphs on the CPU, as make_graphed_callables returns them: the piece runs, and its
+    backward pass returns the gradients of its inputs and weights in buffers of its own, which the next backward
+    pass overwrites (a graph's static outputs)."""
+
+    def __init__(self, piece: torch.nn.Module) -> None:
+        self.piece = piece
+        self.weights = [weight for weight in piece.parameters() if weight.requires_grad]
+        self.buffers: list[torch.Tensor] | None = None
+
+    def __call__(self, *inputs: torch.Tensor):
+        outputs = _Replay.apply(self, len(inputs), *inputs, *self.weights)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, replayed: _Replayed, count: int, *arguments: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = [argument.detach().requires_grad_(argument.requires_grad) for argument in arguments[:count]]
+        with torch.enable_grad():
+            outputs = replayed.piece(*inputs)
+        ctx.replayed, ctx.inputs = replayed, inputs
+        ctx.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return tuple(output.detach() for output in ctx.outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        replayed = ctx.replayed
+        targets = [tensor for tensor in ctx.inputs if tensor.requires_grad] + replayed.weights
+        computed = torch.autograd.grad(ctx.outputs, targets, grad_outputs, allow_unused=True)
+        if replayed.buffers is None:
+            replayed.buffers = [torch.empty_like(target) for target in targets]
+        for buffer, gradient in zip(replayed.buffers, computed):
+            buffer.copy_(gradient) if gradient is not None else buffer.zero_()
+        returned = iter(buffer.detach() for buffer in replayed.buffers)
+        return (None, None, *[next(returned) if tensor.requires_grad else None for tensor in ctx.inputs],
+                *[next(returned) for _ in replayed.weights])
+
+
+@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen3Config])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_base_weights_trained_through_replayed_pieces_get_the_eager_gradients(config_class, accumulation,
+                                                                              monkeypatch):
+    """Full fine-tuning through the pieces, with their gradients returned in buffers that the next backward pass
+    overwrites (as the graphs' are): the model's bf16 gradients after one backward pass (what MasterAdamW reads),
+    and the fp32 copies' sums of two, which MasterWeights' hooks take before the next replay. (Summed on the model
+    instead, the second pass would find its buffer already in .grad and count itself twice: this test fails so.)"""
+    from weitiao.train.master_weights import MasterWeights
+
+    register_varlen_attention()
+    torch.manual_seed(0)
+    config = config_class(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    # bf16 weights, as master_weights optimizer has them (the hooks' fp32 sums are copies of their gradients).
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="varlen").to(torch.bfloat16).train()
+    model.set_attn_implementation(PACKED_VARLEN)
+    masters = MasterWeights(model, fp32_gradients=accumulation > 1)
+    rows = [_packed_row() for _ in range(accumulation)]
+    for index, row in enumerate(rows):
+        row["input_ids"] = row["labels"] = (row["input_ids"] + 37 * index) % 300  # a different row each time
+
+    def gradients() -> dict[str, torch.Tensor]:
+        for row in rows:
+            model(**row, use_cache=False).loss.backward()
+        found = {name: holder.grad.float() for name, holder in zip(masters.names, masters.gradient_holders)}
+        for holder in (*masters.masters, *masters.weights):
+            holder.grad = None
+        return found
+
+    eager = gradients()
+    graphs = LayerGraphs(decoder_layers(model)[1])
+    monkeypatch.setattr(LayerGraphs, "_replays", lambda *_: True)
+    graphs.graphed = [(_Replayed(before), _Replayed(after)) for before, after in graphs.pieces]
+    replayed = gradients()
+    assert any("input_layernorm" in name for name in eager) and eager.keys() == replayed.keys()
+    for name, gradient in eager.items():
+        torch.testing.assert_close(replayed[name], gradient, rtol=1e-4, atol=1e-6, msg=name)

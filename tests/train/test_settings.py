@@ -148,8 +148,9 @@ def test_scored_positions_are_asked_for_and_apply_to_packed_sft_rows_with_liger(
 
 
 def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_asked_and_they_cannot():
-    """On by default for fused LoRA on packed varlen rows on one GPU, with gradient checkpointing too; each missing
-    condition turns it off, and named in the error where it was asked for."""
+    """On by default for fused LoRA on packed varlen rows on one GPU, with gradient checkpointing too, and for full
+    and freeze fine-tuning with master weights in the optimizer, without it; each missing condition turns it off, and
+    named in the error where it was asked for."""
     from transformers import Qwen3Config
 
     assert settings().cuda_graphs
@@ -168,7 +169,15 @@ def test_layers_are_replayed_from_cuda_graphs_where_they_run_and_refused_where_a
         asked = {**overrides, "train": {**overrides.get("train", {}), "cuda_graphs": True}}
         with pytest.raises(ConfigError, match=f"train.cuda_graphs needs .*{missing}"):
             settings(**asked)
-    assert not settings(method="full").cuda_graphs and not settings(method="ia3").cuda_graphs
+    # Base weights on the graphs: bf16 in the model with their fp32 copies in the optimizer, no checkpointing.
+    assert settings(method="full").cuda_graphs and settings(method="freeze").cuda_graphs
+    assert settings(method="full").master_weights == "optimizer"
+    assert not settings(method="full", train={"master_weights": "model"}).cuda_graphs
+    assert not settings(method="full", train={"gradient_checkpointing": True}).cuda_graphs
+    with pytest.raises(ConfigError, match="train.cuda_graphs needs .*no gradient_checkpointing"):
+        settings(method="full", train={"gradient_checkpointing": True, "cuda_graphs": True})
+    assert settings(method="full", lora={"dropout": 0.05}).cuda_graphs  # no LoRA layers: their dropout is moot
+    assert not settings(method="ia3").cuda_graphs
 
 
 def test_the_logits_chunk_budget_reaches_ligers_fused_loss_where_it_runs(monkeypatch):

@@ -167,7 +167,7 @@ def resolve_settings(config: Config, machine: Machine, model_config: Any) -> Set
                else "float32" if method.trains == "base" and config.model.dtype == "auto" else config.model.dtype)
     if weights == "auto":
         weights = "bfloat16" if machine.bf16 else "float32"
-    cuda_graphs = _cuda_graphs(config, machine, model_config, attention, fused_lora)
+    cuda_graphs = _cuda_graphs(config, machine, model_config, attention, fused_lora, master_weights)
     varlen_kernel = _varlen_kernel(config, machine, attention)
     offload_checkpoints = (args.offload_checkpoints if args.offload_checkpoints is not None else
                            args.gradient_checkpointing and machine.cuda and machine.processes == 1
@@ -293,20 +293,26 @@ def _varlen_kernel(config: Config, machine: Machine, attention: str) -> str | No
     return wanted or (FLASH_ATTN_4 if machine.flash_attn_4 else TORCH_FLASH)
 
 
-def _cuda_graphs(config: Config, machine: Machine, model_config: Any, attention: str, fused_lora: bool) -> bool:
+def _cuda_graphs(config: Config, machine: Machine, model_config: Any, attention: str, fused_lora: bool,
+                 master_weights: str | None) -> bool:
     """Layers replayed from CUDA graphs where they run (weitiao.train.cuda_graphs); asked for where they cannot, an
     error naming what is missing."""
     args = config.train
     if args.cuda_graphs is False:
         return False
     model_type = getattr(model_config, "model_type", None)
+    # Base weights train on the graphs without checkpointing only: CheckpointGraphs sets each weight's .grad itself,
+    # which would skip the hooks that send the gradients to their fp32 copies.
+    trains_base = master_weights == "optimizer" and not args.gradient_checkpointing
     missing = [needed for needed, absent in (
         ("a CUDA GPU", not machine.cuda),
         ("one process", machine.processes > 1),
         ("packed rows on varlen attention", attention != PACKED_VARLEN),
         ("eager layers (no torch_compile)", args.torch_compile),
-        ("fused LoRA layers (method lora with train.fused_lora, no DoRA)", not fused_lora),
-        ("lora.dropout 0 (a graph replays the same random draws)", config.lora.dropout > 0),
+        ("fused LoRA layers (method lora with train.fused_lora, no DoRA), or base weights in bf16 with "
+         "train.master_weights optimizer and no gradient_checkpointing (full, freeze)",
+         not (fused_lora or trains_base)),
+        ("lora.dropout 0 (a graph replays the same random draws)", fused_lora and config.lora.dropout > 0),
         ("no attention dropout", bool(getattr(model_config, "attention_dropout", 0.0))),
         ("stage sft or pt", config.stage not in ("sft", "pt")),
         (f"a {', '.join(GRAPHED_MODEL_TYPES)} model (this one is {model_type})",
